@@ -1,0 +1,96 @@
+"""The whole mcs exception hierarchy.
+
+Flat, as in trio: every error is a direct subclass of :class:`McsError` (some also derive from
+the built-in exception a caller would naturally catch). A dead previous owner of a mutex is not
+an error: it is the lock status :attr:`mcs.LockStatus.ABANDONED`, because the caller holds the
+mutex when it learns of it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "McsError",
+    "NativeError",
+    "ClosedError",
+    "InvalidIdentifier",
+    "CorruptObjectError",
+    "BootstrapError",
+    "DomainLiveError",
+    "NotRecoverableError",
+    "LockUsageError",
+    "FencedError",
+    "Recovering",
+    "native_error",
+]
+
+
+class McsError(Exception):
+    """Base class of every error raised by mcs."""
+
+
+class NativeError(McsError, OSError):
+    """A system call failed; the message names the call and ``errno`` is set."""
+
+
+class ClosedError(McsError, ValueError):
+    """A section or handle was used after ``close()``."""
+
+
+class InvalidIdentifier(McsError, ValueError):
+    """A section identifier is malformed, stale (its segment is gone) or names another object."""
+
+
+class CorruptObjectError(McsError):
+    """A shared-memory object (mutex, event, header) does not carry the expected magic or sizes."""
+
+
+class BootstrapError(McsError):
+    """A domain's bootstrap object is foreign, truncated, of another layout version or owner."""
+
+
+class DomainLiveError(McsError):
+    """An operation would clobber a domain that still has live members."""
+
+
+class NotRecoverableError(McsError):
+    """A robust mutex was released after its owner died without being marked consistent.
+
+    Every later lock of that mutex raises this error: the data it protects must be rebuilt and
+    the mutex re-created.
+    """
+
+
+class LockUsageError(McsError, RuntimeError):
+    """A mutex was misused: unlocked by a thread that does not hold it, relocked by its holder,
+    or marked consistent when it was not abandoned."""
+
+
+class FencedError(McsError):
+    """This member's incarnation was evicted from the domain; it must not touch shared memory."""
+
+
+class Recovering(McsError):
+    """Raised inside a ``consistent()`` block when a global recovery was requested."""
+
+
+_ERRNO_CLASSES: dict[int, type[NativeError]] = {}
+
+
+def native_error(call: str, err: int) -> NativeError:
+    """Build the error for system call ``call`` failing with ``err`` (an errno value).
+
+    The class is a subclass of both :class:`NativeError` and the built-in ``OSError`` subclass
+    Python would pick (``PermissionError``, ``FileNotFoundError``...), so both can be caught.
+    """
+    import os
+
+    probe = OSError(err, os.strerror(err))
+    base = type(probe)
+    cls = _ERRNO_CLASSES.get(err)
+    if cls is None:
+        if base is OSError:
+            cls = NativeError
+        else:
+            cls = type(f"Native{base.__name__}", (NativeError, base), {"__module__": __name__})
+        _ERRNO_CLASSES[err] = cls
+    return cls(err, f"{call}: {os.strerror(err)}")

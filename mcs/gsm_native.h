@@ -1,0 +1,186 @@
+/* Small C helpers for mcs/_gsm.pyx: layouts, atomics, futex, cached ids, heartbeat thread.
+ * Everything here is mechanism; policy lives in Python. */
+#ifndef MCS_GSM_NATIVE_H
+#define MCS_GSM_NATIVE_H
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Every mapping starts with this header; the user area follows it. */
+typedef struct {
+    uint64_t magic;      /* written last when an object is initialised */
+    uint64_t nonce;      /* random: makes a reused identifier fail */
+    uint64_t size;       /* size of the user area */
+    uint64_t failed;     /* poisoned flag (memory-failure model) */
+    uint64_t created_ns; /* CLOCK_REALTIME at creation */
+    uint32_t version;    /* layout version of the object's kind */
+    uint32_t uid;        /* creator's effective uid */
+    uint64_t state;      /* kind-specific state word (bootstrap: live/removed) */
+    uint64_t reserved;
+} mcs_header;
+
+#define MCS_HEADER_SIZE 64
+_Static_assert(sizeof(mcs_header) == MCS_HEADER_SIZE, "mcs_header must be 64 bytes");
+
+/* A mutex slot: the pthread mutex, then metadata (magic, owner pid/tid, owner tag). */
+typedef struct { pthread_mutex_t mutex; } mcs_mutex_slot;
+typedef struct {
+    uint32_t magic;
+    uint32_t pid;
+    uint32_t tid;
+    uint32_t state; /* MCS_MUTEX_CONSISTENT / _INCONSISTENT / _NOTRECOVERABLE */
+    uint64_t tag;
+} mcs_mutex_meta;
+
+/* Our own record of the robust state. glibc's trylock on a not-recoverable mutex returns
+ * ENOTRECOVERABLE but leaves the lock word owned by the caller (others then see EBUSY forever),
+ * so lock() consults this word first and never calls into glibc for such a mutex. */
+#define MCS_MUTEX_CONSISTENT 0u
+#define MCS_MUTEX_INCONSISTENT 1u
+#define MCS_MUTEX_NOTRECOVERABLE 2u
+
+#define MCS_MUTEX_META_OFFSET ((sizeof(pthread_mutex_t) + 7) & ~(size_t)7)
+#define MCS_MUTEX_SLOT_SIZE (((MCS_MUTEX_META_OFFSET + sizeof(mcs_mutex_meta)) + 15) & ~(size_t)15)
+#define MCS_MUTEX_MAGIC 0x584d434du /* "MCMX" */
+
+static inline mcs_mutex_meta *mcs_mutex_meta_of(void *slot) {
+    return (mcs_mutex_meta *)((char *)slot + MCS_MUTEX_META_OFFSET);
+}
+
+/* An event slot: futex sequence word, waiter count, magic. */
+typedef struct {
+    uint32_t seq;
+    uint32_t waiters;
+    uint32_t magic;
+    uint32_t spare;
+} mcs_event_slot;
+#define MCS_EVENT_SLOT_SIZE 16
+#define MCS_EVENT_MAGIC 0x56454d4du /* "MMEV" */
+
+/* Cached pid and per-thread tid, reset in a forked child. */
+static int mcs_cached_pid;
+static __thread int mcs_cached_tid;
+static __thread int mcs_cached_tid_pid;
+
+static void mcs_after_fork_child(void) { mcs_cached_pid = (int)getpid(); }
+
+static inline int mcs_pid(void) { return mcs_cached_pid; }
+
+static inline int mcs_tid(void) {
+    if (mcs_cached_tid_pid != mcs_cached_pid) {
+        mcs_cached_tid = (int)syscall(SYS_gettid);
+        mcs_cached_tid_pid = mcs_cached_pid;
+    }
+    return mcs_cached_tid;
+}
+
+static void mcs_init_process(void) {
+    mcs_cached_pid = (int)getpid();
+    pthread_atfork(NULL, NULL, mcs_after_fork_child);
+}
+
+static inline int64_t mcs_now_ns(int clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void mcs_deadline(int64_t ns, struct timespec *ts) {
+    ts->tv_sec = ns / 1000000000LL;
+    ts->tv_nsec = ns % 1000000000LL;
+}
+
+/* Shared (not PRIVATE) futex: the word lives in memory mapped by several processes. */
+static inline long mcs_futex_wait(uint32_t *addr, uint32_t val, int64_t rel_ns) {
+    struct timespec ts;
+    mcs_deadline(rel_ns, &ts);
+    return syscall(SYS_futex, addr, FUTEX_WAIT, val, &ts, NULL, 0);
+}
+
+static inline long mcs_futex_wake(uint32_t *addr, int n) {
+    return syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+static inline uint64_t mcs_load64(void *p) { return __atomic_load_n((uint64_t *)p, __ATOMIC_SEQ_CST); }
+static inline void mcs_store64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); }
+static inline int mcs_cas64(void *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n((uint64_t *)p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline uint64_t mcs_add64(void *p, uint64_t delta) { return __atomic_fetch_add((uint64_t *)p, delta, __ATOMIC_SEQ_CST); }
+static inline uint32_t mcs_load32(void *p) { return __atomic_load_n((uint32_t *)p, __ATOMIC_SEQ_CST); }
+static inline void mcs_store32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
+static inline uint32_t mcs_add32(void *p, uint32_t delta) { return __atomic_fetch_add((uint32_t *)p, delta, __ATOMIC_SEQ_CST); }
+
+/* Heartbeat: a native thread that stores a monotonic stamp and bumps a counter every interval.
+ * It never takes the GIL, so a busy interpreter does not look like a frozen process; only a
+ * stopped process (SIGSTOP, frozen machine) stops it. */
+typedef struct {
+    pthread_t thread;
+    void *stamp;
+    void *counter;
+    int64_t interval_ns;
+    int stop;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+} mcs_beat;
+
+static void *mcs_beat_main(void *arg) {
+    mcs_beat *b = (mcs_beat *)arg;
+    pthread_mutex_lock(&b->lock);
+    while (!b->stop) {
+        mcs_store64(b->stamp, (uint64_t)mcs_now_ns(CLOCK_MONOTONIC));
+        mcs_add64(b->counter, 1);
+        struct timespec ts;
+        mcs_deadline(mcs_now_ns(CLOCK_MONOTONIC) + b->interval_ns, &ts);
+        while (!b->stop) {
+            if (pthread_cond_timedwait(&b->cond, &b->lock, &ts) == ETIMEDOUT) break;
+        }
+    }
+    pthread_mutex_unlock(&b->lock);
+    return NULL;
+}
+
+static mcs_beat *mcs_beat_start(void *stamp, void *counter, int64_t interval_ns, int *err) {
+    mcs_beat *b = (mcs_beat *)calloc(1, sizeof(mcs_beat));
+    if (!b) { *err = ENOMEM; return NULL; }
+    b->stamp = stamp;
+    b->counter = counter;
+    b->interval_ns = interval_ns;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&b->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&b->lock, NULL);
+    int rc = pthread_create(&b->thread, NULL, mcs_beat_main, b);
+    if (rc != 0) {
+        pthread_cond_destroy(&b->cond);
+        pthread_mutex_destroy(&b->lock);
+        free(b);
+        *err = rc;
+        return NULL;
+    }
+    *err = 0;
+    return b;
+}
+
+static void mcs_beat_stop(mcs_beat *b) {
+    pthread_mutex_lock(&b->lock);
+    b->stop = 1;
+    pthread_cond_signal(&b->cond);
+    pthread_mutex_unlock(&b->lock);
+    pthread_join(b->thread, NULL);
+    pthread_cond_destroy(&b->cond);
+    pthread_mutex_destroy(&b->lock);
+    free(b);
+}
+
+#endif

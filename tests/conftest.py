@@ -1,0 +1,174 @@
+"""Shared fixtures: real child processes, unique domains, and a leak check around every test."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import mcs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The suite tests what users install: the source tree must not shadow site-packages.
+    if Path(mcs.__file__).resolve().is_relative_to(REPO / "mcs") and not os.environ.get(
+        "MCS_TEST_SOURCE"
+    ):
+        raise pytest.UsageError(
+            f"mcs was imported from the source tree ({mcs.__file__}); run the suite with "
+            "'./dev test' (installed package) or set MCS_TEST_SOURCE=1 for an editable install")
+
+
+# -- leak checks ------------------------------------------------------------------------------
+
+
+def sysv_segments() -> set[int]:
+    """Ids of the SysV segments owned by this user."""
+    uid = os.geteuid()
+    ids = set()
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[7]) == uid:
+                ids.add(int(fields[1]))
+    return ids
+
+
+def mcs_shm_objects() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("mcs.")}
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Every test leaves no SysV segment and no /dev/shm/mcs.* object behind."""
+    segments, objects = sysv_segments(), mcs_shm_objects()
+    yield
+    gc.collect()
+    ok = wait_for(lambda: sysv_segments() <= segments and mcs_shm_objects() <= objects, 5.0)
+    if not ok:
+        leaked_seg = sysv_segments() - segments
+        leaked_obj = mcs_shm_objects() - objects
+        pytest.fail(f"leaked shared memory: segments {sorted(leaked_seg)}, objects {sorted(leaked_obj)}")
+
+
+# -- domains ----------------------------------------------------------------------------------
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def domain() -> Iterator[str]:
+    """A fresh domain name; its bootstrap object is removed after the test."""
+    name = f"t{os.getpid()}-{next(_counter)}"
+    yield name
+    try:
+        os.unlink(f"/dev/shm/mcs.{name}")
+    except FileNotFoundError:
+        pass
+
+
+# -- child processes --------------------------------------------------------------------------
+
+
+class Child:
+    """A real Python child process running ``code``; it talks back by printing lines."""
+
+    def __init__(self, code: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.pid = self.proc.pid
+
+    def readline(self, timeout: float = 10.0) -> str:
+        """The next line the child printed (without newline); fails the test on timeout/EOF."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.kill()
+            pytest.fail(f"child {self.pid} printed nothing in {timeout}s; stderr: {self.stderr()}")
+        line = self.proc.stdout.readline()
+        if not line:
+            pytest.fail(f"child {self.pid} exited ({self.proc.wait()}); stderr: {self.stderr()}")
+        return line.rstrip("\n")
+
+    def expect(self, text: str, timeout: float = 10.0) -> None:
+        line = self.readline(timeout)
+        assert line == text, f"child said {line!r}, expected {text!r}; stderr: {self.stderr()}"
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read()
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> int:
+        """SIGKILL and reap; returns the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            os.kill(self.pid, signal.SIGCONT)
+        return self.wait()
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"child {self.pid} did not exit within {timeout}s")
+
+    def close(self) -> None:
+        self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def spawn() -> Iterator:
+    """``spawn(code, *args)`` starts a Child; every child is killed and reaped after the test."""
+    children: list[Child] = []
+
+    def start(code: str, *args: str) -> Child:
+        child = Child(code, *args)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()

@@ -173,7 +173,7 @@ def test_bounds_and_alignment():
         with pytest.raises(ValueError, match="aligned"):
             mcs.GlobalEvent.create(big, 12)
         with pytest.raises(TypeError):
-            sec.load64("0")
+            big.load64("0")
 
 
 def test_use_after_close_raises():

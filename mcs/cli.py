@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Sequence
 
 from mcs.errors import McsError
@@ -27,6 +28,29 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from mcs.bootstrap import validate_domain
+    from mcs.status import domain_status, format_status
+
+    try:
+        validate_domain(args.domain)
+    except ValueError as exc:
+        print(f"mcs status: error: {exc}", file=sys.stderr)
+        return 2
+    while True:
+        status = domain_status(args.domain)
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            if args.watch:
+                print("\033[H\033[2J", end="")
+            print(format_status(status))
+        if not args.watch:
+            return 0
+        sys.stdout.flush()
+        time.sleep(args.interval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="report, remove nothing")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     gc.set_defaults(func=_cmd_gc)
+    st = sub.add_parser("status", help="generation, master and members of a domain")
+    st.add_argument("--domain", required=True, help="domain name")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=0.5, help="refresh period for --watch (s)")
+    st.set_defaults(func=_cmd_status)
     return parser
 
 

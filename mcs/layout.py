@@ -25,7 +25,20 @@ MEMORY_FAILURES = 208  # domain-wide memory-failure counter
 NEXT_INCARNATION = 216  # incarnation numbers are handed out from here
 MEMBER_MASK = 224  # bit i set: slot i is in the agreed view
 VIEW_CHANGED_NS = 232  # monotonic time of the last view change
-PENDING_EVENT = 256  # set when a member asks for a new view (death seen, join, leave)
+VIEW_SEQ = 240  # seqlock around GENERATION/MEMBER_MASK/MASTER_SLOT: odd while being written
+PENDING_EVENT = 256  # spare event (reserved for components)
+HEARTBEAT_NS = 272  # domain timing, set by the first joiner, adopted by the others
+SUSPECT_NS = 280
+EVICT_NS = 288
+
+# member slot states (M_STATE)
+SLOT_FREE = 0
+SLOT_MEMBER = 1
+SLOT_DEAD = 2  # its life mutex was found abandoned
+SLOT_FENCED = 3  # evicted (frozen) and killed through its pidfd
+SLOT_LEFT = 4  # left cleanly
+SLOT_STATE_NAMES = {SLOT_FREE: "free", SLOT_MEMBER: "member", SLOT_DEAD: "dead",
+                    SLOT_FENCED: "fenced", SLOT_LEFT: "left"}
 
 # member table
 MEMBER_TABLE = 1024
@@ -44,6 +57,8 @@ M_FENCED = 112  # incarnation that was fenced in this slot (0: none)
 M_PROGRESS = 120  # bumped by the member's Python side (liveness of the interpreter)
 M_NODE = 128  # node name, NUL-padded
 NODE_NAME_MAX = 64
+M_EXIT_INCARNATION = 192  # the last incarnation that left this slot...
+M_EXIT_STATE = 200  # ...and how (SLOT_DEAD / SLOT_FENCED / SLOT_LEFT)
 
 assert MUTEX_SIZE <= 64 and EVENT_SIZE <= 64
 assert MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE <= ROOT_SIZE

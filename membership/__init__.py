@@ -1,0 +1,13 @@
+"""Membership of a domain: exact crash detection (life mutexes), hang detection with fencing
+(heartbeats + pidfds), numbered generations and a stable master.
+
+>>> import membership
+>>> with membership.join("demo", node="web-1") as member:   # doctest: +SKIP
+...     print(member.view)
+"""
+
+from membership.member import Member, join
+from membership.timing import Timing
+from membership.view import MemberInfo, View
+
+__all__ = ["Member", "MemberInfo", "Timing", "View", "join"]

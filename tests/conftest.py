@@ -102,34 +102,39 @@ class Child:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
         )
         self.pid = self.proc.pid
+        self._buf = b""
 
     def readline(self, timeout: float = 10.0) -> str:
         """The next line the child printed (without newline); fails the test on timeout/EOF."""
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.kill()
-            pytest.fail(f"child {self.pid} printed nothing in {timeout}s; stderr: {self.stderr()}")
-        line = self.proc.stdout.readline()
-        if not line:
-            pytest.fail(f"child {self.pid} exited ({self.proc.wait()}); stderr: {self.stderr()}")
-        return line.rstrip("\n")
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                self.kill()
+                pytest.fail(f"child {self.pid} printed nothing in {timeout:.1f}s; "
+                            f"stderr: {self.stderr()}")
+            data = os.read(fd, 65536)
+            if not data:
+                pytest.fail(f"child {self.pid} exited ({self.proc.wait()}); stderr: {self.stderr()}")
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode()
 
     def expect(self, text: str, timeout: float = 10.0) -> None:
         line = self.readline(timeout)
         assert line == text, f"child said {line!r}, expected {text!r}; stderr: {self.stderr()}"
 
     def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.write((line + "\n").encode())
         self.proc.stdin.flush()
 
     def stderr(self) -> str:
         if self.proc.poll() is None:
             return "(still running)"
-        return self.proc.stderr.read()
+        return self.proc.stderr.read().decode(errors="replace")
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

@@ -1,0 +1,506 @@
+"""A member of a domain: life mutex, watchers, heartbeat, suspicion, eviction with fencing.
+
+Threads of one member:
+
+* the **life thread** locks the member's life mutex at join and holds it until ``leave()``: a
+  robust mutex belongs to a thread, so it must be one that lives exactly as long as the
+  membership. When the process dies, the kernel marks that mutex abandoned.
+* a **native heartbeat thread** (C, never takes the GIL) stores a monotonic stamp in the slot,
+  so a busy interpreter does not look frozen; only a stopped process stops it.
+* one **watcher** per other member, blocked on that member's life mutex: it returns the moment
+  the member dies (ABANDONED) or leaves (OK), and then republishes the view.
+* the **monitor** waits on the domain's view event (or a short period), refreshes the local view,
+  runs the callbacks, and evicts members whose heartbeat is older than ``evict_after``: SIGKILL
+  through a pidfd taken when the member was first seen, never a bare pid.
+
+Every membership change goes through :meth:`Member._republish` under the root mutex, which
+recomputes the view from the slot states (so concurrent detectors of one death agree and only
+one new generation results).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from typing import Callable
+
+from mcs import layout
+from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat
+from mcs.bootstrap import Bootstrap
+from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
+from mcs.types import LockStatus
+
+from membership.table import MemberTable
+from membership.timing import Timing
+from membership.view import MemberInfo, View, choose_master
+
+__all__ = ["Member", "join"]
+
+log = logging.getLogger("mcs.membership")
+
+ViewCallback = Callable[[View], None]
+
+
+def _node_name(node: str | None) -> bytes:
+    if node is None:
+        node = f"{socket.gethostname()}/{os.getpid()}"
+    if not isinstance(node, str) or not node or not node.isprintable():
+        raise ValueError(f"node must be a non-empty printable str, got {node!r}")
+    raw = node.encode("utf-8")
+    if len(raw) >= layout.NODE_NAME_MAX:
+        raise ValueError(f"node name longer than {layout.NODE_NAME_MAX - 1} bytes: {node!r}")
+    return raw
+
+
+PF_EXITING = 0x4  # task flag: the process is in its exit path
+NODE_GRACE = 0.005  # a node's other members are given this long to be seen dying too
+
+
+def _dying(pid: int) -> bool:
+    """True if ``pid`` has exited, is exiting, or has a SIGKILL pending."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING:
+        return True
+    kill_bit = 1 << (signal.SIGKILL - 1)
+    for line in status.splitlines():
+        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & kill_bit:
+            return True
+    return False
+
+
+def _dying_soon(pid: int, grace: float) -> bool:
+    """``_dying`` within ``grace`` seconds: deaths of one node seen together are one change."""
+    deadline = time.monotonic() + grace
+    while True:
+        if _dying(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0005)
+
+
+class Member:
+    """A live member of a domain. Create with :func:`join`; end with :meth:`leave`."""
+
+    def __init__(self, domain: str, *, node: str | None = None, timing: Timing | None = None) -> None:
+        self.domain = domain
+        self._node = _node_name(node)
+        self._requested_timing = timing
+        self._callbacks: list[ViewCallback] = []
+        self._lock = threading.RLock()
+        self._closing = threading.Event()
+        self._fenced = False
+        self._pidfds: dict[tuple[int, int], int] = {}
+        self._watchers: dict[tuple[int, int], threading.Thread] = {}
+        self._suspected: set[tuple[int, int]] = set()
+        self._view: View | None = None
+        self.slot = -1
+        self.incarnation = 0
+        self._join()
+
+    # -- joining ------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        while True:
+            boot = Bootstrap.open(self.domain)
+            root = boot.root_mutex()
+            try:
+                status = root.lock()
+            except NotRecoverableError:
+                boot.close()
+                raise BootstrapError(
+                    f"{boot.path}: root mutex is not recoverable; stop the domain and run mcs gc")
+            if boot.removed:  # retired by gc between our open and our lock
+                root.unlock()
+                boot.close()
+                continue
+            try:
+                if status is LockStatus.ABANDONED:
+                    root.mark_consistent()
+                self._join_locked(boot)
+            finally:
+                root.unlock()
+            break
+        self._monitor = threading.Thread(target=self._monitor_main, name=f"mcs-monitor-{self.slot}",
+                                         daemon=True)
+        self._monitor.start()
+        atexit.register(self.leave)
+
+    def _join_locked(self, boot: Bootstrap) -> None:
+        self.boot = boot
+        self.table = table = MemberTable(boot)
+        occupied = table.occupied()
+        if occupied and not boot.live_slots():
+            log.info("domain %s: no live member left, re-initialising its member table", self.domain)
+            table.reset()
+            occupied = []
+        if not any(r.state == layout.SLOT_MEMBER for r in occupied):
+            t = self._requested_timing or Timing()
+            table.set_timing_ns(*t.as_ns())
+        hb, suspect, evict = table.timing_ns()
+        self.timing = Timing.from_ns(hb, suspect, evict)
+        if self._requested_timing is not None and self._requested_timing != self.timing:
+            log.warning("domain %s runs with %s; adopting it instead of %s", self.domain,
+                        self.timing, self._requested_timing)
+        free = [s for s in range(layout.MAX_MEMBERS) if table.state(s) == layout.SLOT_FREE]
+        if not free:
+            raise McsError(f"domain {self.domain!r} is full ({layout.MAX_MEMBERS} members)")
+        self.slot = free[0]
+        self.incarnation = boot.section.add64(layout.NEXT_INCARNATION, 1) + 1
+        self._start_life_thread()
+        now = time.monotonic_ns()
+        table.fill(self.slot, os.getpid(), self.incarnation, self._node, now)
+        self._beat = Heartbeat(boot.section,
+                               layout.member_offset(self.slot, layout.M_HEARTBEAT_NS),
+                               layout.member_offset(self.slot, layout.M_HEARTBEAT_COUNT),
+                               self.timing.heartbeat)
+        self._view_event = GlobalEvent.open(boot.section, layout.VIEW_EVENT)
+        self._republish_locked()
+        self._refresh_view()
+
+    def _start_life_thread(self) -> None:
+        acquired = threading.Event()
+        self._leave_event = threading.Event()
+        result: list[object] = []
+
+        def life() -> None:
+            mutex = self.boot.life_mutex(self.slot, tag=self.incarnation)
+            try:
+                status = mutex.lock()
+                if status is LockStatus.ABANDONED:
+                    mutex.mark_consistent()
+                result.append(status)
+            except BaseException as exc:  # reported to the joiner
+                result.append(exc)
+                acquired.set()
+                return
+            acquired.set()
+            self._leave_event.wait()
+            mutex.unlock()
+
+        self._life = threading.Thread(target=life, name=f"mcs-life-{self.slot}", daemon=True)
+        self._life.start()
+        acquired.wait()
+        if isinstance(result[0], BaseException):
+            raise result[0]
+
+    # -- the view -----------------------------------------------------------------------
+
+    @property
+    def view(self) -> View:
+        """The latest view this member has seen."""
+        if self._fenced:
+            raise FencedError(f"member slot {self.slot} incarnation {self.incarnation} was fenced")
+        assert self._view is not None
+        return self._view
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
+    @property
+    def info(self) -> MemberInfo:
+        return MemberInfo(self.slot, os.getpid(), self._node.decode(), self.incarnation)
+
+    def on_view_change(self, callback: ViewCallback) -> None:
+        """Call ``callback(view)`` (in the monitor thread) on every new generation."""
+        self._callbacks.append(callback)
+
+    def _refresh_view(self) -> View | None:
+        """Read the published view; if it is new, update watchers/pidfds and run callbacks."""
+        if self._closing.is_set():
+            return None
+        view = self.table.read_view()
+        with self._lock:
+            previous = self._view
+            if previous is not None and view.generation == previous.generation:
+                return None
+            if previous is not None:
+                gone = [m for m in previous.members if m not in view.members]
+                view = dataclasses.replace(view, departed=tuple(
+                    (m, self.table.exit_reason(m.slot, m.incarnation)) for m in gone))
+            self._view = view
+            self._track(view)
+        if view.member(self.slot) is None or view.member(self.slot).incarnation != self.incarnation:
+            self._check_fenced()
+        for cb in list(self._callbacks):
+            try:
+                cb(view)
+            except Exception:  # a component's bug must not kill membership
+                log.exception("view-change callback failed")
+        return view
+
+    def _track(self, view: View) -> None:
+        """Watch and keep a pidfd for every other member of ``view``; forget the others."""
+        current = {(m.slot, m.incarnation): m for m in view.members if m.slot != self.slot}
+        for key in list(self._pidfds):
+            if key not in current:
+                os.close(self._pidfds.pop(key))
+        for key, m in current.items():
+            if key not in self._pidfds:
+                fd = self._open_pidfd(m)
+                if fd is not None:
+                    self._pidfds[key] = fd
+            if key not in self._watchers or not self._watchers[key].is_alive():
+                t = threading.Thread(target=self._watch, args=key, daemon=True,
+                                     name=f"mcs-watch-{key[0]}.{key[1]}")
+                self._watchers[key] = t
+                t.start()
+        for key in [k for k, t in self._watchers.items() if k not in current and not t.is_alive()]:
+            del self._watchers[key]
+
+    def _open_pidfd(self, m: MemberInfo) -> int | None:
+        """A pidfd for member ``m``, verified to be the process that holds its life mutex."""
+        try:
+            fd = os.pidfd_open(m.pid)
+        except ProcessLookupError:
+            return None
+        owner = self.boot.life_mutex(m.slot).owner
+        if owner.pid != m.pid or owner.tag != m.incarnation:
+            os.close(fd)  # the pid is not (or no longer) that member's: never signal it
+            return None
+        return fd
+
+    # -- detection ----------------------------------------------------------------------
+
+    def _watch(self, slot: int, incarnation: int) -> None:
+        """Block on a member's life mutex; when we get it, the member died or left."""
+        mutex = self.boot.life_mutex(slot)
+        while not self._closing.is_set():
+            try:
+                status = mutex.lock(timeout=0.25)
+            except McsError:
+                return
+            if status is LockStatus.TIMEOUT:
+                continue
+            try:
+                # We hold its life mutex, so that incarnation is not alive. A clean leave has
+                # already set LEFT; anything else (ABANDONED, or a probe that consumed the
+                # abandonment first) is a death.
+                if self.table.field(slot, layout.M_INCARNATION) == incarnation:
+                    self.table.sec.cas64(layout.member_offset(slot, layout.M_STATE),
+                                         layout.SLOT_MEMBER, layout.SLOT_DEAD)
+                if status is LockStatus.ABANDONED:
+                    mutex.mark_consistent()
+            finally:
+                mutex.unlock()
+            if not self._closing.is_set():
+                self._republish()
+            return
+
+    def _monitor_main(self) -> None:
+        seen = self._view_event.value
+        while not self._closing.is_set():
+            try:
+                self._view_event.wait(seen, timeout=self.timing.check_interval)
+                seen = self._view_event.value
+                self._refresh_view()
+                if self._check_fenced():
+                    return
+                self._check_heartbeats()
+            except Exception:
+                if self._closing.is_set():
+                    return
+                log.exception("membership monitor error")
+                time.sleep(self.timing.check_interval)
+
+    def _check_fenced(self) -> bool:
+        table = self.table
+        if (table.field(self.slot, layout.M_INCARNATION) != self.incarnation
+                or table.field(self.slot, layout.M_FENCED) == self.incarnation):
+            if not self._fenced:
+                log.error("member slot %d incarnation %d was fenced; stopping", self.slot,
+                          self.incarnation)
+                self._fenced = True
+                self._stop_threads(release=False)
+            return True
+        return False
+
+    def _check_heartbeats(self) -> None:
+        view = self._view
+        if view is None:
+            return
+        now = time.monotonic_ns()
+        table = self.table
+        for m in view.members:
+            if m.slot == self.slot:
+                continue
+            age = now - table.field(m.slot, layout.M_HEARTBEAT_NS)
+            key = (m.slot, m.incarnation)
+            if age > self.timing.evict_after_ns:
+                self._evict(m)
+            elif age > self.timing.suspect_after_ns:
+                if key not in self._suspected:
+                    log.warning("member %s suspected (silent for %.0f ms)", m, age / 1e6)
+                    self._suspected.add(key)
+            else:
+                self._suspected.discard(key)
+
+    def _evict(self, m: MemberInfo) -> None:
+        """Fence a frozen member: mark it, SIGKILL it through its pidfd, publish the view."""
+        root = self.boot.root_mutex(tag=self.incarnation)
+        status = root.lock(timeout=self.timing.check_interval)
+        if status is LockStatus.TIMEOUT:
+            # The root mutex may be held by the frozen member itself: fence it without the lock;
+            # its death releases the root mutex (ABANDONED) and the next locker republishes.
+            if root.owner.tag == m.incarnation:
+                self._fence(m)
+            return
+        try:
+            if status is LockStatus.ABANDONED:
+                root.mark_consistent()
+            table = self.table
+            age = time.monotonic_ns() - table.field(m.slot, layout.M_HEARTBEAT_NS)
+            if (table.field(m.slot, layout.M_INCARNATION) != m.incarnation
+                    or table.state(m.slot) != layout.SLOT_MEMBER
+                    or age <= self.timing.evict_after_ns):
+                return  # somebody else already acted, or it woke up
+            if self._fence(m):
+                log.warning("member %s evicted and fenced (silent for %.0f ms)", m, age / 1e6)
+            self._republish_locked()
+        finally:
+            root.unlock()
+        self._wait_gone(m)
+
+    def _fence(self, m: MemberInfo) -> bool:
+        """Record the fence and SIGKILL the member through the pidfd taken when first seen."""
+        self.table.set_field(m.slot, layout.M_FENCED, m.incarnation)
+        # Marked before the kill, so that watchers that see it die report "fenced", not "dead".
+        self.table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
+                             layout.SLOT_MEMBER, layout.SLOT_FENCED)
+        fd = self._pidfds.get((m.slot, m.incarnation))
+        if fd is None:
+            return True  # no verified pidfd: the pid may be a stranger's; the fence flag stands
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return True
+
+    def _wait_gone(self, m: MemberInfo, timeout: float = 1.0) -> None:
+        fd = self._pidfds.get((m.slot, m.incarnation))
+        if fd is not None:
+            select.select([fd], [], [], timeout)
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def _republish(self) -> None:
+        root = self.boot.root_mutex(tag=self.incarnation)
+        while True:
+            status = root.lock(timeout=self.timing.check_interval)
+            if status is not LockStatus.TIMEOUT:
+                break
+            if self._closing.is_set():
+                return
+            self._check_heartbeats()  # the holder may be frozen: evicting it frees the lock
+        try:
+            if status is LockStatus.ABANDONED:
+                root.mark_consistent()
+            self._republish_locked()
+        finally:
+            root.unlock()
+
+    def _republish_locked(self) -> None:
+        """Recompute the view from slot states; publish a new generation if it changed."""
+        table = self.table
+        records = table.occupied()
+        gone = [r for r in records if r.state != layout.SLOT_MEMBER]
+        members = [r for r in records if r.state == layout.SLOT_MEMBER]
+        # A node that dies at once is one change: members of a node that lost a member and
+        # that are dying themselves (exited, or SIGKILL pending) leave in the same generation.
+        dead_nodes = {r.node for r in gone if r.state in (layout.SLOT_DEAD, layout.SLOT_FENCED)}
+        for r in list(members):
+            if r.node in dead_nodes and r.slot != self.slot and _dying_soon(r.pid, NODE_GRACE):
+                table.sec.cas64(layout.member_offset(r.slot, layout.M_STATE),
+                                layout.SLOT_MEMBER, layout.SLOT_DEAD)
+                members.remove(r)
+        infos = tuple(r.info for r in members)
+        current = table.read_view()
+        master = choose_master(infos, current.master)
+        if infos != current.members or master != current.master:
+            generation = table.publish(infos, master)
+            log.info("domain %s generation %d: %d member(s), master slot %s", self.domain,
+                     generation, len(infos), None if master is None else master.slot)
+        for r in gone:
+            if r.state != layout.SLOT_FREE:
+                table.clear(r.slot)
+        self._view_event.set()
+
+    # -- leaving ------------------------------------------------------------------------
+
+    def leave(self) -> None:
+        """Leave cleanly: others see a leave (a new generation without us), not a failure."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+        if not self._fenced:
+            try:
+                root = self.boot.root_mutex(tag=self.incarnation)
+                status = root.lock(timeout=self.timing.evict_after)
+                if status is not LockStatus.TIMEOUT:
+                    try:
+                        if status is LockStatus.ABANDONED:
+                            root.mark_consistent()
+                        if self.table.field(self.slot, layout.M_INCARNATION) == self.incarnation:
+                            self.table.set_field(self.slot, layout.M_STATE, layout.SLOT_LEFT)
+                        self._republish_locked()
+                        if not self.table.read_view().members:
+                            self.boot.retire()  # the last one out removes the domain's root
+                    finally:
+                        root.unlock()
+            except McsError:
+                log.exception("leave: could not publish the view")
+        self._stop_threads(release=not self._fenced)
+        self.boot.close()
+        atexit.unregister(self.leave)
+
+    def _stop_threads(self, release: bool) -> None:
+        self._closing.set()
+        beat = getattr(self, "_beat", None)
+        if beat is not None:
+            beat.stop()
+        if release:
+            self._leave_event.set()
+            self._life.join(5)
+        if threading.current_thread() is not self._monitor:
+            self._monitor.join(5)
+        for t in list(self._watchers.values()):
+            if t is not threading.current_thread():
+                t.join(1)
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds.clear()
+
+    def __enter__(self) -> "Member":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave()
+
+    def __repr__(self) -> str:
+        return (f"<Member domain={self.domain!r} slot={self.slot} "
+                f"incarnation={self.incarnation}{' fenced' if self._fenced else ''}>")
+
+
+def join(domain: str, *, node: str | None = None, **timing: float) -> Member:
+    """Join ``domain`` (creating it if needed) and return the live :class:`Member`.
+
+    ``timing`` takes ``heartbeat``, ``suspect_after`` and ``evict_after`` in seconds (see
+    :class:`membership.Timing`); the first member of a domain sets them for everyone.
+    """
+    return Member(domain, node=node, timing=Timing(**timing) if timing else None)

@@ -1,0 +1,266 @@
+"""Membership with real processes: kill -9, SIGSTOP + fencing, master election, node crash,
+churn, stale bootstrap, separate domains, a GIL-holding member, and `mcs status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import membership
+from conftest import wait_for
+
+FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
+
+MEMBER = """
+import json, sys, threading, time
+import membership
+timing = json.loads(sys.argv[3])
+m = membership.join(sys.argv[1], node=sys.argv[2], **timing)
+lock = threading.Lock()
+
+def report(view):
+    with lock:
+        print(json.dumps({"gen": view.generation,
+                          "slots": sorted(x.slot for x in view.members),
+                          "pids": sorted(x.pid for x in view.members),
+                          "master": view.master.pid if view.master else None,
+                          "departed": sorted([x.pid, why] for x, why in view.departed)}),
+              flush=True)
+
+print(json.dumps({"slot": m.slot, "inc": m.incarnation, "pid": m.info.pid}), flush=True)
+m.on_view_change(report)
+report(m.view)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "leave":
+        m.leave()
+        print("left", flush=True)
+        break
+    if cmd[0] == "busy":   # hold the GIL in one long C call
+        sum(range(int(float(cmd[1]) * 3e7)))
+        print("busy done", m.view.generation, flush=True)
+"""
+
+
+class Node:
+    """A member running in a child process; keeps the views it reported."""
+
+    def __init__(self, spawn, domain: str, node: str, timing: dict) -> None:
+        self.child = spawn(MEMBER, domain, node, json.dumps(timing))
+        hello = json.loads(self.child.readline())
+        self.pid, self.slot, self.incarnation = hello["pid"], hello["slot"], hello["inc"]
+        self.views: list[dict] = []
+        self.seen = 0
+
+    def next_view(self, timeout: float = 10.0) -> dict:
+        view = json.loads(self.child.readline(timeout))
+        self.views.append(view)
+        return view
+
+    def mark(self) -> None:
+        """From now on, wait_view considers only views reported after this point."""
+        self.seen = len(self.views)
+
+    def wait_view(self, predicate, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        for view in self.views[self.seen:]:
+            if predicate(view):
+                return view
+        while True:
+            view = self.next_view(max(0.01, deadline - time.monotonic()))
+            if predicate(view):
+                return view
+
+
+def start(spawn, domain, count, timing=FAST, node=None):
+    nodes = [Node(spawn, domain, node or f"n{i}", timing) for i in range(count)]
+    pids = sorted(n.pid for n in nodes)
+    for n in nodes:
+        n.wait_view(lambda v: v["pids"] == pids)
+        n.mark()
+    return nodes
+
+
+def has_exactly(pids):
+    return lambda v: v["pids"] == sorted(pids)
+
+
+def test_join_view_and_clean_leave(domain):
+    with membership.join(domain, node="solo") as m:
+        view = m.view
+        assert view.generation >= 1
+        assert [x.pid for x in view.members] == [os.getpid()]
+        assert view.master == m.info
+        assert m.timing == membership.Timing()
+    assert not Path(f"/dev/shm/mcs.{domain}").exists()  # the last one out removed the root
+
+
+def test_kill9_one_of_four_every_survivor_sees_new_generation(domain, spawn):
+    nodes = start(spawn, domain, 4)
+    victim, survivors = nodes[1], [nodes[0], *nodes[2:]]
+    victim.child.kill()
+    alive = [n.pid for n in survivors]
+    views = [n.wait_view(has_exactly(alive)) for n in survivors]
+    assert len({v["gen"] for v in views}) == 1, f"survivors disagree: {views}"
+    assert all(v["departed"] == [[victim.pid, "dead"]] for v in views)
+
+
+def test_sigstop_member_is_evicted_and_fenced(domain, spawn):
+    nodes = start(spawn, domain, 3)
+    victim, survivors = nodes[2], nodes[:2]
+    stopped = time.monotonic()
+    victim.child.signal(signal.SIGSTOP)
+    views = [n.wait_view(has_exactly([s.pid for s in survivors])) for n in survivors]
+    assert len({v["gen"] for v in views}) == 1
+    assert time.monotonic() - stopped < 5
+    assert victim.child.proc.wait(5) == -signal.SIGKILL  # really gone, through its pidfd
+    assert all(v["departed"] == [[victim.pid, "fenced"]] for v in views)
+
+
+def test_kill_master_elects_a_new_one_everyone_agrees(domain, spawn):
+    nodes = start(spawn, domain, 3)
+    master_pid = nodes[0].views[-1]["master"]
+    master = next(n for n in nodes if n.pid == master_pid)
+    rest = [n for n in nodes if n is not master]
+    master.child.kill()
+    views = [n.wait_view(has_exactly([r.pid for r in rest])) for n in rest]
+    masters = {v["master"] for v in views}
+    assert len(masters) == 1 and masters.pop() in {r.pid for r in rest}
+    # the oldest survivor (lowest incarnation) is the deterministic choice
+    assert views[0]["master"] == min(rest, key=lambda n: n.incarnation).pid
+
+
+def test_master_is_stable_across_joins(domain, spawn):
+    nodes = start(spawn, domain, 2)
+    master = nodes[0].views[-1]["master"]
+    late = Node(spawn, domain, "late", FAST)
+    pids = sorted([n.pid for n in nodes] + [late.pid])
+    for n in [*nodes, late]:
+        assert n.wait_view(has_exactly(pids))["master"] == master
+
+
+def test_whole_node_dying_at_once_is_one_change(domain, spawn):
+    a = start(spawn, domain, 2, node="alpha")
+    b = [Node(spawn, domain, "beta", FAST) for _ in range(2)]
+    everyone = a + b
+    pids = sorted(n.pid for n in everyone)
+    for n in everyone:
+        n.wait_view(has_exactly(pids))
+        n.mark()
+    before = {n.pid: n.views[-1]["gen"] for n in a}
+    for n in b:
+        os.kill(n.pid, signal.SIGKILL)
+    for n in a:
+        view = n.wait_view(lambda v: not set(v["pids"]) & {x.pid for x in b})
+        assert view["pids"] == sorted(x.pid for x in a)
+        seen_after = [v for v in n.views if v["gen"] > before[n.pid]]
+        assert seen_after[0] == view, f"node death split in several generations: {seen_after}"
+        assert sorted(view["departed"]) == sorted([x.pid, "dead"] for x in b)
+    for n in b:
+        n.child.wait()
+
+
+def test_join_and_leave_while_others_fail(domain, spawn):
+    nodes = start(spawn, domain, 3)
+    nodes[0].child.kill()
+    newcomer = Node(spawn, domain, "new", FAST)
+    nodes[1].child.send("leave")
+    nodes[2].child.kill()
+    newcomer2 = Node(spawn, domain, "new2", FAST)
+    final = sorted([newcomer.pid, newcomer2.pid])
+    v1 = newcomer.wait_view(has_exactly(final))
+    v2 = newcomer2.wait_view(has_exactly(final))
+    assert v1["gen"] == v2["gen"] and v1["master"] == v2["master"]
+    assert v1["master"] == newcomer.pid  # the older one
+
+
+def test_clean_leave_is_seen_as_leave(domain, spawn):
+    nodes = start(spawn, domain, 2)
+    nodes[1].child.send("leave")
+    view = nodes[0].wait_view(has_exactly([nodes[0].pid]))
+    assert view["departed"] == [[nodes[1].pid, "left"]]
+
+
+def test_stale_bootstrap_from_crashed_domain_is_reinitialised(domain, spawn):
+    nodes = start(spawn, domain, 2)
+    for n in nodes:
+        n.child.kill()
+    assert Path(f"/dev/shm/mcs.{domain}").exists()  # a crash leaves the root behind
+    with membership.join(domain, node="phoenix") as m:
+        assert [x.pid for x in m.view.members] == [os.getpid()]
+        assert m.view.master == m.info
+
+
+def test_two_domains_never_see_each_other(domain, spawn):
+    other = domain + "-b"
+    try:
+        a = start(spawn, domain, 2)
+        b = start(spawn, other, 2)
+        assert set(a[0].views[-1]["pids"]).isdisjoint(b[0].views[-1]["pids"])
+        b[0].child.kill()
+        b[1].wait_view(has_exactly([b[1].pid]))
+        time.sleep(0.2)
+        assert a[0].views[-1]["pids"] == sorted(n.pid for n in a)
+        assert a[0].views[-1]["gen"] == a[1].views[-1]["gen"]
+    finally:
+        for path in (f"/dev/shm/mcs.{other}",):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_gil_holding_member_is_not_evicted(domain, spawn):
+    timing = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.5}
+    nodes = start(spawn, domain, 2, timing=timing)
+    gen = nodes[0].views[-1]["gen"]
+    nodes[1].child.send("busy 2")  # about 2 s inside one C call holding the GIL
+    assert nodes[1].child.readline(30).startswith("busy done")
+    time.sleep(0.1)
+    assert nodes[0].views[-1]["gen"] == gen, f"busy member was evicted: {nodes[0].views}"
+    assert nodes[1].child.proc.poll() is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        membership.join("bad/name")
+    with pytest.raises(ValueError):
+        membership.join("okname", node="")
+    with pytest.raises(ValueError):
+        membership.join("okname", evict_after=0.01)
+    with pytest.raises(TypeError):
+        membership.join("okname", heartbeet=1)
+
+
+def mcs_cli(*args: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("mcs")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_mcs_status_shows_a_live_domain(domain, spawn):
+    nodes = start(spawn, domain, 3)
+    result = mcs_cli("status", "--domain", domain, "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["generation"] == nodes[0].views[-1]["gen"]
+    assert status["master"]["pid"] == nodes[0].views[-1]["master"]
+    members = {m["pid"]: m for m in status["members"]}
+    assert set(members) == {n.pid for n in nodes}
+    for n in nodes:
+        row = members[n.pid]
+        assert row["slot"] == n.slot and row["incarnation"] == n.incarnation
+        assert row["state"] == "member" and row["in_view"]
+        assert 0 <= row["heartbeat_age_ms"] < 1000
+    text = mcs_cli("status", "--domain", domain)
+    assert text.returncode == 0
+    for n in nodes:
+        assert str(n.pid) in text.stdout
+    missing = mcs_cli("status", "--domain", domain + "-nope")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    bad = mcs_cli("status", "--domain", "../etc")
+    assert bad.returncode == 2 and "invalid domain name" in bad.stderr

@@ -122,6 +122,7 @@ class Bootstrap:
         GlobalMutex.create(sec, layout.ROOT_MUTEX)
         GlobalEvent.create(sec, layout.VIEW_EVENT)
         GlobalEvent.create(sec, layout.PENDING_EVENT)
+        GlobalEvent.create(sec, layout.C_RECOVERY_EVENT)
         for slot in range(layout.MAX_MEMBERS):
             GlobalMutex.create(sec, layout.member_offset(slot, layout.M_LIFE_MUTEX))
         sec._publish(layout.ROOT_MAGIC)

@@ -51,6 +51,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
 
 
+def _cmd_fault_poison(args: argparse.Namespace) -> int:
+    from mcs.poison import poison
+
+    if args.master == (args.slot is not None):
+        print("mcs fault poison: error: give exactly one of --master or --slot N", file=sys.stderr)
+        return 2
+    ident = poison(args.domain, args.component, slot=args.slot)
+    print(f"poisoned {ident}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     st.add_argument("--interval", type=float, default=0.5, help="refresh period for --watch (s)")
     st.set_defaults(func=_cmd_status)
+    fault = sub.add_parser("fault", help="fault injection into a live domain (tests, chaos)")
+    fsub = fault.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
+    po = fsub.add_parser("poison", help="poison a section: dummy bytes, failed flag, counter")
+    po.add_argument("--domain", required=True)
+    po.add_argument("--component", required=True, help="component name, e.g. registry")
+    po.add_argument("--master", action="store_true", help="poison the master area")
+    po.add_argument("--slot", type=int, help="poison the contribution of member SLOT")
+    po.set_defaults(func=_cmd_fault_poison)
     return parser
 
 

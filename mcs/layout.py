@@ -69,3 +69,23 @@ def member_offset(slot: int, field: int = 0) -> int:
     if not 0 <= slot < MAX_MEMBERS:
         raise IndexError(f"member slot {slot} out of range 0..{MAX_MEMBERS - 1}")
     return MEMBER_TABLE + slot * MEMBER_SLOT_SIZE + field
+
+# component area (the root of a component's domain, "<domain>.<component>")
+COMPONENT_AREA = 20480
+C_REQUESTED = COMPONENT_AREA + 0  # newest requested recovery epoch
+C_STABLE = COMPONENT_AREA + 8  # newest epoch every member of its view finished
+C_AGREED = COMPONENT_AREA + 16  # epoch whose view is recorded below
+C_VIEW_GEN = COMPONENT_AREA + 24  # membership generation of that view
+C_VIEW_MASK = COMPONENT_AREA + 32
+C_MASTER = COMPONENT_AREA + 40  # master slot + 1
+C_MASTER_DONE = COMPONENT_AREA + 48  # epoch whose master phase is complete
+C_RECOVERY_EVENT = COMPONENT_AREA + 64  # set on every request and phase step
+C_MASTER_IDENT = COMPONENT_AREA + 128  # identifier of the master area, NUL-padded
+IDENT_MAX = 64
+C_QUIESCED = COMPONENT_AREA + 256  # per slot: newest epoch it quiesced for
+C_ACKED = C_QUIESCED + 8 * MAX_MEMBERS  # per slot: newest epoch it contributed for
+C_CONTRIB_IDENT = C_ACKED + 8 * MAX_MEMBERS  # per slot: identifier of its contribution
+C_END = C_CONTRIB_IDENT + IDENT_MAX * MAX_MEMBERS
+
+assert MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE <= COMPONENT_AREA
+assert C_END <= ROOT_SIZE

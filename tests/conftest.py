@@ -84,10 +84,12 @@ def domain() -> Iterator[str]:
     """A fresh domain name; its bootstrap object is removed after the test."""
     name = f"t{os.getpid()}-{next(_counter)}"
     yield name
-    try:
-        os.unlink(f"/dev/shm/mcs.{name}")
-    except FileNotFoundError:
-        pass
+    for obj in mcs_shm_objects():
+        if obj == f"mcs.{name}" or obj.startswith(f"mcs.{name}."):
+            try:
+                os.unlink(f"/dev/shm/{obj}")
+            except FileNotFoundError:
+                pass
 
 
 # -- child processes --------------------------------------------------------------------------

@@ -23,61 +23,16 @@ from registry import Registry  # noqa: E402
 
 FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
 
-# A member that registers its keys, then keeps checking the invariants and looking up keys in
-# consistent blocks; it prints JSON lines and obeys commands on stdin.
-WORKER = """
-import json, os, sys, threading, time
-sys.path.insert(0, sys.argv[1])
-from registry import Registry, InvariantViolation
-import mcs
-domain, name, nkeys = sys.argv[2], sys.argv[3], int(sys.argv[4])
-timing = json.loads(sys.argv[5])
-reg = Registry(domain, **timing).start()
-out = threading.Lock()
-def say(**kw):
-    with out:
-        print(json.dumps(kw), flush=True)
-for i in range(nkeys):
-    reg.register(f"{name}-{i}".encode(), f"v{i}@{os.getpid()}".encode())
-say(ready=reg.slot, pid=os.getpid(), epoch=reg.stats.epoch)
-stop = threading.Event()
-def worker():
-    checks = 0
-    while not stop.is_set():
-        try:
-            n = reg.run(reg.check_invariants)
-            checks += 1
-        except InvariantViolation as exc:
-            say(violation=str(exc))
-            os._exit(3)
-        except mcs.ClosedError:
-            return
-threading.Thread(target=worker, daemon=True).start()
-for line in sys.stdin:
-    cmd = line.split()
-    if cmd[0] == "get":
-        say(get=cmd[1], value=(reg.lookup(cmd[1].encode()) or b"").decode())
-    elif cmd[0] == "set":
-        reg.register(cmd[1].encode(), cmd[2].encode())
-        say(set=cmd[1])
-    elif cmd[0] == "count":
-        say(count=reg.run(reg.check_invariants), epoch=reg.stats.epoch,
-            members=len(reg.view.members), recoveries=reg.stats.recoveries,
-            last_ms=reg.stats.last_duration_ms)
-    elif cmd[0] == "stop":
-        stop.set()
-        reg.stop()
-        say(stopped=True)
-        break
-"""
+WORKER = Path(EXAMPLES, "registry_worker.py").read_text()
 
 
 class Worker:
     def __init__(self, spawn, domain, name, nkeys=5, env_faults="", timing=FAST):
-        env_code = WORKER
+        # python -c puts no script directory on sys.path: the worker adds examples/ itself
+        env_code = WORKER.replace("Path(__file__).resolve().parent", repr(EXAMPLES))
         if env_faults:
-            env_code = f"import os; os.environ['MCS_FAULTS'] = {env_faults!r}\n" + WORKER
-        self.child = spawn(env_code, EXAMPLES, domain, name, str(nkeys), json.dumps(timing))
+            env_code = f"import os; os.environ['MCS_FAULTS'] = {env_faults!r}\n" + env_code
+        self.child = spawn(env_code, domain, name, str(nkeys), json.dumps(timing))
         self.name = name
         self.nkeys = nkeys
 
@@ -247,3 +202,38 @@ def test_fault_points_parse_and_fire():
     finally:
         faults.disarm()
     assert faults.armed() == {}
+
+
+def test_invariant_checker_catches_a_corrupt_bucket(domain):
+    """The chaos runs rely on check_invariants: make sure it really fails on a bad bucket."""
+    import struct
+
+    from registry import InvariantViolation, bucket_offset
+
+    with Registry(domain, **FAST) as reg:
+        reg.register(b"k", b"v")
+        assert reg.run(reg.check_invariants) == 1
+        off = bucket_offset(3)
+        area = reg.master_area
+        area.store64(off + 64, 1)  # a count covering a garbage reference (slot 60)
+        struct.pack_into("<QQQ", area.view(off + 80, 24), 0, 60, 0, 3)
+        with pytest.raises(InvariantViolation):
+            with reg.consistent():
+                reg.check_invariants()
+        reg.request_recovery("repair the test's damage")
+        assert reg.run(reg.check_invariants) == 1
+
+
+def test_seeded_randomized_faults_short_run():
+    """A short seeded chaos run (the 300-fault run is `python examples/registry_chaos.py`)."""
+    import random
+
+    import registry_chaos
+
+    seed = random.SystemRandom().randrange(1 << 32)
+    try:
+        summary = registry_chaos.run(seed, failures=20, members=3, log=lambda *a: None)
+    except registry_chaos.Violation as exc:
+        pytest.fail(f"invariant violation with seed {seed} (replay: python "
+                    f"examples/registry_chaos.py --seed {seed} --failures 20 --members 3): {exc}")
+    assert summary["faults"] == 20 and summary["violations"] == 0

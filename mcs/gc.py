@@ -17,7 +17,7 @@ from mcs.bootstrap import PREFIX, SHM_DIR, Bootstrap, iter_objects
 from mcs.errors import BootstrapError
 from mcs.types import LockStatus
 
-__all__ = ["GcResult", "collect"]
+__all__ = ["GcResult", "collect", "collect_domain"]
 
 HALF_INITIALISED_GRACE = 10.0  # seconds before a never-initialised object counts as dead
 
@@ -40,6 +40,16 @@ def collect(*, dry_run: bool = False, lock_timeout: float = 2.0) -> list[GcResul
     for domain, st in iter_objects():
         results.append(_collect_one(domain, st, dry_run, lock_timeout))
     return results
+
+
+def collect_domain(domain: str, *, dry_run: bool = False,
+                   lock_timeout: float = 2.0) -> GcResult | None:
+    """gc for one domain; None if it has no bootstrap object."""
+    try:
+        st = os.stat(os.path.join(SHM_DIR, PREFIX + domain))
+    except FileNotFoundError:
+        return None
+    return _collect_one(domain, st, dry_run, lock_timeout)
 
 
 def _collect_one(domain: str, st: os.stat_result, dry_run: bool, lock_timeout: float) -> GcResult:

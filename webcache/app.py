@@ -1,0 +1,205 @@
+"""The aiohttp application of one cache node: static files through the shared cache, plus
+``/_mcs/status`` (JSON) and ``/metrics`` (Prometheus text format)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from aiohttp import web
+
+from webcache.cache import McsWebCache
+from webcache.paths import DocumentRoot, Forbidden, NotFound, ResolvedFile
+from webcache.semantics import (
+    RangeNotSatisfiable,
+    content_type,
+    etag,
+    http_date,
+    if_range_ok,
+    is_not_modified,
+    parse_range,
+)
+
+__all__ = ["make_app", "CACHE", "ROOT"]
+
+CACHE = web.AppKey("cache", McsWebCache)
+ROOT = web.AppKey("root", DocumentRoot)
+STREAM_CHUNK = 256 * 1024
+NODE_PID = str(os.getpid())  # which node answered (a node is one process)
+
+
+def make_app(cache: McsWebCache, root: DocumentRoot) -> web.Application:
+    """App factory: one node's routes over an already started cache."""
+    app = web.Application(client_max_size=0)
+    app[CACHE] = cache
+    app[ROOT] = root
+    app.router.add_get("/_mcs/status", status)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", serve_file)
+    return app
+
+
+def _read_whole(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+async def serve_file(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+    root = request.app[ROOT]
+    cache = request.app[CACHE]
+    try:
+        f = root.resolve(request.path, request.raw_path)
+    except Forbidden as exc:
+        raise web.HTTPForbidden(text=f"403 forbidden: {exc}\n") from None
+    except NotFound:
+        raise web.HTTPNotFound(text="404 not found\n") from None
+    tag = etag(f.size, f.mtime_ns, f.inode)
+    headers = {
+        "ETag": tag,
+        "Last-Modified": http_date(f.mtime_ns),
+        "Content-Type": content_type(f.path),
+        "Accept-Ranges": "bytes",
+        "X-Mcs-Node": NODE_PID,
+    }
+    if is_not_modified(request.headers, tag, f.mtime_ns):
+        return web.Response(status=304, headers={k: headers[k] for k in ("ETag", "Last-Modified")})
+    span = None
+    if "Range" in request.headers and if_range_ok(request.headers, tag, f.mtime_ns):
+        try:
+            span = parse_range(request.headers.get("Range"), f.size)
+        except RangeNotSatisfiable:
+            raise web.HTTPRequestRangeNotSatisfiable(
+                headers={"Content-Range": f"bytes */{f.size}"}) from None
+    status = 200
+    if span is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{f.size}"
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(f.size if span is None else span[1] - span[0])
+        return web.Response(status=status, headers=headers)
+    if f.size > cache.max_entry:
+        return await _stream_from_disk(request, f, span, status, headers)
+    hit = cache.lookup(f)
+    if hit is not None:
+        try:
+            body = hit.data if span is None else hit.data[span[0]:span[1]]
+            resp = web.Response(body=body, status=status, headers=headers)
+            await resp.prepare(request)
+            await resp.write_eof()
+        finally:
+            hit.release()
+        return resp
+    try:
+        data = await cache.fill(f, lambda: _read_whole(f.path))
+    except FileNotFoundError:
+        raise web.HTTPNotFound(text="404 not found\n") from None
+    if len(data) != f.size:  # changed while we read it: never serve a mix
+        raise web.HTTPServiceUnavailable(text="file changed while being read; retry\n",
+                                         headers={"Retry-After": "0"})
+    body = data if span is None else memoryview(data)[span[0]:span[1]]
+    return web.Response(body=body, status=status, headers=headers)
+
+
+async def _stream_from_disk(request: web.Request, f: ResolvedFile, span: tuple[int, int] | None,
+                            status: int, headers: dict[str, str]) -> web.StreamResponse:
+    start, stop = (0, f.size) if span is None else span
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = stop - start
+    loop = asyncio.get_running_loop()
+    try:
+        fh = open(f.path, "rb")
+    except FileNotFoundError:
+        raise web.HTTPNotFound(text="404 not found\n") from None
+    with fh:
+        st = os.fstat(fh.fileno())
+        if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+            raise web.HTTPServiceUnavailable(text="file changed; retry\n", headers={"Retry-After": "0"})
+        await resp.prepare(request)
+        fh.seek(start)
+        left = stop - start
+        while left > 0:
+            chunk = await loop.run_in_executor(None, fh.read, min(STREAM_CHUNK, left))
+            if not chunk:
+                break
+            await resp.write(chunk)
+            left -= len(chunk)
+    await resp.write_eof()
+    request.app[CACHE].cache_stats.disk_reads += 1
+    return resp
+
+
+def node_status(cache: McsWebCache) -> dict[str, Any]:
+    """The status document of this node (also the source of /metrics)."""
+    view = cache.view
+    st = cache.stats
+    cs = cache.cache_stats
+    entries, used = cache.domain_usage()
+    return {
+        "node": cache.member.info.node,
+        "pid": os.getpid(),
+        "slot": cache.member.slot,
+        "incarnation": cache.member.incarnation,
+        "generation": view.generation if view else None,
+        "epoch": st.epoch,
+        "recovering": cache.recovering,
+        "master": None if view is None or view.master is None else
+        {"slot": view.master.slot, "pid": view.master.pid, "node": view.master.node},
+        "members": [] if view is None else
+        [{"slot": m.slot, "pid": m.pid, "node": m.node} for m in view.members],
+        "cache": {"entries": entries, "bytes": used,
+                  "node_entries": len(cache._entries), "node_bytes": cache._alloc.used,
+                  "arena_bytes": cache.contribution_size, "max_entry": cache.max_entry},
+        "hits": cs.hits,
+        "misses": cs.misses,
+        "evictions": cs.evictions,
+        "coalesced_misses": cs.coalesced,
+        "checksum_failures": cs.checksum_failures,
+        "stale_revalidations": cs.stale,
+        "disk_reads": cs.disk_reads,
+        "served_during_recovery": cs.served_during_recovery,
+        "recoveries": st.recoveries,
+        "last_recovery_ms": round(st.last_duration_ms, 3),
+        "last_recovery_phases_ms": {k: round(v, 3) for k, v in st.last_phases_ms.items()},
+    }
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(node_status(request.app[CACHE]))
+
+
+_METRICS = [
+    ("hits", "counter", "Cache hits served from shared memory"),
+    ("misses", "counter", "Requests not found in the cache"),
+    ("evictions", "counter", "Entries evicted from this node's arena"),
+    ("coalesced_misses", "counter", "Misses that waited for another node's fill"),
+    ("checksum_failures", "counter", "Cached entries dropped for a checksum mismatch"),
+    ("stale_revalidations", "counter", "Cached entries dropped because the file changed"),
+    ("disk_reads", "counter", "Files read from disk"),
+    ("recoveries", "counter", "Global recoveries this node took part in"),
+]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    doc = node_status(request.app[CACHE])
+    label = f'node="{_escape(doc["node"])}",slot="{doc["slot"]}"'
+    lines = []
+    for key, kind, help_ in _METRICS:
+        name = f"mcs_webcache_{key}" + ("_total" if kind == "counter" else "")
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{label}}} {doc[key]}"]
+    gauges = [("mcs_webcache_entries", "Entries cached in the whole domain", doc["cache"]["entries"]),
+              ("mcs_webcache_bytes", "Bytes cached in the whole domain", doc["cache"]["bytes"]),
+              ("mcs_webcache_generation", "Membership generation of the cache", doc["generation"] or 0),
+              ("mcs_webcache_members", "Nodes in the current view", len(doc["members"])),
+              ("mcs_webcache_last_recovery_seconds", "Duration of the last recovery",
+               doc["last_recovery_ms"] / 1000)]
+    for name, help_, value in gauges:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name}{{{label}}} {value}"]
+    return web.Response(body=("\n".join(lines) + "\n").encode(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,458 @@
+"""McsWebCache: ONE cache of static files shared by every node of a domain.
+
+Each node contributes an equal arena (its contribution); the master contributes the master table
+(hash buckets with robust mutexes, see webcache/layout.py). An entry lives contiguously in its
+owner's arena; a file is cached once in the whole domain; only the owner allocates or evicts in
+its arena. Readers pin an entry (one counter per member slot, so a dead reader's pins are
+cleared by recovery) while its bytes go to the socket.
+
+A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat → verify
+the CRC of the data → send from shared memory → unpin. Never a stale byte (a changed file is
+unlinked and re-read), never a corrupt one (a CRC mismatch is unlinked, counted, served from
+disk). Misses for one path on several nodes at once are coalesced with a lease in the bucket, so
+one node reads the disk and a dead filler blocks nobody (its lease expires or its slot leaves
+the view).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from typing import Any, Callable
+
+from mcs import faults, layout as mcs_layout
+from mcs._gsm import GlobalEvent, GlobalMutex
+from mcs.component import McsComponent
+from mcs.errors import ClosedError, CorruptObjectError, McsError, NotRecoverableError, Recovering
+from mcs.section import Section
+from mcs.types import LockStatus
+
+from webcache import layout as L
+from webcache.arena import Allocator
+from webcache.paths import ResolvedFile
+
+__all__ = ["McsWebCache", "CacheStats", "Hit"]
+
+log = logging.getLogger("mcs.webcache")
+
+LEASE_NS = 2_000_000_000  # a filler that has not finished in 2 s loses its lease
+COALESCE_POLL = 0.002
+
+
+def path_hash(path: str) -> int:
+    """A stable 64-bit hash of a path (the same in every process)."""
+    return int.from_bytes(blake2b(os.fsencode(path), digest_size=8).digest(), "little")
+
+
+@dataclass
+class CacheStats:
+    """Counters of this node (see /_mcs/status and /metrics)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    coalesced: int = 0
+    checksum_failures: int = 0
+    stale: int = 0
+    disk_reads: int = 0
+    served_during_recovery: int = 0
+
+
+@dataclass
+class _Local:
+    """The owner's private record of one of its entries (enough to rebuild the chain link)."""
+
+    offset: int
+    alloc: int
+    path_hash: int
+    path: str
+
+
+@dataclass
+class Hit:
+    """A pinned entry: ``data`` is a zero-copy view into shared memory; call ``release()``."""
+
+    data: memoryview
+    release: Callable[[], None]
+    meta: dict[str, int] = field(default_factory=dict)
+
+
+class McsWebCache(McsComponent):
+    """The cooperative cache component. ``cache_size`` bytes of arena per node; files larger
+    than ``max_entry`` are never cached."""
+
+    name = "webcache"
+    master_area_size = L.TABLE_SIZE
+
+    def __init__(self, domain: str, *, cache_size: int = 64 << 20, max_entry: int = 1 << 20,
+                 node: str | None = None, **options: Any) -> None:
+        if cache_size < L.ARENA_HEADER + L.ENTRY_HEADER + 4096:
+            raise ValueError(f"cache_size {cache_size} is too small (at least 16 KiB)")
+        if not 0 <= max_entry <= cache_size - L.ARENA_HEADER - L.ENTRY_HEADER - L.PATH_MAX:
+            raise ValueError(f"max_entry {max_entry} must fit in the arena ({cache_size} bytes)")
+        self.contribution_size = cache_size
+        self.max_entry = max_entry
+        super().__init__(domain, node=node, **options)
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def init_local(self) -> None:
+        self.cache_stats = CacheStats()
+        self._entries: dict[int, _Local] = {}  # offset -> entry
+        self._alloc = Allocator(L.ARENA_HEADER, self.contribution_size)
+        self._mutexes: list[GlobalMutex] = []
+        self._mutex_area: Section | None = None
+
+    def on_new_contribution(self, section: Section) -> None:
+        # a new arena (first start, or the old one was poisoned): everything cached is gone
+        self._entries.clear()
+        self._alloc = Allocator(L.ARENA_HEADER, self.contribution_size)
+        section.store64(L.A_MAGIC, L.ARENA_MAGIC)
+
+    def on_master(self, view: Any) -> None:
+        area = self.master_area
+        area.view(0, L.TABLE_HEADER)[:] = bytes(L.TABLE_HEADER)
+        for b in range(L.BUCKETS):
+            off = L.bucket_offset(b)
+            area.view(off, L.BUCKET_SIZE)[:] = bytes(L.BUCKET_SIZE)
+            GlobalMutex.create(area, off + L.B_MUTEX)
+        GlobalEvent.create(area, L.T_FILL_EVENT)
+        area.store64(L.T_BUCKETS, L.BUCKETS)
+        area.store64(L.T_MAGIC, L.TABLE_MAGIC)
+
+    def build_shared_state(self, view: Any) -> None:
+        area = self.master_area
+        if area.load64(L.T_MAGIC) != L.TABLE_MAGIC or area.load64(L.T_BUCKETS) != L.BUCKETS:
+            raise McsError("master table not initialised")
+        self._bind()
+        arena = self.contribution
+        live_slots = {m.slot for m in view.members}
+        me = self.member.slot
+        for off, ent in list(self._entries.items()):
+            ok = (arena.load64(off + L.E_MAGIC) == L.ENTRY_MAGIC
+                  and arena.load64(off + L.E_HASH) == ent.path_hash
+                  and arena.load64(off + L.E_STATE) == L.STATE_LINKED)
+            for s in range(mcs_layout.MAX_MEMBERS):  # pins of departed members are void
+                if s not in live_slots:
+                    arena.store64(off + L.E_PINS + 8 * s, 0)
+            if not ok:
+                if not self._pinned(off):
+                    self._free_entry(off)
+                continue
+            bucket = ent.path_hash % L.BUCKETS
+            with self._recovery_lock(bucket):
+                boff = L.bucket_offset(bucket)
+                arena.store64(off + L.E_NEXT, area.load64(boff + L.B_HEAD))
+                area.store64(boff + L.B_HEAD, L.make_ref(me, off))
+        arena.store64(L.A_ENTRIES, len(self._entries))
+        arena.store64(L.A_BYTES, self._alloc.used)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        if self._mutex_area is not self.master_area:
+            tag = self.member.incarnation
+            area = self.master_area
+            self._mutexes = [GlobalMutex.open(area, L.bucket_offset(b) + L.B_MUTEX, tag=tag)
+                             for b in range(L.BUCKETS)]
+            self._fill_event = GlobalEvent.open(area, L.T_FILL_EVENT)
+            self._mutex_area = area
+
+    def _recovery_lock(self, bucket: int) -> Any:
+        from mcs.component import _Held
+
+        mutex = self._mutexes[bucket]
+        status = mutex.lock(timeout=5.0)
+        if status is LockStatus.OK:
+            return _Held(mutex)
+        if status is LockStatus.ABANDONED:
+            mutex.unlock()
+        raise McsError(f"bucket {bucket}: {status.name} during recovery")
+
+    def _pinned(self, off: int) -> bool:
+        arena = self.contribution
+        return any(arena.load64(off + L.E_PINS + 8 * s) for s in range(mcs_layout.MAX_MEMBERS))
+
+    def _free_entry(self, off: int) -> None:
+        ent = self._entries.pop(off)
+        self.contribution.store64(off + L.E_MAGIC, 0)
+        self.contribution.store64(off + L.E_STATE, L.STATE_FREE)
+        self._alloc.free(off, ent.alloc)
+
+    def _section_of(self, slot: int) -> Section:
+        return self.contribution_of(slot)
+
+    def _walk(self, bucket: int, h: int, path: bytes) -> tuple[int, int, int] | None:
+        """Under the bucket lock: (ref, predecessor ref or 0, slot) of the entry for ``path``."""
+        area = self.master_area
+        ref = area.load64(L.bucket_offset(bucket) + L.B_HEAD)
+        pred = 0
+        steps = 0
+        while ref:
+            slot, off = L.split_ref(ref)
+            if not 0 <= slot < mcs_layout.MAX_MEMBERS:
+                return self._corrupt(f"bucket {bucket}: ref to slot {slot}")
+            sec = self._section_of(slot)
+            if off < L.ARENA_HEADER or off + L.ENTRY_HEADER > sec.size:
+                return self._corrupt(f"bucket {bucket}: ref offset {off} out of range")
+            if sec.load64(off + L.E_HASH) == h:
+                plen = sec.load64(off + L.E_PATH_LEN)
+                if plen == len(path) and off + L.ENTRY_HEADER + plen <= sec.size and \
+                        sec.view(off + L.ENTRY_HEADER, plen) == path:
+                    return ref, pred, slot
+            pred = ref
+            ref = sec.load64(off + L.E_NEXT)
+            steps += 1
+            if steps > L.MAX_CHAIN:
+                return self._corrupt(f"bucket {bucket}: chain too long (cycle?)")
+        return None
+
+    def _corrupt(self, why: str) -> None:
+        self.request_recovery(f"corrupt master table: {why}")
+        raise Recovering(why)
+
+    def _unlink(self, bucket: int, ref: int, pred: int) -> None:
+        """Under the bucket lock: take ``ref`` out of its chain with one store."""
+        slot, off = L.split_ref(ref)
+        sec = self._section_of(slot)
+        nxt = sec.load64(off + L.E_NEXT)
+        if pred:
+            pslot, poff = L.split_ref(pred)
+            self._section_of(pslot).store64(poff + L.E_NEXT, nxt)
+        else:
+            self.master_area.store64(L.bucket_offset(bucket) + L.B_HEAD, nxt)
+        sec.store64(off + L.E_STATE, L.STATE_UNLINKED)
+
+    # -- the hit path ---------------------------------------------------------------------
+
+    @property
+    def recovering(self) -> bool:
+        """True while a recovery runs: requests are then served from disk."""
+        return self._gate_closed
+
+    def lookup(self, f: ResolvedFile) -> Hit | None:
+        """A pinned, revalidated, checksum-verified entry for ``f``, or None (a miss)."""
+        if self._gate_closed:
+            self.cache_stats.served_during_recovery += 1
+            return None
+        path = os.fsencode(f.path)
+        h = path_hash(f.path)
+        bucket = h % L.BUCKETS
+        me = self.member.slot
+        try:
+            with self.consistent():
+                with self.lock(self._mutexes[bucket]):
+                    found = self._walk(bucket, h, path)
+                    if found is None:
+                        return None
+                    ref, pred, slot = found
+                    sec = self._section_of(slot)
+                    off = L.split_ref(ref)[1]
+                    pin = off + L.E_PINS + 8 * me
+                    sec.add64(pin, 1)
+                    faults.point("webcache.hit.pinned")
+                fresh = (sec.load64(off + L.E_SIZE) == f.size
+                         and sec.load64(off + L.E_MTIME) == f.mtime_ns
+                         and sec.load64(off + L.E_INODE) == f.inode
+                         and sec.load64(off + L.E_DEV) == f.dev)
+                data = None
+                if fresh and f.size <= sec.size:
+                    doff = L.data_offset(off, len(path))
+                    if doff + f.size <= sec.size:
+                        data = sec.view(doff, f.size)
+                        if zlib.crc32(data) != sec.load64(off + L.E_CRC):
+                            self.cache_stats.checksum_failures += 1
+                            data.release()
+                            data = None  # corrupt: unlinked below, served from disk
+                if data is None:
+                    sec.add64(pin, -1)
+                    if not fresh:
+                        self.cache_stats.stale += 1
+                    self._drop(bucket, ref, h, path)
+                    return None
+                sec.store64(off + L.E_ACCESS, time.monotonic_ns())
+        except Recovering:
+            self.cache_stats.served_during_recovery += 1
+            return None
+        except (ClosedError, CorruptObjectError, NotRecoverableError):
+            self.cache_stats.served_during_recovery += 1
+            return None
+        self.cache_stats.hits += 1
+
+        def release(sec: Section = sec, pin: int = pin, data: memoryview = data) -> None:
+            data.release()
+            try:
+                sec.add64(pin, -1)
+            except ClosedError:
+                pass  # the owner's arena was dropped meanwhile: nothing to unpin
+
+        return Hit(data, release)
+
+    def _drop(self, bucket: int, ref: int, h: int, path: bytes) -> None:
+        """Unlink a stale or corrupt entry (any member may; the owner reclaims the space)."""
+        with self.lock(self._mutexes[bucket]):
+            found = self._walk(bucket, h, path)
+            if found is not None and found[0] == ref:
+                self._unlink(bucket, ref, found[1])
+
+    # -- the miss path ----------------------------------------------------------------------
+
+    async def fill(self, f: ResolvedFile, read: Callable[[], bytes]) -> bytes:
+        """Bytes of ``f`` for a miss: read from disk once in the domain (coalesced), cached in
+        this node's arena if it fits. ``read()`` reads the file (called at most once)."""
+        self.cache_stats.misses += 1
+        if f.size > self.max_entry or self._gate_closed:
+            self.cache_stats.disk_reads += 1
+            return read()
+        h = path_hash(f.path)
+        path = os.fsencode(f.path)
+        bucket = h % L.BUCKETS
+        waited = False
+        deadline = time.monotonic() + LEASE_NS / 1e9 + 1
+        while True:
+            try:
+                decision = self._take_lease(bucket, h, path)
+            except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+                decision = "disk"
+            if decision == "mine":
+                break
+            if decision in ("cached", "disk") or time.monotonic() > deadline:
+                if decision == "cached" and waited:
+                    self.cache_stats.coalesced += 1
+                self.cache_stats.disk_reads += 1
+                return read()  # a cached copy exists now: the caller's next request hits it
+            waited = True
+            await asyncio.sleep(COALESCE_POLL)
+        try:
+            self.cache_stats.disk_reads += 1
+            data = read()
+            if len(data) == f.size:
+                self._store(f, h, path, bucket, data)
+            return data
+        finally:
+            self._clear_lease(bucket, h)
+
+    def _take_lease(self, bucket: int, h: int, path: bytes) -> str:
+        """"mine" (we fill), "wait" (another live member fills), "cached" or "disk"."""
+        if self._gate_closed:
+            return "disk"
+        area = self.master_area
+        boff = L.bucket_offset(bucket)
+        with self.consistent() as view:
+            with self.lock(self._mutexes[bucket]):
+                if self._walk(bucket, h, path) is not None:
+                    return "cached"
+                now = time.monotonic_ns()
+                owner = area.load64(boff + L.B_LEASE_OWNER)
+                if (area.load64(boff + L.B_LEASE_HASH) == h and owner
+                        and area.load64(boff + L.B_LEASE_EXPIRY) > now
+                        and view.member(owner - 1) is not None and owner - 1 != self.member.slot):
+                    return "wait"
+                area.store64(boff + L.B_LEASE_HASH, h)
+                area.store64(boff + L.B_LEASE_OWNER, self.member.slot + 1)
+                area.store64(boff + L.B_LEASE_EXPIRY, now + LEASE_NS)
+                return "mine"
+
+    def _clear_lease(self, bucket: int, h: int) -> None:
+        try:
+            with self.consistent():
+                area = self.master_area
+                boff = L.bucket_offset(bucket)
+                with self.lock(self._mutexes[bucket]):
+                    if (area.load64(boff + L.B_LEASE_HASH) == h
+                            and area.load64(boff + L.B_LEASE_OWNER) == self.member.slot + 1):
+                        area.store64(boff + L.B_LEASE_OWNER, 0)
+                        area.store64(boff + L.B_LEASE_HASH, 0)
+        except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+            pass  # the table is being rebuilt: leases go with it
+
+    def _store(self, f: ResolvedFile, h: int, path: bytes, bucket: int, data: bytes) -> None:
+        try:
+            with self.consistent():
+                size = L.entry_size(len(path), len(data))
+                off = self._allocate(size)
+                if off is None:
+                    return
+                arena = self.contribution
+                arena.view(off, L.ENTRY_HEADER)[:] = bytes(L.ENTRY_HEADER)
+                for field_, value in ((L.E_HASH, h), (L.E_SIZE, f.size), (L.E_MTIME, f.mtime_ns),
+                                      (L.E_INODE, f.inode), (L.E_DEV, f.dev),
+                                      (L.E_ACCESS, time.monotonic_ns()),
+                                      (L.E_PATH_LEN, len(path)), (L.E_ALLOC, size)):
+                    arena.store64(off + field_, value)
+                arena.view(off + L.ENTRY_HEADER, len(path))[:] = path
+                doff = L.data_offset(off, len(path))
+                arena.view(doff, len(data))[:] = data
+                arena.store64(off + L.E_CRC, zlib.crc32(arena.view(doff, len(data))))
+                arena.store64(off + L.E_MAGIC, L.ENTRY_MAGIC)
+                self._entries[off] = _Local(off, size, h, f.path)
+                area = self.master_area
+                boff = L.bucket_offset(bucket)
+                with self.lock(self._mutexes[bucket]):
+                    if self._walk(bucket, h, path) is not None:  # someone else was faster
+                        self._free_entry(off)
+                        return
+                    arena.store64(off + L.E_NEXT, area.load64(boff + L.B_HEAD))
+                    arena.store64(off + L.E_STATE, L.STATE_LINKED)
+                    faults.point("webcache.store.link")
+                    area.store64(boff + L.B_HEAD, L.make_ref(self.member.slot, off))  # publish
+                arena.store64(L.A_ENTRIES, len(self._entries))
+                arena.store64(L.A_BYTES, self._alloc.used)
+            self._fill_event.set()
+        except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+            pass  # recovery rebuilds from self._entries; an unlinked entry is reclaimed later
+
+    def _allocate(self, size: int) -> int | None:
+        """Space in our arena, evicting our least recently used unpinned entries if needed."""
+        off = self._alloc.alloc(size)
+        if off is not None:
+            return off
+        arena = self.contribution
+        # reclaim entries others unlinked (stale/corrupt), then LRU by last access
+        candidates = sorted(self._entries.values(),
+                            key=lambda e: (arena.load64(e.offset + L.E_STATE) == L.STATE_LINKED,
+                                           arena.load64(e.offset + L.E_ACCESS)))
+        for ent in candidates:
+            if self._evict(ent):
+                off = self._alloc.alloc(size)
+                if off is not None:
+                    return off
+        return None
+
+    def _evict(self, ent: _Local) -> bool:
+        arena = self.contribution
+        if arena.load64(ent.offset + L.E_STATE) == L.STATE_LINKED:
+            bucket = ent.path_hash % L.BUCKETS
+            with self.lock(self._mutexes[bucket]):
+                if self._pinned(ent.offset):
+                    return False
+                found = self._walk(bucket, ent.path_hash, os.fsencode(ent.path))
+                if found is not None and found[0] == L.make_ref(self.member.slot, ent.offset):
+                    self._unlink(bucket, found[0], found[1])
+        elif self._pinned(ent.offset):
+            return False
+        self._free_entry(ent.offset)
+        self.cache_stats.evictions += 1
+        return True
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def domain_usage(self) -> tuple[int, int]:
+        """(entries, bytes) cached in the whole domain, from every arena's header."""
+        entries = used = 0
+        view = self.view
+        if view is None:
+            return 0, 0
+        for m in view.members:
+            try:
+                sec = self.contribution_of(m.slot)
+            except (Recovering, ClosedError):
+                continue
+            entries += sec.load64(L.A_ENTRIES)
+            used += sec.load64(L.A_BYTES)
+        return entries, used

@@ -164,7 +164,7 @@ class DocumentRoot:
                 continue  # undecoded segments are checked in the decoded path
             dec = unquote(seg)
             bad = _BAD_CHAR.search(dec)
-            if bad is not None and dec != "\ufffd":
+            if bad is not None:
                 raise Forbidden(_bad_char_reason(bad.group()))
             if dec and dec != ".":
                 self._check_segment(dec)
@@ -258,8 +258,6 @@ class DocumentRoot:
 
 def _map_os_error(exc: OSError) -> PathError | OSError:
     """The HTTP meaning of a lookup failure; unexpected errors are returned unchanged."""
-    if isinstance(exc, PathError):  # pragma: no cover - PathError is not an OSError
-        return exc
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return NotFound("no such file")
     if exc.errno in (errno.EACCES, errno.EPERM):

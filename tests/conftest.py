@@ -100,7 +100,7 @@ class Child:
 
     def __init__(self, code: str, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code), *args],
+            [sys.executable, "-P", "-c", textwrap.dedent(code), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -68,8 +68,10 @@ class Supervisor:
         self.stopping = False
 
     def command(self, index: int) -> list[str]:
+        # -P: never put the current directory first on sys.path (run from a source checkout,
+        # it would shadow the installed package and its compiled core).
         a = self.args
-        return [sys.executable, "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
+        return [sys.executable, "-P", "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
                 "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing]
 

@@ -173,7 +173,8 @@ class Registry(McsComponent):
         b = h % BUCKETS
         off = bucket_offset(b)
         me = self.member.slot
-        held = self._lock_for_recovery(b) if recovering else self.lock(self._mutexes[b])
+        mutex = self._mutexes[b]
+        held = self.recovery_lock(mutex) if recovering else self.lock(mutex)
         with held:
             count = area.load64(off + 64)
             for i in range(count):
@@ -185,18 +186,6 @@ class Registry(McsComponent):
             area.store64(off + 64, count + 1)
             faults.point("registry.insert.mid")
             struct.pack_into("<QQQ", area.view(off + 80 + count * REF, REF), 0, me, entry_offset, h)
-
-    def _lock_for_recovery(self, bucket: int):
-        from mcs.component import _Held
-        from mcs.types import LockStatus
-
-        mutex = self._mutexes[bucket]
-        status = mutex.lock(timeout=self.member.timing.evict_after * 2)
-        if status is LockStatus.OK:
-            return _Held(mutex)
-        if status is LockStatus.ABANDONED:
-            mutex.unlock()  # a member died during this recovery: start over
-        raise McsError(f"bucket {bucket} mutex {status.name} during recovery")
 
 
 def main(argv: list[str]) -> int:  # pragma: no cover - interactive demo

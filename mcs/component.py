@@ -325,6 +325,17 @@ class McsComponent:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"mutex at offset {mutex.offset} not acquired in {timeout}s")
 
+    def recovery_lock(self, mutex: GlobalMutex, timeout: float = 5.0) -> _Held:
+        """Lock a mutex from a recovery hook (``build_shared_state``): ``with
+        self.recovery_lock(m):``. A holder that died during this recovery (ABANDONED) or a
+        timeout fails the hook, and the recovery starts over at the next epoch."""
+        status = mutex.lock(timeout=timeout)
+        if status is LockStatus.OK:
+            return _Held(mutex)
+        if status is LockStatus.ABANDONED:
+            mutex.unlock()  # unrepaired: the next master phase re-creates it
+        raise McsError(f"mutex at offset {mutex.offset}: {status.name} during recovery")
+
     def wait(self, event: GlobalEvent, seen: int, timeout: float | None = None) -> bool:
         """Wait for a global event inside a block; :class:`Recovering` on a recovery request."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -8,6 +8,7 @@ point::
     MCS_FAULTS="registry.insert.mid=kill"          # SIGKILL this process there, first time
     MCS_FAULTS="recovery.master=kill@3"            # ... the third time it is reached
     MCS_FAULTS="recovery.contribute=stop,x=raise"  # SIGSTOP / raise FaultInjected
+    MCS_FAULTS_FILE=/path/to/spec                  # the same syntax, read from a file at start
 """
 
 from __future__ import annotations
@@ -120,7 +121,16 @@ def parse(spec: str) -> list[tuple[str, str, int, float]]:
 
 
 def _from_environment() -> None:
+    """Arm from ``MCS_FAULTS`` and from the file named by ``MCS_FAULTS_FILE`` (read once, at
+    start: a chaos driver writes it before a process is (re)started)."""
     spec = os.environ.get("MCS_FAULTS", "")
+    path = os.environ.get("MCS_FAULTS_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                spec = ",".join(filter(None, (spec, f.read().strip())))
+        except FileNotFoundError:
+            pass
     for name, action, after, seconds in parse(spec):
         arm(name, action, after=after, seconds=seconds)
 

@@ -48,7 +48,10 @@ def sysv_segments() -> set[int]:
 
 
 def mcs_shm_objects() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("mcs.")}
+    """The bootstrap objects of this test run: every domain the tests make carries our pid
+    (so a concurrent run, or a live cache on this host, is not taken for a leak)."""
+    me = str(os.getpid())
+    return {n for n in os.listdir("/dev/shm") if n.startswith("mcs.") and me in n}
 
 
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:

@@ -51,6 +51,7 @@ class Cache:
              "--timing", FAST, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.domain = domain
+        self.root = root
         deadline = time.monotonic() + 60
         while True:
             line = self.proc.stdout.readline()

@@ -145,7 +145,7 @@ class McsWebCache(McsComponent):
                     self._free_entry(off)
                 continue
             bucket = ent.path_hash % L.BUCKETS
-            with self._recovery_lock(bucket):
+            with self.recovery_lock(self._mutexes[bucket]):
                 boff = L.bucket_offset(bucket)
                 arena.store64(off + L.E_NEXT, area.load64(boff + L.B_HEAD))
                 area.store64(boff + L.B_HEAD, L.make_ref(me, off))
@@ -162,17 +162,6 @@ class McsWebCache(McsComponent):
                              for b in range(L.BUCKETS)]
             self._fill_event = GlobalEvent.open(area, L.T_FILL_EVENT)
             self._mutex_area = area
-
-    def _recovery_lock(self, bucket: int) -> Any:
-        from mcs.component import _Held
-
-        mutex = self._mutexes[bucket]
-        status = mutex.lock(timeout=5.0)
-        if status is LockStatus.OK:
-            return _Held(mutex)
-        if status is LockStatus.ABANDONED:
-            mutex.unlock()
-        raise McsError(f"bucket {bucket}: {status.name} during recovery")
 
     def _pinned(self, off: int) -> bool:
         arena = self.contribution

@@ -2,7 +2,7 @@
 
 :meth:`DocumentRoot.resolve` is on the hot path (once per request, hits included): it checks the
 path as a string first (no system call), then asks the kernel for the file in four system calls
-(``open(O_PATH)``, ``fstat``, ``readlink("/proc/self/fd/N")``, ``close``) plus one ``access`` for
+(``open(O_PATH)``, ``fstat``, ``readlink("/proc/PID/fd/N")``, ``close``) plus one ``access`` for
 readability. ``O_PATH`` never opens the file itself, so a FIFO or a device is never opened.
 
 Rules (each refusal is :class:`Forbidden`, 403, unless it says :class:`NotFound`, 404):
@@ -104,7 +104,7 @@ def _bad_char_reason(ch: str) -> str:
 
 
 def _utf8_len(s: str) -> int:
-    return len(s.encode("utf-8", "surrogateescape"))
+    return len(s.encode("utf-8", "surrogatepass"))  # surrogates are refused later
 
 
 class DocumentRoot:
@@ -129,13 +129,14 @@ class DocumentRoot:
         return f"DocumentRoot({self.root!r})"
 
     def _proc_fd_works(self) -> bool:
-        """Whether /proc/self/fd names an O_PATH descriptor by its canonical path (Linux)."""
+        """Whether /proc/PID/fd names an O_PATH descriptor by its canonical path (Linux, with
+        a /proc of our own PID namespace); otherwise resolution uses ``os.path.realpath``."""
         try:
             fd = os.open(self.root, _O_PATH | os.O_CLOEXEC)
         except OSError:
             return False
         try:
-            return os.readlink(f"/proc/self/fd/{fd}") == self.root
+            return os.readlink(f"/proc/{os.getpid()}/fd/{fd}") == self.root
         except OSError:
             return False
         finally:
@@ -200,12 +201,11 @@ class DocumentRoot:
         :class:`NotFound`; other ``OSError`` (EIO...) propagate.
         """
         rel = self.relative(url_path, raw_path)
-        full = self._prefix + rel
         try:
             if self._proc_fd:
-                real, st = self._lookup_fd(full)
+                real, st = self._lookup_fd(self._prefix + rel)
             else:
-                real, st = self._lookup_realpath(full, rel.endswith("/"))
+                real, st = self._lookup_realpath(self._prefix + rel, rel.endswith("/"))
         except OSError as exc:
             raise _map_os_error(exc) from None
         if not os.access(real, os.R_OK):
@@ -216,18 +216,22 @@ class DocumentRoot:
         return real.startswith(self._prefix) or real == self.root
 
     def _lookup_fd(self, full: str) -> tuple[str, os.stat_result]:
-        """Let the kernel walk the path (O_PATH: nothing is opened for I/O), then check it."""
+        """Let the kernel walk the path (O_PATH: nothing is opened for I/O), then check where
+        it led: ``/proc/<pid>/fd/<fd>`` names the file by its canonical path."""
         fd = os.open(full, _O_PATH | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                if not self._inside(os.readlink(f"/proc/self/fd/{fd}")):
-                    raise Forbidden("path leads outside the document root")
-                index = os.open(INDEX, _O_PATH | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    index = os.open(INDEX, _O_PATH | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    if not self._inside(os.readlink(f"/proc/{os.getpid()}/fd/{fd}")):
+                        raise Forbidden("path leads outside the document root") from None
+                    raise
                 os.close(fd)
                 fd = index
                 st = os.fstat(fd)
-            real = os.readlink(f"/proc/self/fd/{fd}")
+            real = os.readlink(f"/proc/{os.getpid()}/fd/{fd}")
         finally:
             os.close(fd)
         if not real.startswith(self._prefix):

@@ -149,6 +149,8 @@ def test_conditional_and_range_requests(cache, site):
     assert cache.get("/f65536.bin", {"If-None-Match": '"other", ' + tag})[0] == 304
     assert cache.get("/f65536.bin", {"If-Modified-Since": lm})[0] == 304
     assert cache.get("/f65536.bin", {"If-None-Match": '"nope"', "If-Modified-Since": lm})[0] == 200
+    assert cache.get("/f65536.bin", {"If-Match": '"nope"'})[0] == 412
+    assert cache.get("/f65536.bin", {"If-Match": tag})[0] == 200
     for rng, (start, stop) in {"bytes=0-9": (0, 10), "bytes=100-": (100, 65536),
                                "bytes=-5": (65531, 65536), "bytes=65000-99999": (65000, 65536)}.items():
         status, headers, body = cache.get("/f65536.bin", {"Range": rng})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from webcache.semantics import (
     if_range_ok,
     is_not_modified,
     parse_range,
+    precondition_failed,
 )
 
 __all__ = ["make_app", "CACHE", "ROOT"]
@@ -59,11 +61,13 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     tag = etag(f.size, f.mtime_ns, f.inode)
     headers = {
         "ETag": tag,
-        "Last-Modified": http_date(f.mtime_ns),
+        "Last-Modified": http_date(min(f.mtime_ns, time.time_ns())),  # never in the future
         "Content-Type": content_type(f.path),
         "Accept-Ranges": "bytes",
         "X-Mcs-Node": NODE_PID,
     }
+    if precondition_failed(request.headers, tag, f.mtime_ns):
+        raise web.HTTPPreconditionFailed(headers={"ETag": tag})
     if is_not_modified(request.headers, tag, f.mtime_ns):
         return web.Response(status=304, headers={k: headers[k] for k in ("ETag", "Last-Modified")})
     span = None

@@ -151,7 +151,9 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "16M", "--max-entry", "256K",
              "--timing", json.dumps(TIMING)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=open(Path(tmp, "nodes.log"), "w"), text=True,
+            env=env)
+        launcher_log: list[str] = []
         info = None
         for line in launcher.stdout:
             if line.startswith("{"):
@@ -160,7 +162,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         if info is None:
             launcher.wait()
             raise Violation("the cache did not start")
-        drain = threading.Thread(target=lambda: [None for _ in launcher.stdout], daemon=True)
+        drain = threading.Thread(target=lambda: launcher_log.extend(launcher.stdout), daemon=True)
         drain.start()
         port = int(info["url"].rsplit(":", 1)[1].strip("/"))
         load = _Clients(port, files, clients, seed)
@@ -186,7 +188,10 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
                     if (again := members()) and again["generation"] == docs[0]["generation"]:
                         return again
                 time.sleep(0.05)
-            raise Violation(f"nodes did not all come back within {timeout:.0f}s")
+            nodes_log = Path(tmp, "nodes.log").read_text().splitlines()
+            raise Violation(f"nodes did not all come back within {timeout:.0f}s; last status "
+                            f"{_status(port)}; launcher: {launcher_log[-5:]}; "
+                            f"nodes: {nodes_log[-15:]}")
 
         def inject() -> str:
             doc = settle()

@@ -65,6 +65,7 @@ class Supervisor:
         self.args = args
         self.nodes: dict[int, subprocess.Popen] = {}  # index -> process
         self.restarts: dict[int, list[float]] = {}
+        self.pending: dict[int, float] = {}  # index -> when to (re)start it
         self.stopping = False
 
     def command(self, index: int) -> list[str]:
@@ -120,23 +121,25 @@ class Supervisor:
         self.stopping = True
 
     def _reap_and_restart(self) -> None:
+        now = time.monotonic()
         for index, proc in list(self.nodes.items()):
             if proc.poll() is None:
                 continue
             self.log(f"node{index} pid {proc.pid} exited ({_describe(proc.returncode)}); restarting")
-            now = time.monotonic()
-            recent = [t for t in self.restarts.get(index, []) if now - t < RESTART_WINDOW]
-            if len(recent) >= RESTART_BURST:
-                self.log(f"node{index} keeps dying; waiting {RESTART_WINDOW:.0f}s before retrying")
-                time.sleep(1.0)
-                recent = recent[1:]
-            self.restarts[index] = recent + [now]
             del self.nodes[index]
-            if not self.stopping:
-                try:
-                    self.start_node(index)
-                except RuntimeError as exc:
-                    self.log(str(exc))
+            self.pending[index] = now
+        for index, when in sorted(self.pending.items()):
+            if self.stopping or when > now:
+                continue
+            recent = [t for t in self.restarts.get(index, []) if now - t < RESTART_WINDOW]
+            self.restarts[index] = recent + [now]
+            try:
+                self.start_node(index)
+                del self.pending[index]
+            except RuntimeError as exc:
+                delay = 1.0 if len(recent) < RESTART_BURST else RESTART_WINDOW
+                self.log(f"{exc}; retrying in {delay:.0f}s")
+                self.pending[index] = time.monotonic() + delay
 
     def shutdown(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)

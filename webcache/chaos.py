@@ -16,6 +16,7 @@ that does not come back, or a leak. Bounded by ``--seconds`` and ``--faults``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -139,7 +140,8 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
     recovery_ms: list[float] = []
     killed: set[int] = set()
     node_pids: set[int] = set()  # every node process seen: the creators of our segments
-    with tempfile.TemporaryDirectory(prefix="mcs-chaos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mcs-chaos-") as tmp, \
+            contextlib.ExitStack() as stack:
         root = Path(tmp, "site")
         root.mkdir()
         files = _site(root, rng)
@@ -147,11 +149,13 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         domain = f"chaos-{os.getpid()}"
         env = dict(os.environ, MCS_FAULTS_FILE=str(fault_file))
         exe = str(Path(sys.executable).with_name("mcs-webcache"))
+        nodes_log_file = open(Path(tmp, "nodes.log"), "w")
+        stack.callback(nodes_log_file.close)
         launcher = subprocess.Popen(
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "16M", "--max-entry", "256K",
              "--timing", json.dumps(TIMING)],
-            stdout=subprocess.PIPE, stderr=open(Path(tmp, "nodes.log"), "w"), text=True,
+            stdout=subprocess.PIPE, stderr=nodes_log_file, text=True,
             env=env)
         launcher_log: list[str] = []
         info = None
@@ -161,6 +165,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
                 break
         if info is None:
             launcher.wait()
+            launcher.stdout.close()
             raise Violation("the cache did not start")
         drain = threading.Thread(target=lambda: launcher_log.extend(launcher.stdout), daemon=True)
         drain.start()

@@ -1,0 +1,629 @@
+"""The cooperative web cache against plain servers: requests/s for cache HITS on 4 KiB and 64 KiB
+files, side by side in one run, and the recovery time of the survivors under load.
+
+Servers (each serving the same two files from the same temp directory, loopback only):
+
+- ``mcs``: ``mcs-webcache serve`` with 1 or N nodes (one cache in shared memory); the cache is
+  warmed first and every measured request is checked to be a hit (the nodes' ``/_mcs/status``
+  counters: hits grew by at least wrk's completed requests, misses/disk reads/served-during-
+  recovery did not grow at all).
+- ``memory``: a plain aiohttp app whose handler returns ``web.Response(body=data)`` from a
+  ``bytes`` read at start-up (bench/webcache_baselines.py), same process count, SO_REUSEPORT.
+- ``file``: a plain aiohttp app whose handler returns ``web.FileResponse(path)``, same process
+  count, SO_REUSEPORT.
+- ``nginx`` (when installed: ``apt-get install -y nginx``): ``worker_processes`` = the same
+  count, ``reuseport``, sendfile on, access log off, run as a non-daemon from a temp prefix.
+
+Load: ``wrk -t1 -c32 -dDs`` on loopback (``bench/webcache_baselines.py load`` as a fallback when
+wrk is missing). Config ``1``: one server process pinned to CPU 0, wrk pinned to CPU 1 (when
+there are >= 2 CPUs). Config ``N``: N processes (N = CPUs, at least 2, at most 4) and wrk,
+unpinned. Every body sampled before and after each load run is compared byte for byte.
+
+``extra_info``: ``rps`` (server -> size -> requests/s), ``ratios`` (mcs/memory, mcs/file,
+mcs/nginx per size) and the load runs' details. Nothing fails for being slow.
+
+Recovery under load: 3 nodes under wrk load; kill -9 a node (alternately a non-master and the
+master) 5 times. The launcher is SIGSTOPped around each kill, so the survivors' status shows the
+recovery *of the kill* (not the rejoin that follows); then it is resumed, restarts the node, and
+the rejoin recovery is recorded too. ``extra_info``: p50 of the survivors' ``last_recovery_ms``
+(the slowest survivor per kill) and of its phases, p50 of kill -> new view seen from outside.
+
+Environment: ``MCS_WC_DURATION`` (seconds per load run, default 3), ``MCS_WC_NODES`` (N),
+``MCS_WC_KILLS`` (default 5).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from conftest import wait_for
+
+HERE = Path(__file__).resolve().parent
+BASELINES = HERE / "webcache_baselines.py"
+MCS_WEBCACHE = str(Path(sys.executable).with_name("mcs-webcache"))
+WRK = shutil.which("wrk")
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+TASKSET = shutil.which("taskset")
+CPUS = len(os.sched_getaffinity(0))
+
+DURATION = int(os.environ.get("MCS_WC_DURATION", "3"))
+CONNS = 32
+N_NODES = int(os.environ.get("MCS_WC_NODES", str(max(2, min(4, CPUS)))))
+KILLS = int(os.environ.get("MCS_WC_KILLS", "5"))
+SIZES = {"4KiB": 4096, "64KiB": 65536}
+SERVERS = ("mcs", "memory", "file", "nginx")
+RESULTS: dict[str, dict] = {}  # config -> rps table (for the cross-config scaling numbers)
+
+
+def path_of(label: str) -> str:
+    return f"/f{SIZES[label]}.bin"
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path / "site"
+    root.mkdir()
+    files = {}
+    for label, size in SIZES.items():
+        data = os.urandom(size)
+        (root / path_of(label).lstrip("/")).write_bytes(data)
+        files[path_of(label)] = data
+    return root, files
+
+
+# -- HTTP helpers -----------------------------------------------------------------------------
+
+
+def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a fresh connection (so SO_REUSEPORT spreads them over the processes)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        c.close()
+
+
+def check_bodies(port: int, files: dict[str, bytes], count: int = 8) -> int:
+    """``count`` GETs of every file, each compared byte for byte; returns the number checked."""
+    n = 0
+    for path, data in files.items():
+        for _ in range(count):
+            status, headers, body = http_get(port, path)
+            assert status == 200, (path, status)
+            assert body == data, f"{path}: body differs ({len(body)} bytes vs {len(data)})"
+            n += 1
+    return n
+
+
+def node_statuses(port: int, pids: set[int] | None = None, timeout: float = 20.0,
+                  want: Callable[[dict], bool] | None = None) -> dict[int, dict]:
+    """``/_mcs/status`` of every node in ``pids`` (fresh connections until each answered and,
+    with ``want``, until each answer satisfies it). Without ``pids``: the members of the view."""
+    docs: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, _, body = http_get(port, "/_mcs/status", timeout=5)
+        except (OSError, http.client.HTTPException):
+            status = 0
+        if status == 200:
+            doc = json.loads(body)
+            if want is None or want(doc):
+                docs[doc["pid"]] = doc
+            else:
+                docs.pop(doc["pid"], None)
+            target = pids if pids is not None else {m["pid"] for m in doc["members"]}
+            if target and target <= docs.keys():
+                return {p: docs[p] for p in target}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no status from every node {pids}: got {sorted(docs)}")
+        time.sleep(0.002)
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return [TASKSET, "-c", cpus, *cmd] if cpus and TASKSET else cmd
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def sysv_created_by(pids: set[int]) -> set[int]:
+    ids = set()
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[4]) in pids:
+                ids.add(int(fields[1]))
+    return ids
+
+
+class Server:
+    """A server started as one child process (a launcher/supervisor/nginx master) that prints
+    nothing or one JSON line ``{"url": ..., "pids": [...]}`` when it serves."""
+
+    def __init__(self, name: str, cmd: list[str], workdir: Path, port: int | None = None,
+                 domain: str | None = None) -> None:
+        self.name = name
+        self.domain = domain
+        self.log_path = workdir / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
+        self.all_pids: set[int] = set()
+        self.stopped_launcher = False
+        try:
+            if port is None:
+                info = self._ready_line()
+                self.port = int(info["url"].rsplit(":", 1)[1].strip("/"))
+                self.pids = list(info["pids"])
+            else:
+                self.port = port
+                if not wait_for(self._answers, 15, 0.02):
+                    raise AssertionError(f"{name} did not start: {self.log_text()}")
+                self.pids = [self.proc.pid, *self._children(self.proc.pid)]
+            self.all_pids.update(self.pids)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _ready_line(self) -> dict:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"{self.name} did not start in 60 s: {self.log_text()}")
+            if line is None:
+                raise AssertionError(f"{self.name} exited ({self.proc.wait()}): {self.log_text()}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited ({self.proc.returncode}): {self.log_text()}")
+        try:
+            return http_get(self.port, "/", timeout=1)[0] in (200, 403, 404)
+        except (OSError, http.client.HTTPException):
+            return False
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-3000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            if self.stopped_launcher:
+                self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.drain.join(10)
+        self.proc.stdout.close()
+        self.log.close()
+        return code
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_domains = iter(range(1_000_000))
+
+
+def start_mcs(root: Path, workdir: Path, nodes: int, cpus: str | None) -> Server:
+    domain = f"wcbench-{os.getpid()}-{next(_domains)}"
+    cmd = [MCS_WEBCACHE, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
+           "--domain", domain, "--cache-size", "64M", "--max-entry", "1M"]
+    return Server("mcs", pinned(cmd, cpus), workdir, domain=domain)
+
+
+def start_baseline(mode: str, root: Path, workdir: Path, workers: int, cpus: str | None) -> Server:
+    cmd = [sys.executable, "-P", str(BASELINES), "serve", "--mode", mode, "--root", str(root),
+           "--workers", str(workers)]
+    return Server(mode, pinned(cmd, cpus), workdir)
+
+
+def start_nginx(root: Path, workdir: Path, workers: int, cpus: str | None) -> Server:
+    prefix = workdir / "nginx"
+    prefix.mkdir(exist_ok=True)
+    port = free_port()
+    user = "user root;" if os.geteuid() == 0 else ""  # the workers must read the temp dir
+    temp = " ".join(f"{kind}_temp_path {prefix / kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (prefix / "nginx.conf").write_text(f"""
+worker_processes {workers};
+daemon off;
+master_process on;
+{user}
+pid {prefix / 'nginx.pid'};
+error_log {prefix / 'error.log'} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    {temp}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {root};
+    }}
+}}
+""")
+    cmd = [NGINX, "-p", str(prefix), "-e", str(prefix / "error.log"),
+           "-c", str(prefix / "nginx.conf")]
+    return Server("nginx", pinned(cmd, cpus), workdir, port=port)
+
+
+def stop_and_check(server: Server) -> None:
+    """Stop a server; nothing of it may remain (processes, mcs shared memory)."""
+    code = server.stop()
+    if server.name == "mcs":
+        assert code == 0, f"mcs-webcache exited with {code}: {server.log_text()}"
+    assert wait_for(lambda: not any(alive(p) for p in server.all_pids), 10), \
+        f"{server.name}: processes left {[p for p in server.all_pids if alive(p)]}"
+    if server.domain:
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(f"mcs.{server.domain}")]
+        assert not left, f"shared memory left behind: {left}"
+        assert wait_for(lambda: not sysv_created_by(server.all_pids), 5), \
+            f"SysV segments left behind: {sysv_created_by(server.all_pids)}"
+
+
+# -- load generation ---------------------------------------------------------------------------
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * _UNIT[unit]
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m),", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m or not rps:
+        raise AssertionError(f"unexpected wrk output:\n{out}")
+    res: dict[str, Any] = {"requests": int(m.group(1)),
+                           "seconds": round(_ms(m.group(2), m.group(3)) / 1e3, 3),
+                           "rps": float(rps.group(1))}
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    res["non2xx"] = int(non2xx.group(1)) if non2xx else 0
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    res["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"),
+                                    map(int, errs.groups()))) if errs else {}
+    for pct in ("50", "99"):
+        lat = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+        if lat:
+            res[f"latency_p{pct}_ms"] = round(_ms(lat.group(1), lat.group(2)), 3)
+    return res
+
+
+def wrk_cmd(port: int, path: str, duration: int, cpus: str | None) -> list[str]:
+    return pinned([WRK, "-t1", f"-c{CONNS}", f"-d{duration}s", "--timeout", "5s", "--latency",
+                   f"http://127.0.0.1:{port}{path}"], cpus)
+
+
+def run_load(port: int, path: str, duration: int, cpus: str | None) -> dict[str, Any]:
+    """One bounded load run: requests/s for ``duration`` seconds on ``CONNS`` connections."""
+    if WRK:
+        out = subprocess.run(wrk_cmd(port, path, duration, cpus), capture_output=True, text=True,
+                             timeout=duration + 30, check=True).stdout
+        return parse_wrk(out)
+    cmd = pinned([sys.executable, "-P", str(BASELINES), "load", "--port", str(port), "--path",
+                  path, "--conns", str(CONNS), "--duration", str(duration), "--procs", "2"], cpus)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
+                         check=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    return {"requests": res["requests"], "seconds": duration, "rps": round(res["rps"], 2),
+            "non2xx": res["non2xx"], "socket_errors": {"read": res["errors"]}}
+
+
+# -- the hit benchmark --------------------------------------------------------------------------
+
+_COUNTERS = ("hits", "misses", "disk_reads", "served_during_recovery", "checksum_failures",
+             "stale_revalidations")
+
+
+def measure(server: Server, files: dict[str, bytes], label: str, cpus: str | None) -> dict:
+    path = path_of(label)
+    check_bodies(server.port, {path: files[path]}, count=10)  # warms the cache (mcs: one miss)
+    before = node_statuses(server.port, set(server.pids)) if server.name == "mcs" else None
+    res = run_load(server.port, path, DURATION, cpus)
+    if before is not None:
+        after = node_statuses(server.port, set(server.pids))
+        delta = {k: sum(after[p][k] - before[p][k] for p in after) for k in _COUNTERS}
+        res["mcs_counters_delta"] = delta
+        res["per_node_hits"] = {str(p): after[p]["hits"] - before[p]["hits"] for p in after}
+        # every measured request was a cache hit served from shared memory
+        assert delta["hits"] >= res["requests"] > 0, (delta, res)
+        assert delta["misses"] == delta["disk_reads"] == 0, delta
+        assert delta["served_during_recovery"] == delta["checksum_failures"] == 0, delta
+        assert delta["stale_revalidations"] == 0, delta
+    assert res["requests"] > 0 and res["non2xx"] == 0, res
+    check_bodies(server.port, {path: files[path]}, count=5)
+    return res
+
+
+def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
+               server_cpus: str | None, load_cpus: str | None) -> dict:
+    rps: dict[str, dict[str, float | None]] = {}
+    runs: dict[str, dict] = {}
+    starters = {
+        "mcs": lambda: start_mcs(root, workdir, procs, server_cpus),
+        "memory": lambda: start_baseline("memory", root, workdir, procs, server_cpus),
+        "file": lambda: start_baseline("file", root, workdir, procs, server_cpus),
+        "nginx": lambda: start_nginx(root, workdir, procs, server_cpus),
+    }
+    for name in SERVERS:
+        if name == "nginx" and not NGINX:
+            rps[name] = {label: None for label in SIZES}
+            continue
+        server = starters[name]()
+        try:
+            assert len(server.pids) >= procs
+            for label in SIZES:
+                res = measure(server, files, label, load_cpus)
+                rps.setdefault(name, {})[label] = res["rps"]
+                runs[f"{name}/{label}"] = res
+        finally:
+            stop_and_check(server)
+    ratios: dict[str, dict[str, float | None]] = {}
+    for label in SIZES:
+        mcs = rps["mcs"][label]
+        for other in ("memory", "file", "nginx"):
+            base = rps[other][label]
+            ratios.setdefault(f"mcs/{other}", {})[label] = round(mcs / base, 3) if base else None
+    return {"rps": rps, "ratios": ratios, "runs": runs}
+
+
+def print_table(title: str, rps: dict, ratios: dict) -> None:
+    print(f"\n{title}")
+    print(f"  {'server':<8}" + "".join(f"{label + ' req/s':>16}" for label in SIZES))
+    for name, row in rps.items():
+        print(f"  {name:<8}" + "".join(
+            f"{row[label]:>16,.0f}" if row[label] else f"{'n/a':>16}" for label in SIZES))
+    for key, row in ratios.items():
+        print(f"  {key:<13}" + "".join(
+            f"{row[label]:>11.2f}x" if row[label] else f"{'n/a':>12}" for label in SIZES))
+
+
+def environment() -> dict[str, Any]:
+    import aiohttp
+
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    info: dict[str, Any] = {"cpus": CPUS, "connections": CONNS, "duration_s": DURATION,
+                            "aiohttp": aiohttp.__version__, "event_loop": loop,
+                            "load_generator": "wrk" if WRK else "python fallback (wrk unavailable)"}
+    if WRK:
+        info["wrk"] = subprocess.run([WRK, "-v"], capture_output=True, text=True).stdout.split()[1]
+    if NGINX:
+        info["nginx"] = subprocess.run([NGINX, "-v"], capture_output=True,
+                                       text=True).stderr.strip().split("/")[-1]
+    else:
+        info["nginx"] = "nginx unavailable"
+    return info
+
+
+@pytest.mark.parametrize("config", ["1", "N"])
+def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
+    """Requests/s of cache hits (mcs) against aiohttp in-memory, aiohttp FileResponse, nginx."""
+    root, files = site
+    benchmark.group = "webcache-hits"
+    if config == "1":
+        procs = 1
+        split = CPUS >= 2 and TASKSET is not None
+        server_cpus, load_cpus = ("0", "1") if split else (None, None)
+        pinning = "server on CPU 0, wrk on CPU 1" if split else "none"
+    else:
+        procs, server_cpus, load_cpus, pinning = N_NODES, None, None, "none"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    out: dict = {}
+
+    def body() -> None:
+        out.update(run_matrix(root, files, workdir, procs, server_cpus, load_cpus))
+
+    benchmark.pedantic(body, rounds=1, iterations=1)
+    RESULTS[config] = out["rps"]
+    targets = {label: {"hits>=1.0x memory": (out["ratios"]["mcs/memory"][label] or 0) >= 1.0,
+                       "hits>=5x FileResponse": (out["ratios"]["mcs/file"][label] or 0) >= 5.0}
+               for label in SIZES}
+    info = {"processes": procs, "pinning": pinning, **environment(), "rps": out["rps"],
+            "ratios": out["ratios"], "targets_met": targets, "runs": out["runs"]}
+    if config == "N" and "1" in RESULTS:
+        info["scaling_N_over_1"] = {
+            name: {label: round(RESULTS["N"][name][label] / RESULTS["1"][name][label], 3)
+                   if RESULTS["N"][name][label] and RESULTS["1"][name][label] else None
+                   for label in SIZES} for name in SERVERS}
+    report(**info)
+    print_table(f"[webcache-hits] {procs} process(es) per server, pinning: {pinning}, "
+                f"wrk -t1 -c{CONNS} -d{DURATION}s", out["rps"], out["ratios"])
+
+
+# -- recovery under load ------------------------------------------------------------------------
+
+
+def kill_and_recover(server: Server, files: dict[str, bytes], victim_is_master: bool) -> dict:
+    """One kill -9 under load: the survivors' recovery, then the rejoin of the restarted node."""
+    port = server.port
+    docs = node_statuses(port, want=lambda d: not d["recovering"] and len(d["members"]) == 3)
+    any_doc = next(iter(docs.values()))
+    master = any_doc["master"]["pid"]
+    members = {m["pid"] for m in any_doc["members"]}
+    assert members == docs.keys()
+    victim = master if victim_is_master else min(members - {master})
+    survivors = members - {victim}
+    recoveries = {p: docs[p]["recoveries"] for p in survivors}
+    served_before = {p: docs[p]["served_during_recovery"] for p in survivors}
+
+    # Hold the launcher so that it restarts the node only after the survivors' status was read.
+    server.proc.send_signal(signal.SIGSTOP)
+    server.stopped_launcher = True
+    try:
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+
+        def recovered(d: dict) -> bool:
+            return (victim not in {m["pid"] for m in d["members"]} and not d["recovering"]
+                    and d["recoveries"] > recoveries.get(d["pid"], 1 << 60))
+
+        after = node_statuses(port, survivors, want=recovered, timeout=30)
+        seen_ms = (time.monotonic() - t0) * 1e3
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stopped_launcher = False
+    new_master = next(iter(after.values()))["master"]["pid"]
+    slowest = max(after.values(), key=lambda d: d["last_recovery_ms"])
+    result = {
+        "victim_was_master": victim_is_master,
+        "survivor_recovery_ms": {str(p): d["last_recovery_ms"] for p, d in after.items()},
+        "last_recovery_ms": slowest["last_recovery_ms"],
+        "phases_ms": slowest["last_recovery_phases_ms"],
+        "kill_to_new_view_seen_ms": round(seen_ms, 3),
+        "served_during_recovery": sum(after[p]["served_during_recovery"] - served_before[p]
+                                      for p in survivors),
+        "new_master_is_survivor": new_master in survivors,
+    }
+    assert new_master in survivors
+    # The launcher restarts the node; it rejoins (another recovery). Wait for 3 members again.
+    t1 = time.monotonic()
+
+    def rejoined(d: dict) -> bool:
+        pids = {m["pid"] for m in d["members"]}
+        return len(pids) == 3 and victim not in pids and not d["recovering"]
+
+    back = node_statuses(port, want=rejoined, timeout=60)
+    result["restart_to_3_members_s"] = round(time.monotonic() - t1, 3)
+    newcomer = (back.keys() - survivors).pop()
+    server.all_pids.add(newcomer)
+    server.pids = sorted(back)
+    result["rejoin_recovery_ms"] = max(back[p]["last_recovery_ms"] for p in survivors)
+    check_bodies(port, files, count=3)
+    return result
+
+
+def test_recovery_under_load(benchmark, report, site, tmp_path):
+    """kill -9 one of 3 nodes under wrk load, KILLS times: the survivors' recovery time."""
+    root, files = site
+    benchmark.group = "webcache-recovery"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    server = start_mcs(root, workdir, 3, None)
+    kills: list[dict] = []
+    load: dict[str, Any] = {}
+    try:
+        check_bodies(server.port, files, count=10)  # warm
+        budget = 25 * KILLS + 30  # bounded: wrk is stopped (SIGINT) as soon as the kills are done
+        if WRK:
+            gen = subprocess.Popen(wrk_cmd(server.port, path_of("4KiB"), budget, None),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        else:
+            gen = subprocess.Popen(
+                [sys.executable, "-P", str(BASELINES), "load", "--port", str(server.port),
+                 "--path", path_of("4KiB"), "--conns", str(CONNS), "--duration", str(budget)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(1.0)  # under load before the first kill
+
+            def body() -> None:
+                for k in range(KILLS):
+                    kills.append(kill_and_recover(server, files, victim_is_master=k % 2 == 1))
+                    time.sleep(0.3)
+
+            benchmark.pedantic(body, rounds=1, iterations=1)
+        finally:
+            gen.send_signal(signal.SIGINT)  # wrk prints its summary and exits
+            try:
+                out, _ = gen.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                gen.kill()
+                out, _ = gen.communicate()
+        if WRK:
+            load = parse_wrk(out)
+            assert load["non2xx"] == 0, load  # recovery serves from disk, never fails a request
+    finally:
+        stop_and_check(server)
+
+    def p50(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    phase_names = kills[0]["phases_ms"].keys()
+    info = {
+        "kills": len(kills),
+        "last_recovery_ms_p50": p50([k["last_recovery_ms"] for k in kills]),
+        "last_recovery_ms_max": max(k["last_recovery_ms"] for k in kills),
+        "phases_ms_p50": {ph: p50([k["phases_ms"].get(ph, 0.0) for k in kills])
+                          for ph in phase_names},
+        "last_recovery_ms_p50_master_killed":
+            p50([k["last_recovery_ms"] for k in kills if k["victim_was_master"]] or [0]),
+        "last_recovery_ms_p50_other_killed":
+            p50([k["last_recovery_ms"] for k in kills if not k["victim_was_master"]] or [0]),
+        "kill_to_new_view_seen_ms_p50": p50([k["kill_to_new_view_seen_ms"] for k in kills]),
+        "rejoin_recovery_ms_p50": p50([k["rejoin_recovery_ms"] for k in kills]),
+        "restart_to_3_members_s_p50": p50([k["restart_to_3_members_s"] for k in kills]),
+        "load_during_kills": load,
+        "per_kill": kills,
+        **environment(),
+    }
+    report(**info)
+    print(f"\n[webcache-recovery] {len(kills)} kills of 1 of 3 nodes under wrk -c{CONNS} load: "
+          f"survivors' last_recovery_ms p50 {info['last_recovery_ms_p50']} "
+          f"(max {info['last_recovery_ms_max']}), phases p50 {info['phases_ms_p50']}; "
+          f"kill -> new view seen from outside p50 {info['kill_to_new_view_seen_ms_p50']} ms; "
+          f"rejoin recovery p50 {info['rejoin_recovery_ms_p50']} ms; "
+          f"load: {load.get('rps')} req/s, non-2xx {load.get('non2xx')}, "
+          f"socket errors {load.get('socket_errors')}")

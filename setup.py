@@ -1,4 +1,5 @@
-"""Builds the one native module, mcs._gsm, from mcs/_gsm.pyx (metadata is in pyproject.toml)."""
+"""Builds the native modules (metadata is in pyproject.toml): mcs._gsm, the GSM core, and
+webcache._fs, the fast path's confined file lookup."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -10,7 +11,12 @@ extensions = [
         include_dirs=["mcs"],
         extra_compile_args=["-O2", "-Wno-unused-function"],
         libraries=["pthread"],
-    )
+    ),
+    Extension(
+        "webcache._fs",
+        ["webcache/_fs.pyx"],
+        extra_compile_args=["-O2"],
+    ),
 ]
 
 setup(

@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
         elif cmd[0] == "count":
             st = reg.stats
             say(count=reg.run(reg.check_invariants), epoch=st.epoch, members=len(reg.view.members),
-                recoveries=st.recoveries, last_ms=st.last_duration_ms)
+                recoveries=st.recoveries, last_ms=st.last_duration_ms, reason=st.requests[-3:],
+                generation=st.generation)
         elif cmd[0] == "stop":
             stop.set()
             reg.stop()

@@ -88,6 +88,7 @@ cdef extern from "<unistd.h>" nogil:
 
 
 cdef extern from "gsm_native.h" nogil:
+    uint64_t mcs_checksum64(const unsigned char *p, size_t n)
     # Section header (first 64 bytes of every mapping).
     ctypedef struct mcs_header:
         uint64_t magic

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from _thread import get_ident
@@ -60,6 +61,7 @@ T = TypeVar("T")
 
 MEMORY_FAILURES = layout.MEMORY_FAILURES
 WAIT_SLICE = 0.005  # blocking waits inside a block look for recovery requests this often
+DEPARTURE_WAIT = 0.05  # how long an abandoned mutex waits for the membership to see the death
 
 
 class _Restart(Exception):
@@ -74,7 +76,9 @@ class RecoveryStats:
     epoch: int = 0
     generation: int = 0
     restarts: int = 0
-    last_reason: str = ""
+    last_reason: str = ""  # why this member last asked for a new epoch
+    requests: list[tuple[int, str]] = field(default_factory=list)  # last 16: (epoch, reason)
+    covered: int = 0  # failures seen while a requested epoch was still to come (no new epoch)
     last_duration_ms: float = 0.0
     last_phases_ms: dict[str, float] = field(default_factory=dict)
 
@@ -310,6 +314,7 @@ class McsComponent:
             try:
                 status = mutex.lock(WAIT_SLICE)
             except (NotRecoverableError, CorruptObjectError):
+                self._await_departure(None)  # whoever saw it abandoned is on it
                 self.request_recovery(f"not recoverable mutex at offset {mutex.offset}")
                 raise Recovering("mutex not recoverable: recovery requested") from None
             if status is LockStatus.OK:
@@ -320,10 +325,27 @@ class McsComponent:
             if status is LockStatus.ABANDONED:
                 owner = mutex.previous_owner
                 mutex.unlock()  # unrepaired on purpose: see the docstring
+                self._await_departure(owner)
                 self.request_recovery(f"abandoned mutex at offset {mutex.offset} (owner {owner})")
                 raise Recovering("abandoned mutex: recovery requested")
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"mutex at offset {mutex.offset} not acquired in {timeout}s")
+
+    def _await_departure(self, owner: Any, timeout: float = DEPARTURE_WAIT) -> None:
+        """The robust futex reports a dead holder before the membership publishes its death
+        (~1 ms later). Give the membership that long (until ``owner`` is out of the view, or
+        any recovery is asked for), so the recovery that the view change asks for is the one
+        that also repairs this mutex, instead of a second epoch agreeing on a view that still
+        holds the dead member. ``owner`` None: wait for a recovery request only."""
+        if owner is not None and (not owner.pid or owner.pid == os.getpid()):
+            return
+        root = self._root
+        deadline = time.monotonic() + timeout
+        while root.load64(layout.C_REQUESTED) <= root.load64(layout.C_STABLE):
+            if time.monotonic() >= deadline or owner is not None and not any(
+                    m.pid == owner.pid for m in self.member.table.read_view().members):
+                return
+            time.sleep(0.0005)
 
     def recovery_lock(self, mutex: GlobalMutex, timeout: float = 5.0) -> _Held:
         """Lock a mutex from a recovery hook (``build_shared_state``): ``with
@@ -356,21 +378,39 @@ class McsComponent:
 
     def request_recovery(self, reason: str) -> None:
         """Ask every member for a global recovery (idempotent for one failure: everyone who
-        sees the same failure asks for the same epoch, the one after the epoch they are in)."""
+        sees the same failure asks for the same epoch, the one after the epoch they are in).
+
+        Called from inside a consistent block, an epoch already requested and not yet stable
+        covers the failure: its master and contribution phases have not started (they wait for
+        this block to end), so they rebuild after it. No second epoch is started then."""
         if self.member is None:
             raise McsError("component not started")
-        self._request(self._working + 1, reason)
+        thread = get_ident()
+        in_block = any(b.thread == thread for b in list(self._active))
+        self._request(self._working + 1, reason,
+                      covering=layout.C_STABLE if in_block else layout.C_AGREED)
 
-    def _request(self, target: int, reason: str) -> None:
+    def _request(self, target: int, reason: str, covering: int = layout.C_AGREED) -> None:
+        """Raise the requested epoch to ``target`` unless an epoch that will see this failure is
+        already asked for. ``covering`` says which: ``C_AGREED``, an epoch requested that has
+        not agreed on its view yet (it records the view, and its master rebuilds the shared
+        structures, after now); ``C_STABLE`` (failures seen inside a block), any epoch not
+        finished yet."""
         root = self._root
         while True:
             current = root.load64(layout.C_REQUESTED)
-            if current >= target or root.cas64(layout.C_REQUESTED, current, target):
+            if current >= target:
                 break
-        if current < target:
-            log.info("%s slot %d requests recovery %d: %s", self.component_name,
-                     self.member.slot, target, reason)
-            self.stats.last_reason = reason
+            if current > root.load64(covering):
+                self.stats.covered += 1
+                break
+            if root.cas64(layout.C_REQUESTED, current, target):
+                log.info("%s slot %d requests recovery %d: %s", self.component_name,
+                         self.member.slot, target, reason)
+                st = self.stats
+                st.last_reason = reason
+                st.requests = st.requests[-15:] + [(target, reason)]
+                break
         self._close_gate()
         self._event.set()
 
@@ -384,8 +424,22 @@ class McsComponent:
         return True
 
     def _on_view_change(self, view: Any) -> None:
-        if not self._stopping.is_set():
-            self.request_recovery(f"membership generation {view.generation}")
+        if self._stopping.is_set() or self._view_covered(view.generation):
+            return
+        self.request_recovery(f"membership generation {view.generation}")
+
+    def _view_covered(self, generation: int) -> bool:
+        """True if a recovery already covers membership ``generation``: one failure seen by
+        every survivor must start one global recovery, not one per survivor that is late.
+
+        Covered when an epoch has agreed on this view or a later one, or when a requested epoch
+        has not agreed yet (it records the view current when it agrees, which is at least this
+        one: views are published and agreed under the same root mutex). A covering epoch that
+        fails or is superseded asks for the next one itself."""
+        root = self._root
+        if root.load64(layout.C_VIEW_GEN) >= generation:
+            return True
+        return root.load64(layout.C_REQUESTED) > root.load64(layout.C_AGREED)
 
     def _close_gate(self) -> None:
         with self._gate:

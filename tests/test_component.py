@@ -237,3 +237,20 @@ def test_seeded_randomized_faults_short_run():
         pytest.fail(f"invariant violation with seed {seed} (replay: python "
                     f"examples/registry_chaos.py --seed {seed} --failures 20 --members 3): {exc}")
     assert summary["faults"] == 20 and summary["violations"] == 0
+
+
+def test_one_failure_starts_one_global_recovery(domain, spawn):
+    # Every survivor sees the death and asks for a recovery; they must agree on ONE epoch, not
+    # start one each (a late survivor used to ask for "its epoch + 1" after the first ended).
+    workers = [Worker(spawn, domain, f"e{i}") for i in range(4)]
+    for w in workers:
+        w.ready()
+    before = settle(workers, 20)[0]["epoch"]
+    for round_ in range(3):
+        victim = workers.pop()
+        victim.child.kill()
+        counts = settle(workers, 5 * len(workers))
+        time.sleep(0.3)  # a late duplicate request would show up by now
+        counts = settle(workers, 5 * len(workers))
+        assert counts[0]["epoch"] == before + 1, (round_, [(c["epoch"], c["generation"], c["reason"]) for c in counts])
+        before = counts[0]["epoch"]

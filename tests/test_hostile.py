@@ -155,7 +155,7 @@ def test_slowloris_partial_requests_do_not_starve_others(served):
 def test_corrupted_master_table_and_arena_never_serve_wrong_bytes(served):
     """Garbage written into shared memory without any failure notification: chain walks are
     bounded and range-checked (a corrupt chain requests a recovery that rebuilds the table),
-    CRCs catch corrupt data (served from disk, entry dropped)."""
+    checksums catch corrupt data (served from disk, entry dropped)."""
     from mcs import layout as mcs_layout
     from mcs.bootstrap import Bootstrap
     from mcs.section import Section

@@ -3,6 +3,7 @@ real kill -9 / SIGSTOP / poisoning under load; every body compared byte for byte
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -67,10 +68,18 @@ class Cache:
         self.pids = info["pids"]
         self.drain = threading.Thread(target=self._drain, daemon=True)
         self.drain.start()
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
+        self.drain_err = threading.Thread(target=self._drain_stderr, daemon=True)
+        self.drain_err.start()
 
     def _drain(self) -> None:
         for _ in self.proc.stdout:
             pass
+
+    def _drain_stderr(self) -> None:
+        # Never let the nodes block on a full stderr pipe; keep the tail for diagnostics.
+        for line in self.proc.stderr:
+            self.stderr_tail.append(line)
 
     def conn(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -96,6 +105,7 @@ class Cache:
             self.proc.kill()
             code = self.proc.wait()
         self.drain.join(10)
+        self.drain_err.join(10)
         self.proc.stdout.close()
         self.proc.stderr.close()
         return code

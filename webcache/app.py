@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from webcache.cache import McsWebCache
+from webcache.fastpath import SERVER, FastPathStats
 from webcache.paths import DocumentRoot, Forbidden, NotFound, ResolvedFile
 from webcache.semantics import (
     RangeNotSatisfiable,
@@ -23,10 +24,11 @@ from webcache.semantics import (
     precondition_failed,
 )
 
-__all__ = ["make_app", "CACHE", "ROOT"]
+__all__ = ["make_app", "CACHE", "ROOT", "FAST"]
 
 CACHE = web.AppKey("cache", McsWebCache)
 ROOT = web.AppKey("root", DocumentRoot)
+FAST = web.AppKey("fast_path", FastPathStats)  # set by the node when its fast path is in front
 STREAM_CHUNK = 256 * 1024
 NODE_PID = str(os.getpid())  # which node answered (a node is one process)
 
@@ -39,7 +41,12 @@ def make_app(cache: McsWebCache, root: DocumentRoot) -> web.Application:
     app.router.add_get("/_mcs/status", status)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", serve_file)
+    app.on_response_prepare.append(_server_header)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER  # the same on both paths
 
 
 def _read_whole(path: str) -> bytes:
@@ -135,7 +142,7 @@ async def _stream_from_disk(request: web.Request, f: ResolvedFile, span: tuple[i
     return resp
 
 
-def node_status(cache: McsWebCache) -> dict[str, Any]:
+def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[str, Any]:
     """The status document of this node (also the source of /metrics)."""
     view = cache.view
     st = cache.stats
@@ -167,11 +174,13 @@ def node_status(cache: McsWebCache) -> dict[str, Any]:
         "recoveries": st.recoveries,
         "last_recovery_ms": round(st.last_duration_ms, 3),
         "last_recovery_phases_ms": {k: round(v, 3) for k, v in st.last_phases_ms.items()},
+        "fast_path": None if fast is None else
+        {"served": fast.served, "handed_over": fast.handed_over, "connections": fast.connections},
     }
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(node_status(request.app[CACHE]))
+    return web.json_response(node_status(request.app[CACHE], request.app.get(FAST)))
 
 
 _METRICS = [
@@ -187,7 +196,7 @@ _METRICS = [
 
 
 async def metrics(request: web.Request) -> web.Response:
-    doc = node_status(request.app[CACHE])
+    doc = node_status(request.app[CACHE], request.app.get(FAST))
     label = f'node="{_escape(doc["node"])}",slot="{doc["slot"]}"'
     lines = []
     for key, kind, help_ in _METRICS:
@@ -201,6 +210,10 @@ async def metrics(request: web.Request) -> web.Response:
                doc["last_recovery_ms"] / 1000)]
     for name, help_, value in gauges:
         lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name}{{{label}}} {value}"]
+    if doc["fast_path"] is not None:
+        name = "mcs_webcache_fast_path_served_total"
+        lines += [f"# HELP {name} Responses written by the fast path (no aiohttp request)",
+                  f"# TYPE {name} counter", f"{name}{{{label}}} {doc['fast_path']['served']}"]
     return web.Response(body=("\n".join(lines) + "\n").encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

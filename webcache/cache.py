@@ -7,8 +7,8 @@ its arena. Readers pin an entry (one counter per member slot, so a dead reader's
 cleared by recovery) while its bytes go to the socket.
 
 A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat → verify
-the CRC of the data → send from shared memory → unpin. Never a stale byte (a changed file is
-unlinked and re-read), never a corrupt one (a CRC mismatch is unlinked, counted, served from
+the checksum of the data → send from shared memory → unpin. Never a stale byte (a changed file is
+unlinked and re-read), never a corrupt one (a checksum mismatch is unlinked, counted, served from
 disk). Misses for one path on several nodes at once are coalesced with a lease in the bucket, so
 one node reads the disk and a dead filler blocks nobody (its lease expires or its slot leaves
 the view).
@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import time
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any, Callable
 
 from mcs import faults, layout as mcs_layout
-from mcs._gsm import GlobalEvent, GlobalMutex
+from mcs._gsm import GlobalEvent, GlobalMutex, checksum
 from mcs.component import McsComponent
 from mcs.errors import ClosedError, CorruptObjectError, McsError, NotRecoverableError, Recovering
 from mcs.section import Section
@@ -73,13 +73,32 @@ class _Local:
     path: str
 
 
-@dataclass
 class Hit:
     """A pinned entry: ``data`` is a zero-copy view into shared memory; call ``release()``."""
 
-    data: memoryview
-    release: Callable[[], None]
-    meta: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("data", "_section", "_pin")
+
+    def __init__(self, data: memoryview, section: Section, pin: int) -> None:
+        self.data = data
+        self._section = section
+        self._pin = pin
+
+    def release(self) -> None:
+        """Unpin (the owner may evict the entry again). Idempotent."""
+        sec, self._section = self._section, None
+        if sec is None:
+            return
+        self.data.release()
+        try:
+            sec.add64(self._pin, -1)
+        except ClosedError:
+            pass  # the owner's arena was dropped meanwhile: nothing to unpin
+
+
+_KEYS_MAX = 16384
+# size, mtime_ns, inode, dev, checksum: contiguous in the entry header from E_SIZE on
+_ENTRY_FIELDS = struct.Struct("<5Q")
+assert (L.E_MTIME, L.E_INODE, L.E_DEV, L.E_SUM) == tuple(L.E_SIZE + 8 * i for i in range(1, 5))
 
 
 class McsWebCache(McsComponent):
@@ -104,6 +123,7 @@ class McsWebCache(McsComponent):
     def init_local(self) -> None:
         self.cache_stats = CacheStats()
         self._entries: dict[int, _Local] = {}  # offset -> entry
+        self._keys: dict[str, tuple[bytes, int]] = {}  # path -> (encoded, hash)
         self._alloc = Allocator(L.ARENA_HEADER, self.contribution_size)
         self._mutexes: list[GlobalMutex] = []
         self._mutex_area: Section | None = None
@@ -224,15 +244,23 @@ class McsWebCache(McsComponent):
         """True while a recovery runs: requests are then served from disk."""
         return self._gate_closed
 
+    def _key(self, path: str) -> tuple[bytes, int]:
+        """(encoded path, path hash), memoized: both are per-request costs on the hit path."""
+        key = self._keys.get(path)
+        if key is None:
+            if len(self._keys) >= _KEYS_MAX:
+                self._keys.clear()
+            key = self._keys[path] = (os.fsencode(path), path_hash(path))
+        return key
+
     def lookup(self, f: ResolvedFile) -> Hit | None:
         """A pinned, revalidated, checksum-verified entry for ``f``, or None (a miss)."""
+        stats = self.cache_stats
         if self._gate_closed:
-            self.cache_stats.served_during_recovery += 1
+            stats.served_during_recovery += 1
             return None
-        path = os.fsencode(f.path)
-        h = path_hash(f.path)
+        path, h = self._key(f.path)
         bucket = h % L.BUCKETS
-        me = self.member.slot
         try:
             with self.consistent():
                 with self.lock(self._mutexes[bucket]):
@@ -241,46 +269,40 @@ class McsWebCache(McsComponent):
                         return None
                     ref, pred, slot = found
                     sec = self._section_of(slot)
-                    off = L.split_ref(ref)[1]
-                    pin = off + L.E_PINS + 8 * me
+                    off = ref & L.OFFSET_MASK
+                    pin = off + L.E_PINS + 8 * self.member.slot
                     sec.add64(pin, 1)
                     faults.point("webcache.hit.pinned")
-                fresh = (sec.load64(off + L.E_SIZE) == f.size
-                         and sec.load64(off + L.E_MTIME) == f.mtime_ns
-                         and sec.load64(off + L.E_INODE) == f.inode
-                         and sec.load64(off + L.E_DEV) == f.dev)
+                # Pinned: the entry's fields cannot change under us (the owner frees only
+                # unpinned entries), so one unaligned read of them is as good as five loads.
+                size, mtime, inode, dev, crc = _ENTRY_FIELDS.unpack_from(
+                    sec.view(off + L.E_SIZE, _ENTRY_FIELDS.size))
+                fresh = (size == f.size and mtime == f.mtime_ns and inode == f.inode
+                         and dev == f.dev)
                 data = None
-                if fresh and f.size <= sec.size:
+                if fresh:
                     doff = L.data_offset(off, len(path))
-                    if doff + f.size <= sec.size:
-                        data = sec.view(doff, f.size)
-                        if zlib.crc32(data) != sec.load64(off + L.E_CRC):
-                            self.cache_stats.checksum_failures += 1
+                    if doff + size <= sec.size:
+                        data = sec.view(doff, size)
+                        if checksum(data) != crc:
+                            stats.checksum_failures += 1
                             data.release()
                             data = None  # corrupt: unlinked below, served from disk
                 if data is None:
                     sec.add64(pin, -1)
                     if not fresh:
-                        self.cache_stats.stale += 1
+                        stats.stale += 1
                     self._drop(bucket, ref, h, path)
                     return None
                 sec.store64(off + L.E_ACCESS, time.monotonic_ns())
         except Recovering:
-            self.cache_stats.served_during_recovery += 1
+            stats.served_during_recovery += 1
             return None
         except (ClosedError, CorruptObjectError, NotRecoverableError):
-            self.cache_stats.served_during_recovery += 1
+            stats.served_during_recovery += 1
             return None
-        self.cache_stats.hits += 1
-
-        def release(sec: Section = sec, pin: int = pin, data: memoryview = data) -> None:
-            data.release()
-            try:
-                sec.add64(pin, -1)
-            except ClosedError:
-                pass  # the owner's arena was dropped meanwhile: nothing to unpin
-
-        return Hit(data, release)
+        stats.hits += 1
+        return Hit(data, sec, pin)
 
     def _drop(self, bucket: int, ref: int, h: int, path: bytes) -> None:
         """Unlink a stale or corrupt entry (any member may; the owner reclaims the space)."""
@@ -298,8 +320,7 @@ class McsWebCache(McsComponent):
         if f.size > self.max_entry or self._gate_closed:
             self.cache_stats.disk_reads += 1
             return read()
-        h = path_hash(f.path)
-        path = os.fsencode(f.path)
+        path, h = self._key(f.path)
         bucket = h % L.BUCKETS
         waited = False
         deadline = time.monotonic() + LEASE_NS / 1e9 + 1
@@ -377,7 +398,7 @@ class McsWebCache(McsComponent):
                 arena.view(off + L.ENTRY_HEADER, len(path))[:] = path
                 doff = L.data_offset(off, len(path))
                 arena.view(doff, len(data))[:] = data
-                arena.store64(off + L.E_CRC, zlib.crc32(arena.view(doff, len(data))))
+                arena.store64(off + L.E_SUM, checksum(arena.view(doff, len(data))))
                 arena.store64(off + L.E_MAGIC, L.ENTRY_MAGIC)
                 self._entries[off] = _Local(off, size, h, f.path)
                 area = self.master_area

@@ -2,7 +2,7 @@
 
 Walks every bucket of the master table under its mutex and checks each chain: references in
 range, entries with the entry magic and the *linked* state, in the bucket of their path hash,
-no cycle, each path once in the domain, and the CRC of every entry's data. Returns the list of
+no cycle, each path once in the domain, and the checksum of every entry's data. Returns the list of
 problems (empty: all invariants hold). Run it only while no recovery is in progress: the master
 re-creates the bucket mutexes during one.
 """
@@ -10,10 +10,9 @@ re-creates the bucket mutexes during one.
 from __future__ import annotations
 
 import os
-import zlib
 
 from mcs import layout as mcs_layout
-from mcs._gsm import GlobalMutex
+from mcs._gsm import GlobalMutex, checksum
 from mcs.bootstrap import Bootstrap
 from mcs.errors import InvalidIdentifier, McsError
 from mcs.section import Section
@@ -105,8 +104,8 @@ def _check_chain(boot: Bootstrap, area: Section, bucket: int, sections: dict[int
         seen[path] = slot
         if verify_data:
             doff = L.data_offset(off, plen)
-            if zlib.crc32(sec.view(doff, size)) != sec.load64(off + L.E_CRC):
-                problems.append(f"{where}: data CRC mismatch for {path!r}")
+            if checksum(sec.view(doff, size)) != sec.load64(off + L.E_SUM):
+                problems.append(f"{where}: data checksum mismatch for {path!r}")
         ref = sec.load64(off + L.E_NEXT)
         steps += 1
         if steps > L.MAX_CHAIN:

@@ -74,7 +74,8 @@ class Supervisor:
         a = self.args
         return [sys.executable, "-P", "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
-                "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing]
+                "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing] + (
+                    ["--no-fast-path"] if a.no_fast_path else [])
 
     def start_node(self, index: int) -> subprocess.Popen:
         proc = subprocess.Popen(self.command(index), stdout=subprocess.PIPE, text=True)
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-entry", default="1M", help="largest cached file (default 1M)")
         p.add_argument("--domain", default=None, help="domain name (default webcache-PORT)")
         p.add_argument("--timing", default="{}", help=argparse.SUPPRESS)
+        p.add_argument("--no-fast-path", action="store_true",
+                       help="serve every request through aiohttp (to compare; slower)")
     return parser
 
 

@@ -15,9 +15,11 @@ import signal
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from webcache.app import make_app
+from webcache.app import FAST, make_app
 from webcache.cache import McsWebCache
+from webcache.fastpath import FastPath, FastPathStats
 from webcache.paths import DocumentRoot
 
 log = logging.getLogger("mcs.webcache.node")
@@ -33,33 +35,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-entry", type=int, required=True)
     p.add_argument("--node", default=None)
     p.add_argument("--timing", default="{}", help="JSON: heartbeat, suspect_after, evict_after")
+    p.add_argument("--no-fast-path", action="store_true",
+                   help="serve every request through aiohttp (for comparison)")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot) -> None:
-    runner = web.AppRunner(make_app(cache, root), access_log=None, handle_signals=False)
+    app = make_app(cache, root)
+    stats = app[FAST] = FastPathStats()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port, reuse_port=True)
-    await site.start()
-    stop = asyncio.Event()
+    assert runner.server is not None
+    front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats)
     loop = asyncio.get_running_loop()
+    server = await loop.create_server(front.protocol, args.host, args.port, reuse_port=True)
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(json.dumps({"ready": True, "pid": os.getpid(), "slot": cache.slot,
-                      "generation": cache.view.generation}), flush=True)
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), 0.5)
-        except asyncio.TimeoutError:
-            if cache.member.fenced:
-                log.error("this node was fenced; exiting")
-                break
-    await runner.cleanup()
+                      "generation": cache.view.generation, "fast_path": front.enabled}),
+          flush=True)
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except asyncio.TimeoutError:
+                if cache.member.fenced:
+                    log.error("this node was fenced; exiting")
+                    break
+    finally:
+        server.close()
+        front.close()
+        await runner.cleanup()
+
+
+class _ClientErrorFilter(logging.Filter):
+    """Drop aiohttp's tracebacks for what clients do (a malformed request, a reset connection):
+    one log record per bad request would let any client flood the logs. Errors of the server
+    itself are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (HttpProcessingError, ConnectionError))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"node {os.getpid()}: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrorFilter())
     try:
         import uvloop  # optional: pip install mcs-multicomputer[fast]
     except ImportError:

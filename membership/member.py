@@ -82,14 +82,15 @@ def _dying(pid: int) -> bool:
     return False
 
 
-def _dying_soon(pid: int, grace: float) -> bool:
-    """``_dying`` within ``grace`` seconds: deaths of one node seen together are one change."""
+def _dying_soon(pids: list[int], grace: float) -> set[int]:
+    """The pids that are ``_dying`` within ``grace`` seconds, all watched together (one grace
+    for the whole node, not one per process): deaths of one node seen together are one change."""
     deadline = time.monotonic() + grace
+    dying: set[int] = set()
     while True:
-        if _dying(pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
+        dying.update(pid for pid in pids if pid not in dying and _dying(pid))
+        if len(dying) == len(pids) or time.monotonic() >= deadline:
+            return dying
         time.sleep(0.0005)
 
 
@@ -299,7 +300,11 @@ class Member:
             finally:
                 mutex.unlock()
             if not self._closing.is_set():
-                self._republish()
+                # Every survivor's watcher gets this life mutex in turn; the first one publishes
+                # the view and clears the slot. The others find the slot cleared (or reused)
+                # and publish nothing: no redundant recomputation under the root mutex.
+                self._republish(unless=lambda: self.table.field(
+                    slot, layout.M_INCARNATION) != incarnation)
             return
 
     def _monitor_main(self) -> None:
@@ -398,7 +403,11 @@ class Member:
 
     # -- publishing ---------------------------------------------------------------------
 
-    def _republish(self) -> None:
+    def _republish(self, unless: Callable[[], bool] | None = None) -> None:
+        """Publish the view from the slot states, under the root mutex; ``unless`` (checked
+        before and under the mutex) says the change was already published."""
+        if unless is not None and unless():
+            return
         root = self.boot.root_mutex(tag=self.incarnation)
         while True:
             status = root.lock(timeout=self.timing.check_interval)
@@ -410,7 +419,8 @@ class Member:
         try:
             if status is LockStatus.ABANDONED:
                 root.mark_consistent()
-            self._republish_locked()
+            if status is LockStatus.ABANDONED or unless is None or not unless():
+                self._republish_locked()
         finally:
             root.unlock()
 
@@ -423,8 +433,10 @@ class Member:
         # A node that dies at once is one change: members of a node that lost a member and
         # that are dying themselves (exited, or SIGKILL pending) leave in the same generation.
         dead_nodes = {r.node for r in gone if r.state in (layout.SLOT_DEAD, layout.SLOT_FENCED)}
-        for r in list(members):
-            if r.node in dead_nodes and r.slot != self.slot and _dying_soon(r.pid, NODE_GRACE):
+        peers = [r for r in members if r.node in dead_nodes and r.slot != self.slot]
+        dying = _dying_soon([r.pid for r in peers], NODE_GRACE) if peers else set()
+        for r in peers:
+            if r.pid in dying:
                 table.sec.cas64(layout.member_offset(r.slot, layout.M_STATE),
                                 layout.SLOT_MEMBER, layout.SLOT_DEAD)
                 members.remove(r)

@@ -264,3 +264,25 @@ def test_mcs_status_shows_a_live_domain(domain, spawn):
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     bad = mcs_cli("status", "--domain", "../etc")
     assert bad.returncode == 2 and "invalid domain name" in bad.stderr
+
+
+def test_deaths_of_one_node_are_waited_for_together():
+    # A node's members get ONE grace period to show they are dying too, not one each.
+    from membership.member import _dying_soon
+
+    procs = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    try:
+        for p in procs[:2]:
+            p.kill()  # zombies until reaped: dying
+        start = time.monotonic()
+        dying = _dying_soon([p.pid for p in procs], 0.2)
+        waited = time.monotonic() - start
+        assert dying == {procs[0].pid, procs[1].pid}
+        assert 0.2 <= waited < 0.4  # one grace for all three, not 3 x 0.2
+        start = time.monotonic()
+        assert _dying_soon([p.pid for p in procs[:2]], 5.0) == {procs[0].pid, procs[1].pid}
+        assert time.monotonic() - start < 1.0  # all dying: no wait at all
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -15,7 +15,7 @@ The nodes share one port with SO_REUSEPORT, exactly like the mcs launcher, and d
 request work as ``webcache.app``: the same path resolution (``webcache.paths.DocumentRoot``:
 ``open(O_PATH)``/``fstat``/``readlink``/``access``), the same validators (size, mtime, inode), the
 same headers, conditional requests and single ranges; only the cache differs. (An mcs hit also
-verifies the CRC32 of the entry, which a private cache does not need: that cost is mcs's alone.)
+verifies the checksum of the entry, which a private cache does not need: that cost is mcs's alone.)
 
 Each node counts its own ``hits``, ``misses``, ``disk_reads`` and ``disk_bytes`` (bytes of files
 read from disk) and reports them with its cache usage at ``GET /_stats`` (JSON;

@@ -463,11 +463,13 @@ def _sysv_segments_of(pids: list[int]) -> list[int]:
     return out
 
 
-def mcs_cluster(root: Path, nodes: int, domain: str, cache_size: int, max_entry: int) -> Servers:
+def mcs_cluster(root: Path, nodes: int, domain: str, cache_size: int, max_entry: int,
+                fast_path: bool = True) -> Servers:
     exe = str(Path(sys.executable).with_name("mcs-webcache"))
     return Servers([exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
                     "--domain", domain, "--cache-size", str(cache_size),
-                    "--max-entry", str(max_entry)], domain=domain)
+                    "--max-entry", str(max_entry)] + ([] if fast_path else ["--no-fast-path"]),
+                   domain=domain)
 
 
 def baseline_cluster(root: Path, nodes: int, cache_size: int, max_entry: int,
@@ -511,7 +513,9 @@ def _machine() -> dict[str, Any]:
 # -- 1. scaling ----------------------------------------------------------------------------------
 
 
-SCALE_IMPLS = ["mcs-shared", "shared-nothing-lru"]
+# mcs-shared-aiohttp: the same mcs nodes with the hit fast path off, every request through the
+# aiohttp application as in the shared-nothing nodes: the like-for-like comparison of caches.
+SCALE_IMPLS = ["mcs-shared", "mcs-shared-aiohttp", "shared-nothing-lru"]
 
 
 @pytest.mark.benchmark(group="webcache-scaling")
@@ -521,14 +525,16 @@ def test_hit_throughput_scaling(benchmark, report, tmp_path, impl, nodes):
     root = tmp_path / "site"
     root.mkdir()
     paths = make_scaling_site(root)
-    if impl == "mcs-shared":
-        servers = mcs_cluster(root, nodes, _domain(f"scale{nodes}"), 16 << 20, 1 << 20)
+    is_mcs = impl.startswith("mcs-shared")
+    if is_mcs:
+        servers = mcs_cluster(root, nodes, _domain(f"scale{nodes}"), 16 << 20, 1 << 20,
+                              fast_path=impl == "mcs-shared")
         status_path = "/_mcs/status"
     else:
         servers = baseline_cluster(root, nodes, 16 << 20, 1 << 20, "lru")
         status_path = "/_stats"
     try:
-        for _ in range(1 if impl == "mcs-shared" else 4 * nodes):
+        for _ in range(1 if is_mcs else 4 * nodes):
             for p in paths:  # fill: mcs caches each file once for the whole domain
                 status, body = servers.get(p)
                 assert status == 200 and len(body) == SCALE_SIZE
@@ -547,7 +553,7 @@ def test_hit_throughput_scaling(benchmark, report, tmp_path, impl, nodes):
         after = servers.per_node(status_path)
         hits = {pid: after[pid]["hits"] - before[pid]["hits"] for pid in servers.pids}
         misses = sum(after[pid]["misses"] - before[pid]["misses"] for pid in servers.pids)
-        if impl == "mcs-shared":
+        if is_mcs:
             entries = after[servers.pids[0]]["cache"]["entries"]
             assert entries == SCALE_FILES  # each file cached exactly once in the domain
             recoveries = max(after[p]["recoveries"] - before[p]["recoveries"]
@@ -580,7 +586,7 @@ def test_hit_throughput_scaling(benchmark, report, tmp_path, impl, nodes):
         "generator_cores_used": round(load.generator_cpu_s / wall, 3),
         "req_per_node_cpu_s": round(load.requests / node_cpu, 1) if node_cpu else None,
     }
-    if impl == "mcs-shared":
+    if is_mcs:
         info.update(recoveries=recoveries, supervisor_warnings=_warnings(servers),
                     logged_request_errors=_tracebacks(servers))
     _SCALING[(impl, nodes)] = info
@@ -591,9 +597,12 @@ def test_hit_throughput_scaling(benchmark, report, tmp_path, impl, nodes):
         if info["req_per_node_cpu_s"] and one["req_per_node_cpu_s"]:
             info["cpu_scaling_factor"] = round(
                 nodes * info["req_per_node_cpu_s"] / one["req_per_node_cpu_s"], 3)
-    other = _SCALING.get(("mcs-shared", nodes))
-    if impl != "mcs-shared" and other is not None:
-        info["mcs_over_shared_nothing"] = round(other["req_per_s"] / info["req_per_s"], 3)
+    if not is_mcs:
+        for name in ("mcs-shared", "mcs-shared-aiohttp"):
+            other = _SCALING.get((name, nodes))
+            if other is not None:
+                key = "mcs_over_shared_nothing" + ("" if name == "mcs-shared" else "_aiohttp")
+                info[key] = round(other["req_per_s"] / info["req_per_s"], 3)
     report(**info)
 
 

@@ -7,6 +7,8 @@ Servers (each serving the same two files from the same temp directory, loopback 
   warmed first and every measured request is checked to be a hit (the nodes' ``/_mcs/status``
   counters: hits grew by at least wrk's completed requests, misses/disk reads/served-during-
   recovery did not grow at all).
+- ``mcs-aiohttp``: the same, with the nodes' hit fast path off (``--no-fast-path``): every
+  request through the aiohttp application, to show what the fast path is worth.
 - ``memory``: a plain aiohttp app whose handler returns ``web.Response(body=data)`` from a
   ``bytes`` read at start-up (bench/webcache_baselines.py), same process count, SO_REUSEPORT.
 - ``file``: a plain aiohttp app whose handler returns ``web.FileResponse(path)``, same process
@@ -19,8 +21,8 @@ wrk is missing). Config ``1``: one server process pinned to CPU 0, wrk pinned to
 there are >= 2 CPUs). Config ``N``: N processes (N = CPUs, at least 2, at most 4) and wrk,
 unpinned. Every body sampled before and after each load run is compared byte for byte.
 
-``extra_info``: ``rps`` (server -> size -> requests/s), ``ratios`` (mcs/memory, mcs/file,
-mcs/nginx per size) and the load runs' details. Nothing fails for being slow.
+``extra_info``: ``rps`` (server -> size -> requests/s), ``ratios`` (mcs/mcs-aiohttp,
+mcs/memory, mcs/file, mcs/nginx per size) and the load runs' details. Nothing fails for being slow.
 
 Recovery under load: 3 nodes under wrk load; kill -9 a node (alternately a non-master and the
 master) 5 times. The launcher is SIGSTOPped around each kill, so the survivors' status shows the
@@ -68,7 +70,7 @@ CONNS = 32
 N_NODES = int(os.environ.get("MCS_WC_NODES", str(max(2, min(4, CPUS)))))
 KILLS = int(os.environ.get("MCS_WC_KILLS", "5"))
 SIZES = {"4KiB": 4096, "64KiB": 65536}
-SERVERS = ("mcs", "memory", "file", "nginx")
+SERVERS = ("mcs", "mcs-aiohttp", "memory", "file", "nginx")
 RESULTS: dict[str, dict] = {}  # config -> rps table (for the cross-config scaling numbers)
 
 
@@ -258,11 +260,17 @@ def free_port() -> int:
 _domains = iter(range(1_000_000))
 
 
-def start_mcs(root: Path, workdir: Path, nodes: int, cpus: str | None) -> Server:
+def start_mcs(root: Path, workdir: Path, nodes: int, cpus: str | None,
+              fast_path: bool = True) -> Server:
+    """``mcs``: the node as shipped; ``mcs-aiohttp``: the same cache with its hit fast path
+    off (every request through aiohttp), to show what the fast path is worth."""
     domain = f"wcbench-{os.getpid()}-{next(_domains)}"
     cmd = [MCS_WEBCACHE, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
            "--domain", domain, "--cache-size", "64M", "--max-entry", "1M"]
-    return Server("mcs", pinned(cmd, cpus), workdir, domain=domain)
+    if not fast_path:
+        cmd.append("--no-fast-path")
+    return Server("mcs" if fast_path else "mcs-aiohttp", pinned(cmd, cpus), workdir,
+                  domain=domain)
 
 
 def start_baseline(mode: str, root: Path, workdir: Path, workers: int, cpus: str | None) -> Server:
@@ -308,7 +316,7 @@ http {{
 def stop_and_check(server: Server) -> None:
     """Stop a server; nothing of it may remain (processes, mcs shared memory)."""
     code = server.stop()
-    if server.name == "mcs":
+    if server.domain:
         assert code == 0, f"mcs-webcache exited with {code}: {server.log_text()}"
     assert wait_for(lambda: not any(alive(p) for p in server.all_pids), 10), \
         f"{server.name}: processes left {[p for p in server.all_pids if alive(p)]}"
@@ -377,7 +385,7 @@ _COUNTERS = ("hits", "misses", "disk_reads", "served_during_recovery", "checksum
 def measure(server: Server, files: dict[str, bytes], label: str, cpus: str | None) -> dict:
     path = path_of(label)
     check_bodies(server.port, {path: files[path]}, count=10)  # warms the cache (mcs: one miss)
-    before = node_statuses(server.port, set(server.pids)) if server.name == "mcs" else None
+    before = node_statuses(server.port, set(server.pids)) if server.domain else None
     res = run_load(server.port, path, DURATION, cpus)
     if before is not None:
         after = node_statuses(server.port, set(server.pids))
@@ -400,6 +408,7 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
     runs: dict[str, dict] = {}
     starters = {
         "mcs": lambda: start_mcs(root, workdir, procs, server_cpus),
+        "mcs-aiohttp": lambda: start_mcs(root, workdir, procs, server_cpus, fast_path=False),
         "memory": lambda: start_baseline("memory", root, workdir, procs, server_cpus),
         "file": lambda: start_baseline("file", root, workdir, procs, server_cpus),
         "nginx": lambda: start_nginx(root, workdir, procs, server_cpus),
@@ -420,7 +429,7 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
     ratios: dict[str, dict[str, float | None]] = {}
     for label in SIZES:
         mcs = rps["mcs"][label]
-        for other in ("memory", "file", "nginx"):
+        for other in ("mcs-aiohttp", "memory", "file", "nginx"):
             base = rps[other][label]
             ratios.setdefault(f"mcs/{other}", {})[label] = round(mcs / base, 3) if base else None
     return {"rps": rps, "ratios": ratios, "runs": runs}
@@ -428,12 +437,12 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
 
 def print_table(title: str, rps: dict, ratios: dict) -> None:
     print(f"\n{title}")
-    print(f"  {'server':<8}" + "".join(f"{label + ' req/s':>16}" for label in SIZES))
+    print(f"  {'server':<13}" + "".join(f"{label + ' req/s':>12}" for label in SIZES))
     for name, row in rps.items():
-        print(f"  {name:<8}" + "".join(
-            f"{row[label]:>16,.0f}" if row[label] else f"{'n/a':>16}" for label in SIZES))
+        print(f"  {name:<13}" + "".join(
+            f"{row[label]:>12,.0f}" if row[label] else f"{'n/a':>12}" for label in SIZES))
     for key, row in ratios.items():
-        print(f"  {key:<13}" + "".join(
+        print(f"  {key:<17}" + "".join(
             f"{row[label]:>11.2f}x" if row[label] else f"{'n/a':>12}" for label in SIZES))
 
 

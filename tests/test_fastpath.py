@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -163,5 +164,32 @@ def test_no_fast_path_option_serves_everything_through_aiohttp(tmp_path, domain)
         doc = cache.status()
         assert doc["hits"] >= 2
         assert doc["fast_path"]["served"] == 0 and doc["fast_path"]["connections"] == 0
+    finally:
+        assert cache.stop() == 0
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp"])
+def test_poison_after_verification_never_reaches_a_client(tmp_path, domain, fast_path):
+    # The arena is poisoned while a hit, already verified, waits to be sent (a fault point
+    # sleeps there). What is sent must be the verified bytes: a copy, not shared memory.
+    from mcs.poison import poison
+
+    root = tmp_path / "site"
+    root.mkdir()
+    files = make_site(root)
+    cache = Cache(root, domain, nodes=1, extra=() if fast_path else ("--no-fast-path",),
+                  env={"MCS_FAULTS": "webcache.hit.verified=sleep:1.0"})
+    try:
+        assert cache.get("/f65536.bin")[2] == files["/f65536.bin"]  # the miss fills the cache
+        got: list = []
+        reader = threading.Thread(target=lambda: got.append(cache.get("/f65536.bin")))
+        reader.start()  # the hit: verified, then the node sleeps 1 s before sending
+        time.sleep(0.4)
+        poison(domain, "webcache", slot=0)  # the only node's arena
+        reader.join(20)
+        status, _, body = got[0]
+        assert status == 200 and body == files["/f65536.bin"]
+        for _ in range(3):  # and after the recovery that follows
+            assert cache.get("/f65536.bin")[2] == files["/f65536.bin"]
     finally:
         assert cache.stop() == 0

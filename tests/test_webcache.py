@@ -44,13 +44,15 @@ def make_site(root: Path) -> dict[str, bytes]:
 class Cache:
     """A running `mcs-webcache serve` (the launcher and its nodes)."""
 
-    def __init__(self, root: Path, domain: str, nodes: int = 3, extra: tuple[str, ...] = ()):
+    def __init__(self, root: Path, domain: str, nodes: int = 3, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         exe = str(Path(sys.executable).with_name("mcs-webcache"))
         self.proc = subprocess.Popen(
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "8M", "--max-entry", str(MAX_ENTRY),
              "--timing", FAST, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=None if env is None else {**os.environ, **env})
         self.domain = domain
         self.root = root
         deadline = time.monotonic() + 60

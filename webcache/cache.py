@@ -4,10 +4,12 @@ Each node contributes an equal arena (its contribution); the master contributes 
 (hash buckets with robust mutexes, see webcache/layout.py). An entry lives contiguously in its
 owner's arena; a file is cached once in the whole domain; only the owner allocates or evicts in
 its arena. Readers pin an entry (one counter per member slot, so a dead reader's pins are
-cleared by recovery) while its bytes go to the socket.
+cleared by recovery) while they copy its bytes out.
 
-A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat → verify
-the checksum of the data → send from shared memory → unpin. Never a stale byte (a changed file is
+A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat → copy the
+data out (into the caller's reused buffer) → unpin → verify the checksum of the copy → send the
+copy. (Verifying shared memory and then sending from it let one poisoned byte through in a
+10-minute chaos soak: the poisoning landed between the check and the send.) Never a stale byte (a changed file is
 unlinked and re-read), never a corrupt one (a checksum mismatch is unlinked, counted, served from
 disk). Misses for one path on several nodes at once are coalesced with a lease in the bucket, so
 one node reads the disk and a dead filler blocks nobody (its lease expires or its slot leaves
@@ -74,25 +76,19 @@ class _Local:
 
 
 class Hit:
-    """A pinned entry: ``data`` is a zero-copy view into shared memory; call ``release()``."""
+    """A verified cache hit: ``data`` holds the file's bytes, copied out of shared memory and
+    checked against the entry's checksum *after* the copy (so a memory failure during the
+    send cannot reach a client). ``release()`` gives back the view into a caller's buffer."""
 
-    __slots__ = ("data", "_section", "_pin")
+    __slots__ = ("data",)
 
-    def __init__(self, data: memoryview, section: Section, pin: int) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.data = data
-        self._section = section
-        self._pin = pin
 
     def release(self) -> None:
-        """Unpin (the owner may evict the entry again). Idempotent."""
-        sec, self._section = self._section, None
-        if sec is None:
-            return
-        self.data.release()
-        try:
-            sec.add64(self._pin, -1)
-        except ClosedError:
-            pass  # the owner's arena was dropped meanwhile: nothing to unpin
+        """Release ``data`` when it is a view into the caller's buffer. Idempotent."""
+        if isinstance(self.data, memoryview):
+            self.data.release()
 
 
 _KEYS_MAX = 16384
@@ -253,8 +249,13 @@ class McsWebCache(McsComponent):
             key = self._keys[path] = (os.fsencode(path), path_hash(path))
         return key
 
-    def lookup(self, f: ResolvedFile) -> Hit | None:
-        """A pinned, revalidated, checksum-verified entry for ``f``, or None (a miss)."""
+    def lookup(self, f: ResolvedFile, into: bytearray | None = None) -> Hit | None:
+        """A revalidated, checksum-verified copy of the entry for ``f``, or None (a miss).
+
+        The entry is pinned only while its bytes are copied out (into ``into``, a buffer the
+        caller reuses, when it is large enough; else a new ``bytes``); the checksum is then
+        verified on the copy, the bytes that will be sent. Verifying shared memory and then
+        sending from it would leave a window in which a poisoned arena reaches a client."""
         stats = self.cache_stats
         if self._gate_closed:
             stats.served_during_recovery += 1
@@ -273,36 +274,45 @@ class McsWebCache(McsComponent):
                     pin = off + L.E_PINS + 8 * self.member.slot
                     sec.add64(pin, 1)
                     faults.point("webcache.hit.pinned")
-                # Pinned: the entry's fields cannot change under us (the owner frees only
-                # unpinned entries), so one unaligned read of them is as good as five loads.
-                size, mtime, inode, dev, crc = _ENTRY_FIELDS.unpack_from(
-                    sec.view(off + L.E_SIZE, _ENTRY_FIELDS.size))
-                fresh = (size == f.size and mtime == f.mtime_ns and inode == f.inode
-                         and dev == f.dev)
-                data = None
-                if fresh:
+                try:
+                    # Pinned: the entry's fields cannot change under us (the owner frees only
+                    # unpinned entries), so one read of them is as good as five loads.
+                    size, mtime, inode, dev, crc = _ENTRY_FIELDS.unpack_from(
+                        sec.view(off + L.E_SIZE, _ENTRY_FIELDS.size))
+                    fresh = (size == f.size and mtime == f.mtime_ns and inode == f.inode
+                             and dev == f.dev)
+                    data: bytes | memoryview | None = None
                     doff = L.data_offset(off, len(path))
-                    if doff + size <= sec.size:
-                        data = sec.view(doff, size)
-                        if checksum(data) != crc:
-                            stats.checksum_failures += 1
-                            data.release()
-                            data = None  # corrupt: unlinked below, served from disk
-                if data is None:
+                    if fresh and doff + size <= sec.size:
+                        src = sec.view(doff, size)
+                        if into is not None and len(into) >= size:
+                            data = memoryview(into)[:size]
+                            data[:] = src
+                        else:
+                            data = bytes(src)
+                        src.release()
+                        sec.store64(off + L.E_ACCESS, time.monotonic_ns())
+                finally:
                     sec.add64(pin, -1)
+                if data is not None and checksum(data) != crc:
+                    stats.checksum_failures += 1
+                    if isinstance(data, memoryview):
+                        data.release()
+                    data = None  # corrupt: unlinked below, served from disk
+                if data is None:
                     if not fresh:
                         stats.stale += 1
                     self._drop(bucket, ref, h, path)
                     return None
-                sec.store64(off + L.E_ACCESS, time.monotonic_ns())
         except Recovering:
             stats.served_during_recovery += 1
             return None
         except (ClosedError, CorruptObjectError, NotRecoverableError):
             stats.served_during_recovery += 1
             return None
+        faults.point("webcache.hit.verified")  # verified, not yet sent: tests poison here
         stats.hits += 1
-        return Hit(data, sec, pin)
+        return Hit(data)
 
     def _drop(self, bucket: int, ref: int, h: int, path: bytes) -> None:
         """Unlink a stale or corrupt entry (any member may; the owner reclaims the space)."""

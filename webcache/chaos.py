@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = soak(args.seconds, args.faults, seed, args.nodes, args.clients)
     except Violation as exc:
         summary = {"seed": seed, "violations": [str(exc)]}
+    except KeyboardInterrupt:  # the nodes were stopped and checked on the way out
+        print(f"mcs-chaos: interrupted (seed {seed})", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     if summary["violations"]:
         print(f"mcs-chaos: VIOLATIONS (replay with --seed {seed})", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 Most requests to a cache are plain ``GET``/``HEAD`` of a cached file. For those the protocol
 does what nginx does: it reads the request head itself, finds the file with one confined
-``openat2`` (webcache/_fs.pyx), takes the entry from the shared cache (pinned, revalidated,
-checksum verified) and writes a prebuilt header block and the data straight from shared memory
-with one ``writev`` — no request object, no router, no copy of the body into Python.
+``openat2`` (webcache/_fs.pyx), copies the entry out of the shared cache into a reused buffer
+(pinned while copying, revalidated, checksum verified on the copy) and writes a prebuilt header
+block and the data with one ``writev`` — no request object, no router, no new Python object
+for the body.
 
 Everything else is handed to aiohttp *with the bytes received so far*, and the connection
 stays with aiohttp from then on: a miss (the fill and its coalescing), directories, conditional
@@ -78,6 +79,9 @@ class FastPath:
         self._prefix = root.root.rstrip("/") + "/"
         self._headers: dict[tuple[str, int, int, int], bytes] = {}
         self._targets: dict[bytes, tuple[bytes, str]] = {}  # checked target -> (rel, path)
+        # Hits are copied here out of shared memory and verified (webcache.cache.lookup), then
+        # written; one buffer per node: the loop serves one request at a time.
+        self.scratch = bytearray(64 * 1024)
         self._date_second = -1
         self._date = b""
         self.enabled = enabled and self._openat2_works()
@@ -285,7 +289,7 @@ class _Connection(asyncio.Protocol):
             raise _Handover
         front = self.front
         cache = front.cache
-        if cache.recovering:
+        if cache.recovering or self.transport.is_closing():
             raise _Handover
         f = front.plain_file(target)
         if f is None:
@@ -296,7 +300,9 @@ class _Connection(asyncio.Protocol):
         if method == b"HEAD":
             self.transport.write(head_out)
         else:
-            hit = cache.lookup(f)
+            if len(front.scratch) < f.size:
+                front.scratch = bytearray(f.size)
+            hit = cache.lookup(f, into=front.scratch)
             if hit is None:
                 raise _Handover  # a miss: aiohttp fills (once in the domain)
             try:
@@ -309,9 +315,9 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def _write(self, head: bytes, data: memoryview) -> None:
-        """Header block and body in one ``writev`` from shared memory when the transport has
-        nothing queued; what the socket does not take is copied into the transport's buffer
-        (the entry is unpinned right after this returns)."""
+        """Header block and body (a view of the scratch buffer) in one ``writev`` when the
+        transport has nothing queued; what the socket does not take is copied into the
+        transport's buffer (the scratch buffer is reused by the next request)."""
         transport = self.transport
         n = 0
         if self.fd >= 0 and not transport.get_write_buffer_size():

@@ -103,6 +103,7 @@ class Member:
         self._requested_timing = timing
         self._callbacks: list[ViewCallback] = []
         self._lock = threading.RLock()
+        self._refresh_lock = threading.RLock()
         self._closing = threading.Event()
         self._fenced = False
         self._pidfds: dict[tuple[int, int], int] = {}
@@ -225,6 +226,10 @@ class Member:
         """Read the published view; if it is new, update watchers/pidfds and run callbacks."""
         if self._closing.is_set():
             return None
+        with self._refresh_lock:  # watchers and the monitor: callbacks once each, in order
+            return self._refresh_view_locked()
+
+    def _refresh_view_locked(self) -> View | None:
         view = self.table.read_view()
         with self._lock:
             previous = self._view
@@ -305,6 +310,10 @@ class Member:
                 # and publish nothing: no redundant recomputation under the root mutex.
                 self._republish(unless=lambda: self.table.field(
                     slot, layout.M_INCARNATION) != incarnation)
+                # This thread is awake and the view is published (by us or by the survivor
+                # that got the life mutex first): run the callbacks now rather than after a
+                # wake-up of the monitor thread.
+                self._refresh_view()
             return
 
     def _monitor_main(self) -> None:

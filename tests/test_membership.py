@@ -286,3 +286,18 @@ def test_deaths_of_one_node_are_waited_for_together():
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_callbacks_run_once_per_generation_in_order(domain, spawn):
+    # Callbacks come from two threads (the watcher that saw a death, the monitor): each
+    # generation must still be reported once, and in increasing order.
+    nodes = start(spawn, domain, 5)
+    survivors = nodes[:2]
+    for victim in nodes[2:]:
+        victim.child.kill()
+        time.sleep(0.002)  # deaths close together: callbacks of several generations overlap
+    alive = [n.pid for n in survivors]
+    for n in survivors:
+        n.wait_view(has_exactly(alive))
+        gens = [v["gen"] for v in n.views]
+        assert gens == sorted(set(gens)), f"generations repeated or out of order: {gens}"

@@ -96,12 +96,12 @@ class _Block:
 
     __slots__ = ("comp", "entry", "thread")
 
-    def __init__(self, comp: "McsComponent") -> None:
+    def __init__(self, comp: "McsComponent", thread: int) -> None:
         self.comp = comp
+        self.thread = thread
 
     def __enter__(self) -> Any:
         comp = self.comp
-        self.thread = get_ident()
         while True:
             if comp._gate_closed:
                 comp._wait_gate(self.thread)
@@ -118,8 +118,14 @@ class _Block:
             comp._idle.set()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._leave()
         comp = self.comp
+        active = comp._active
+        active.discard(self)  # _leave(), inlined: this runs once per block
+        if comp._gate_closed and not active:
+            comp._idle.set()
+        spare = comp._spare_blocks
+        if len(spare) < 1024:  # (bounded: threads come and go)
+            spare[self.thread] = self  # reused by this thread's next block
         if comp._root.load64(MEMORY_FAILURES) != comp._mf_seen and comp.detect_memory_failure():
             raise Recovering("a memory failure was detected during the block; retry")
         if comp._interrupts != self.entry and exc_type is not Recovering:
@@ -176,6 +182,7 @@ class McsComponent:
         self._gate_closed = True  # closed until the first recovery completes
         self._gate = threading.Condition()
         self._active: set[_Block] = set()
+        self._spare_blocks: dict[int, _Block] = {}
         self._idle = threading.Event()
         self._interrupts = 0
         self._interrupt = threading.Event()
@@ -273,13 +280,17 @@ class McsComponent:
 
     def consistent(self) -> _Block:
         """``with comp.consistent() as view:`` — a block that sees consistent global state."""
-        return _Block(self)
+        thread = get_ident()
+        # One spare block object per thread (a nested block makes its own): building one is
+        # a third of what an empty block costs.
+        block = self._spare_blocks.pop(thread, None)
+        return block if block is not None else _Block(self, thread)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` inside a consistent block, retrying it after every recovery."""
         while True:
             try:
-                with _Block(self):
+                with self.consistent():
                     return fn(*args, **kwargs)
             except Recovering:
                 if self._stopping.is_set():

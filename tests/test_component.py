@@ -80,6 +80,27 @@ def test_start_register_lookup_stop(domain):
     assert not Path(f"/dev/shm/mcs.{domain}.registry").exists()
 
 
+def test_nested_blocks_and_threads_each_get_their_own_block(domain):
+    import threading
+
+    with Registry(domain, **FAST) as reg:
+        with reg.consistent() as outer_view:
+            with reg.consistent() as inner_view:  # nested: a second, distinct block
+                assert inner_view is outer_view
+                assert len(reg._active) == 2
+            assert len(reg._active) == 1
+        assert not reg._active
+        first = reg.consistent()
+        with first:
+            pass
+        assert reg.consistent() is first  # this thread's spare block, reused
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(reg.consistent()))
+        t.start()
+        t.join()
+        assert seen[0] is not first  # another thread never gets it
+
+
 def test_empty_consistent_block_and_retry_helpers(domain):
     with Registry(domain, **FAST) as reg:
         with reg.consistent() as view:

@@ -270,9 +270,7 @@ def make_app(args: argparse.Namespace):
     from webcache.paths import DocumentRoot, Forbidden, NotFound
     from webcache.semantics import (
         RangeNotSatisfiable,
-        content_type,
-        etag,
-        http_date,
+        file_headers,
         if_range_ok,
         is_not_modified,
         parse_range,
@@ -317,10 +315,9 @@ def make_app(args: argparse.Namespace):
             raise web.HTTPForbidden(text=f"403 forbidden: {exc}\n") from None
         except NotFound:
             raise web.HTTPNotFound(text="404 not found\n") from None
-        tag = etag(f.size, f.mtime_ns, f.inode)
-        headers = {"ETag": tag, "Last-Modified": http_date(min(f.mtime_ns, time.time_ns())),
-                   "Content-Type": content_type(f.path), "Accept-Ranges": "bytes",
-                   "X-Mcs-Node": node_pid}
+        headers = file_headers(f.path, f.size, f.mtime_ns, f.inode)
+        headers["X-Mcs-Node"] = node_pid
+        tag = headers["ETag"]
         if precondition_failed(request.headers, tag, f.mtime_ns):
             raise web.HTTPPreconditionFailed(headers={"ETag": tag})
         if is_not_modified(request.headers, tag, f.mtime_ns):

@@ -440,17 +440,13 @@ class McsComponent:
         self.request_recovery(f"membership generation {view.generation}")
 
     def _view_covered(self, generation: int) -> bool:
-        """True if a recovery already covers membership ``generation``: one failure seen by
-        every survivor must start one global recovery, not one per survivor that is late.
-
-        Covered when an epoch has agreed on this view or a later one, or when a requested epoch
-        has not agreed yet (it records the view current when it agrees, which is at least this
-        one: views are published and agreed under the same root mutex). A covering epoch that
-        fails or is superseded asks for the next one itself."""
-        root = self._root
-        if root.load64(layout.C_VIEW_GEN) >= generation:
-            return True
-        return root.load64(layout.C_REQUESTED) > root.load64(layout.C_AGREED)
+        """True if an epoch already agreed on membership ``generation`` or a later one: one
+        failure seen by every survivor must start one global recovery, not one per survivor
+        that is late. (An epoch requested but not agreed yet covers it too; ``_request`` sees
+        to that: it records the view current when it agrees, which is at least this one, since
+        views are published and agreed under the same root mutex.) A covering epoch that fails
+        or is superseded asks for the next one itself."""
+        return self._root.load64(layout.C_VIEW_GEN) >= generation
 
     def _close_gate(self) -> None:
         with self._gate:

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import Any
 
 from aiohttp import web
 
 from webcache.cache import McsWebCache
-from webcache.fastpath import SERVER, FastPathStats
+from webcache.fastpath import NODE_PID, SERVER, FastPathStats
 from webcache.paths import DocumentRoot, Forbidden, NotFound, ResolvedFile
 from webcache.semantics import (
     RangeNotSatisfiable,
-    content_type,
-    etag,
-    http_date,
+    file_headers,
     if_range_ok,
     is_not_modified,
     parse_range,
@@ -30,7 +27,6 @@ CACHE = web.AppKey("cache", McsWebCache)
 ROOT = web.AppKey("root", DocumentRoot)
 FAST = web.AppKey("fast_path", FastPathStats)  # set by the node when its fast path is in front
 STREAM_CHUNK = 256 * 1024
-NODE_PID = str(os.getpid())  # which node answered (a node is one process)
 
 
 def make_app(cache: McsWebCache, root: DocumentRoot) -> web.Application:
@@ -65,14 +61,9 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
         raise web.HTTPForbidden(text=f"403 forbidden: {exc}\n") from None
     except NotFound:
         raise web.HTTPNotFound(text="404 not found\n") from None
-    tag = etag(f.size, f.mtime_ns, f.inode)
-    headers = {
-        "ETag": tag,
-        "Last-Modified": http_date(min(f.mtime_ns, time.time_ns())),  # never in the future
-        "Content-Type": content_type(f.path),
-        "Accept-Ranges": "bytes",
-        "X-Mcs-Node": NODE_PID,
-    }
+    headers = file_headers(f.path, f.size, f.mtime_ns, f.inode)
+    headers["X-Mcs-Node"] = NODE_PID
+    tag = headers["ETag"]
     if precondition_failed(request.headers, tag, f.mtime_ns):
         raise web.HTTPPreconditionFailed(headers={"ETag": tag})
     if is_not_modified(request.headers, tag, f.mtime_ns):

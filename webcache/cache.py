@@ -270,7 +270,7 @@ class McsWebCache(McsComponent):
                         return None
                     ref, pred, slot = found
                     sec = self._section_of(slot)
-                    off = ref & L.OFFSET_MASK
+                    off = L.split_ref(ref)[1]
                     pin = off + L.E_PINS + 8 * self.member.slot
                     sec.add64(pin, 1)
                     faults.point("webcache.hit.pinned")
@@ -304,10 +304,7 @@ class McsWebCache(McsComponent):
                         stats.stale += 1
                     self._drop(bucket, ref, h, path)
                     return None
-        except Recovering:
-            stats.served_during_recovery += 1
-            return None
-        except (ClosedError, CorruptObjectError, NotRecoverableError):
+        except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
             stats.served_during_recovery += 1
             return None
         faults.point("webcache.hit.verified")  # verified, not yet sent: tests poison here

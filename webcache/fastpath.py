@@ -29,13 +29,14 @@ from typing import Any, Callable
 from webcache._fs import stat_beneath
 from webcache.cache import McsWebCache
 from webcache.paths import DocumentRoot, ResolvedFile
-from webcache.semantics import content_type, etag, http_date
+from webcache.semantics import file_headers, http_date
 
-__all__ = ["FastPath", "FastPathStats", "SERVER"]
+__all__ = ["FastPath", "FastPathStats", "SERVER", "NODE_PID"]
 
 log = logging.getLogger("mcs.webcache.fastpath")
 
 SERVER = "mcs-webcache"
+NODE_PID = str(os.getpid())  # which node answered (X-Mcs-Node; a node is one process)
 MAX_HEAD = 8192  # a longer head is aiohttp's to refuse (431)
 MAX_TARGET = 1024
 IDLE_TIMEOUT = 75.0  # aiohttp's keep-alive default
@@ -86,7 +87,6 @@ class FastPath:
         self._date = b""
         self.enabled = enabled and self._openat2_works()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._node = str(os.getpid())
 
     def _openat2_works(self) -> bool:
         try:
@@ -139,10 +139,9 @@ class FastPath:
         if block is not None:
             return block
         now = time.time_ns()
-        block = (f"HTTP/1.1 200 OK\r\nContent-Type: {content_type(f.path)}\r\n"
-                 f"Content-Length: {f.size}\r\nETag: {etag(f.size, f.mtime_ns, f.inode)}\r\n"
-                 f"Last-Modified: {http_date(min(f.mtime_ns, now))}\r\n"
-                 f"Accept-Ranges: bytes\r\nX-Mcs-Node: {self._node}\r\nServer: {SERVER}\r\n"
+        fields = file_headers(f.path, f.size, f.mtime_ns, f.inode, now_ns=now)
+        block = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+                 + f"Content-Length: {f.size}\r\nX-Mcs-Node: {NODE_PID}\r\nServer: {SERVER}\r\n"
                  "Date: ").encode()
         if f.mtime_ns <= now:  # a future mtime gives a Last-Modified that changes: not kept
             if len(self._headers) >= _HEADER_CACHE_MAX:

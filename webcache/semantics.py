@@ -29,7 +29,8 @@ from email.utils import formatdate
 
 from mcs.errors import McsError
 
-__all__ = ["RangeNotSatisfiable", "content_type", "etag", "http_date", "parse_http_date",
+__all__ = ["RangeNotSatisfiable", "content_type", "etag", "http_date", "file_headers",
+           "parse_http_date",
            "parse_etags", "is_not_modified", "precondition_failed", "if_range_ok", "parse_range",
            "MAX_RANGE_DIGITS"]
 
@@ -132,6 +133,15 @@ def http_date(mtime_ns: int) -> str:
     ``min(mtime_ns, time.time_ns())`` for files with a future mtime.
     """
     return _format_seconds(min(max(mtime_ns // NS, 0), MAX_HTTP_SECONDS))
+
+
+def file_headers(path: str, size: int, mtime_ns: int, inode: int, *,
+                 now_ns: int | None = None) -> dict[str, str]:
+    """The headers every answer about a file carries: ETag, Last-Modified (never later than
+    ``now_ns``, default now), Content-Type, Accept-Ranges."""
+    now = time.time_ns() if now_ns is None else now_ns
+    return {"ETag": etag(size, mtime_ns, inode), "Last-Modified": http_date(min(mtime_ns, now)),
+            "Content-Type": content_type(path), "Accept-Ranges": "bytes"}
 
 
 _DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"

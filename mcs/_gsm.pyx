@@ -73,6 +73,40 @@ def checksum(data):
     return h
 
 
+def shm_new(Py_ssize_t size):
+    """Create a private 0600 SysV segment for ``size`` user bytes; returns its id.
+
+    Until :meth:`Section._adopt_sysv` marks it for removal, a crash of this process would leave
+    it behind: :func:`shm_remove_orphan` lets the survivors reclaim it.
+    """
+    cdef int shmid
+    if size <= 0 or size > MAX_SIZE:
+        raise ValueError(f"section size must be in 1..{MAX_SIZE}, got {size}")
+    shmid = shmget(IPC_PRIVATE, size + MCS_HEADER_SIZE, IPC_CREAT | IPC_EXCL | 0o600)
+    if shmid < 0:
+        raise_errno("shmget", errno)
+    return shmid
+
+
+def shm_remove(int shmid):
+    """Mark segment ``shmid`` for removal (freed once nobody has it attached); False if it
+    was gone already."""
+    return shmctl(shmid, IPC_RMID, NULL) == 0
+
+
+def shm_remove_orphan(int shmid, int creator, long not_before):
+    """Mark segment ``shmid`` for removal if it is ours, was made by process ``creator`` no
+    earlier than ``not_before`` (seconds since the epoch), and is not marked yet: a section
+    whose creator died between ``shmget`` and marking it. True if it was removed."""
+    cdef shmid_ds ds
+    if shmctl(shmid, IPC_STAT, &ds) < 0:
+        return False  # gone already
+    if (ds.shm_perm.uid != geteuid() or ds.shm_cpid != creator or ds.shm_ctime < not_before
+            or ds.shm_perm.mode & SHM_DEST):
+        return False
+    return shmctl(shmid, IPC_RMID, NULL) == 0
+
+
 cdef inline raise_errno(str call, int err):
     raise native_error(call, err)
 
@@ -179,17 +213,11 @@ cdef class Section:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def _create_sysv(cls, Py_ssize_t size, uint64_t nonce):
-        """Create, attach and mark for removal a private SysV segment of ``size`` user bytes."""
+    def _adopt_sysv(cls, int shmid, Py_ssize_t size, uint64_t nonce):
+        """Attach the new segment ``shmid`` (from :func:`shm_new`), mark it for removal and
+        write its header; on any error the segment is removed."""
         cdef Section self
-        cdef int shmid
         cdef void* addr
-        cdef shmid_ds ds
-        if size <= 0 or size > MAX_SIZE:
-            raise ValueError(f"section size must be in 1..{MAX_SIZE}, got {size}")
-        shmid = shmget(IPC_PRIVATE, size + MCS_HEADER_SIZE, IPC_CREAT | IPC_EXCL | 0o600)
-        if shmid < 0:
-            raise_errno("shmget", errno)
         addr = shmat(shmid, NULL, 0)
         if addr == <void*>-1:
             err = errno

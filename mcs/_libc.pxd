@@ -61,12 +61,15 @@ cdef extern from "<sys/shm.h>" nogil:
         ipc_perm shm_perm
         size_t shm_segsz
         unsigned long shm_nattch
+        int shm_cpid
+        long shm_ctime
     enum:
         IPC_PRIVATE
         IPC_CREAT
         IPC_EXCL
         IPC_RMID
         IPC_STAT
+        SHM_DEST
     int shmget(key_t, size_t, int)
     void* shmat(int, const void*, int)
     int shmdt(const void*)

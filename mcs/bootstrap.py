@@ -22,7 +22,7 @@ import posix_ipc
 from mcs import layout
 from mcs._gsm import GlobalEvent, GlobalMutex
 from mcs.errors import BootstrapError, LockUsageError
-from mcs.section import Section
+from mcs.section import Section, reap_orphans
 from mcs.types import LockStatus
 
 __all__ = ["Bootstrap", "domain_path", "validate_domain", "list_domains"]
@@ -197,6 +197,18 @@ class Bootstrap:
     def live_slots(self) -> list[int]:
         """Slots whose life mutex is held by a live process (frozen ones count as live)."""
         return [s for s in range(layout.MAX_MEMBERS) if self.probe_slot(s) == "live"]
+
+    def reap_dead_members_segments(self) -> list[int]:
+        """Reclaim segments left unmarked by members that died (a slot in use whose life mutex
+        nobody holds). Call with no live member, e.g. before re-initialising or retiring."""
+        dead = []
+        for slot in range(layout.MAX_MEMBERS):
+            state = self.section.load64(layout.member_offset(slot, layout.M_STATE))
+            if state in (layout.SLOT_MEMBER, layout.SLOT_DEAD, layout.SLOT_FENCED) and (
+                    self.probe_slot(slot) != "live"):
+                dead.append((self.section.load64(layout.member_offset(slot, layout.M_PID)),
+                             self.section.load64(layout.member_offset(slot, layout.M_JOINED_NS))))
+        return reap_orphans(dead)
 
     def still_linked(self) -> bool:
         """True if the name still refers to the object this handle mapped."""

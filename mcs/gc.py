@@ -76,6 +76,7 @@ def _collect_one(domain: str, st: os.stat_result, dry_run: bool, lock_timeout: f
             if live:
                 return GcResult(domain, "kept", f"live: {len(live)} member(s)")
             if not dry_run:
+                boot.reap_dead_members_segments()
                 boot.retire()
             return GcResult(domain, removing, "no live member")
         finally:

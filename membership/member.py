@@ -35,6 +35,7 @@ from mcs import layout
 from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat
 from mcs.bootstrap import Bootstrap
 from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
+from mcs.section import reap_orphans
 from mcs.types import LockStatus
 
 from membership.table import MemberTable
@@ -148,6 +149,7 @@ class Member:
         occupied = table.occupied()
         if occupied and not boot.live_slots():
             log.info("domain %s: no live member left, re-initialising its member table", self.domain)
+            boot.reap_dead_members_segments()
             table.reset()
             occupied = []
         if not any(r.state == layout.SLOT_MEMBER for r in occupied):
@@ -444,11 +446,14 @@ class Member:
         dead_nodes = {r.node for r in gone if r.state in (layout.SLOT_DEAD, layout.SLOT_FENCED)}
         peers = [r for r in members if r.node in dead_nodes and r.slot != self.slot]
         dying = _dying_soon([r.pid for r in peers], NODE_GRACE) if peers else set()
+        crashed = [(r.pid, r.joined_ns) for r in gone
+                   if r.state in (layout.SLOT_DEAD, layout.SLOT_FENCED)]
         for r in peers:
             if r.pid in dying:
                 table.sec.cas64(layout.member_offset(r.slot, layout.M_STATE),
                                 layout.SLOT_MEMBER, layout.SLOT_DEAD)
                 members.remove(r)
+                crashed.append((r.pid, r.joined_ns))
         infos = tuple(r.info for r in members)
         current = table.read_view()
         master = choose_master(infos, current.master)
@@ -460,6 +465,10 @@ class Member:
             if r.state != layout.SLOT_FREE:
                 table.clear(r.slot)
         self._view_event.set()
+        if crashed:
+            # A member killed while creating a section (before marking it for removal) left
+            # the segment behind; the survivor that publishes its death reclaims it.
+            reap_orphans(crashed)
 
     # -- leaving ------------------------------------------------------------------------
 

@@ -47,6 +47,22 @@ def sysv_segments() -> set[int]:
     return ids
 
 
+def describe_segments(ids: set[int]) -> str:
+    """Creator, last user and attach count of each segment in ``ids`` (for a leak report)."""
+    out = []
+    with open("/proc/sysvipc/shm") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if int(fields[1]) in ids:
+                cpid, lpid, nattch = int(fields[4]), int(fields[5]), int(fields[6])
+                alive = [pid for pid in (cpid, lpid) if os.path.exists(f"/proc/{pid}")]
+                removed = int(fields[2], 8) & 0o1000 != 0  # SHM_DEST: marked for removal
+                out.append(f"{fields[1]}: size {fields[3]} creator {cpid} last {lpid} "
+                           f"attached {nattch} marked-removed {removed} alive {alive}")
+    return "; ".join(out)
+
+
 def mcs_shm_objects() -> set[str]:
     """The bootstrap objects of this test run: every domain the tests make carries our pid
     (so a concurrent run, or a live cache on this host, is not taken for a leak)."""
@@ -74,7 +90,8 @@ def no_leaks() -> Iterator[None]:
     if not ok:
         leaked_seg = sysv_segments() - segments
         leaked_obj = mcs_shm_objects() - objects
-        pytest.fail(f"leaked shared memory: segments {sorted(leaked_seg)}, objects {sorted(leaked_obj)}")
+        pytest.fail(f"leaked shared memory: segments {sorted(leaked_seg)} "
+                    f"({describe_segments(leaked_seg)}), objects {sorted(leaked_obj)}")
 
 
 # -- domains ----------------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""A member killed between creating a SysV segment and marking it for removal leaves the segment
+behind; the survivor that publishes its death, the next joiner of a dead domain, or `mcs gc`
+reclaims it. The kill is real: the fault point `section.create.unmarked` SIGKILLs the child."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import membership
+from conftest import wait_for
+from mcs import gc
+from mcs.section import SYSV_TABLE, Section, reap_orphans
+
+FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
+
+DIES_CREATING = """
+import os, sys
+import membership
+from mcs import faults
+from mcs.section import Section
+m = membership.join(sys.argv[1], node="doomed", heartbeat=0.02, suspect_after=0.1, evict_after=0.3)
+print("joined", flush=True)
+sys.stdin.readline()
+faults.arm("section.create.unmarked", "kill")
+Section.create(12345)
+print("survived", flush=True)
+"""
+
+
+def segments_of(pid: int) -> list[tuple[int, int]]:
+    """(shmid, perms) of the segments process ``pid`` created."""
+    with open(SYSV_TABLE) as table:
+        next(table)
+        return [(int(f[1]), int(f[2], 8)) for f in map(str.split, table) if int(f[4]) == pid]
+
+
+def orphan_of(spawn, domain: str):
+    """A child member of ``domain`` that, told "go", dies by SIGKILL right after shmget."""
+    child = spawn(DIES_CREATING, domain)
+    child.expect("joined")
+    return child
+
+
+def test_a_survivor_reclaims_the_segment_of_a_member_killed_while_creating_it(domain, spawn):
+    with membership.join(domain, node="survivor", **FAST) as me:
+        child = orphan_of(spawn, domain)
+        assert wait_for(lambda: len(me.view.members) == 2)
+        child.send("go")
+        assert child.wait() == -9
+        assert wait_for(lambda: [x.pid for x in me.view.members] == [os.getpid()])
+        assert wait_for(lambda: segments_of(child.pid) == [], 2.0), segments_of(child.pid)
+
+
+def test_the_next_joiner_of_a_dead_domain_reclaims_it(domain, spawn):
+    child = orphan_of(spawn, domain)
+    child.send("go")
+    assert child.wait() == -9
+    [(shmid, perms)] = segments_of(child.pid)
+    assert perms & 0o1000 == 0 and perms & 0o777 == 0o600  # left unmarked: nobody frees it
+    with membership.join(domain, node="phoenix", **FAST):
+        assert segments_of(child.pid) == []
+
+
+def test_mcs_gc_reclaims_it_with_the_dead_domain(domain, spawn):
+    child = orphan_of(spawn, domain)
+    child.send("go")
+    assert child.wait() == -9
+    assert len(segments_of(child.pid)) == 1
+    result = gc.collect_domain(domain)
+    assert result is not None and result.action == "removed"
+    assert segments_of(child.pid) == []
+
+
+def test_reaping_spares_live_and_marked_segments_and_other_creators(domain, spawn):
+    child = orphan_of(spawn, domain)
+    with Section.create(100) as mine:  # marked for removal at creation: never reaped
+        assert reap_orphans([(os.getpid(), 0)]) == []
+        child.send("go")
+        assert child.wait() == -9
+        [(orphan, _)] = segments_of(child.pid)
+        # a creator that started after the segment was made is a stranger with a reused pid
+        assert reap_orphans([(child.pid, time.time_ns() + 3_600_000_000_000)]) == []
+        assert reap_orphans([(child.pid + 1_000_000, 0)]) == []
+        assert reap_orphans([(child.pid, 0)]) == [orphan]
+        assert segments_of(child.pid) == []
+        assert mine.load64(0) == 0  # ours untouched
+    # the domain the child joined is dead: its bootstrap goes with the fixture
+

@@ -1,5 +1,6 @@
-"""Builds the native modules (metadata is in pyproject.toml): mcs._gsm, the GSM core, and
-webcache._fs, the fast path's confined file lookup."""
+"""Builds the native modules (metadata is in pyproject.toml): mcs._gsm, the GSM core,
+webcache._fs, the fast path's confined file lookup, and webcache._hit, the hit path's chain
+walk and checked copy."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -16,6 +17,12 @@ extensions = [
         "webcache._fs",
         ["webcache/_fs.pyx"],
         extra_compile_args=["-O2"],
+    ),
+    Extension(
+        "webcache._hit",
+        ["webcache/_hit.pyx"],
+        include_dirs=["mcs"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
     ),
 ]
 

@@ -23,7 +23,7 @@ from mcs.errors import (
 from mcs.types import LockStatus, MutexOwner
 
 try:
-    from mcs._gsm import GlobalEvent, GlobalMutex, checksum, monotonic_ns
+    from mcs._gsm import GlobalEvent, GlobalMutex, checksum, copy_checksum, monotonic_ns
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "mcs: the native core mcs._gsm is not built. Install the package with "
@@ -53,6 +53,7 @@ __all__ = [
     "Recovering",
     "Section",
     "checksum",
+    "copy_checksum",
     "monotonic_ns",
 ]
 

@@ -58,7 +58,8 @@ def realtime_ns():
 
 def checksum(data):
     """64-bit checksum of a contiguous buffer (bytes, memoryview, a section view): detects a
-    corrupted copy; about 5x faster than ``zlib.crc32``. The GIL is released above 256 KiB."""
+    corrupted copy (not an adversary). AVX2 when the CPU has it (same value either way): about
+    9x faster than ``zlib.crc32`` on 64 KiB. The GIL is released above 256 KiB."""
     cdef Py_buffer buf
     cdef uint64_t h
     PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
@@ -71,6 +72,49 @@ def checksum(data):
     finally:
         PyBuffer_Release(&buf)
     return h
+
+
+def copy_checksum(dst, src):
+    """Copy ``src`` into the start of the writable buffer ``dst`` and return the checksum of
+    the bytes written, in one pass: ``checksum(dst[:len(src)])``, however ``src`` (shared memory)
+    changes meanwhile. ValueError if ``dst`` is too small."""
+    cdef Py_buffer d
+    cdef Py_buffer s
+    cdef uint64_t h
+    PyObject_GetBuffer(dst, &d, PyBUF_WRITABLE)
+    try:
+        PyObject_GetBuffer(src, &s, PyBUF_SIMPLE)
+        try:
+            if d.len < s.len:
+                raise ValueError(f"destination holds {d.len} bytes, source has {s.len}")
+            if s.len >= 262144:
+                with nogil:
+                    h = mcs_copy_checksum64(<unsigned char *>d.buf,
+                                            <const unsigned char *>s.buf, <size_t>s.len)
+            else:
+                h = mcs_copy_checksum64(<unsigned char *>d.buf, <const unsigned char *>s.buf,
+                                        <size_t>s.len)
+        finally:
+            PyBuffer_Release(&s)
+    finally:
+        PyBuffer_Release(&d)
+    return h
+
+
+def _checksum_paths(data):
+    """The checksum of ``data`` by each implementation this CPU can run ({"scalar": .., "avx2":
+    ..}): they must agree (tests)."""
+    cdef Py_buffer buf
+    out = {}
+    PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+    try:
+        out["scalar"] = mcs_checksum_impl(NULL, <const unsigned char *>buf.buf, <size_t>buf.len, 0)
+        if mcs_use_avx2():
+            out["avx2"] = mcs_checksum_impl(NULL, <const unsigned char *>buf.buf,
+                                            <size_t>buf.len, 1)
+    finally:
+        PyBuffer_Release(&buf)
+    return out
 
 
 def shm_new(Py_ssize_t size):

@@ -92,6 +92,9 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef extern from "gsm_native.h" nogil:
     uint64_t mcs_checksum64(const unsigned char *p, size_t n)
+    uint64_t mcs_copy_checksum64(unsigned char *dst, const unsigned char *src, size_t n)
+    uint64_t mcs_checksum_impl(unsigned char *dst, const unsigned char *src, size_t n, int path)
+    int mcs_use_avx2()
     # Section header (first 64 bytes of every mapping).
     ctypedef struct mcs_header:
         uint64_t magic

@@ -183,47 +183,159 @@ static void mcs_beat_stop(mcs_beat *b) {
     free(b);
 }
 
-/* A 64-bit checksum of a buffer, to detect corrupted cache entries (not adversaries): eight
- * independent add-multiply-rotate lanes over 8-byte words (one multiply per word; the CPU runs
- * the lanes in parallel, ~5x zlib's crc32), then the lanes folded and a final avalanche. */
+/* A 64-bit checksum of a buffer, to detect corrupted cache entries (not adversaries).
+ *
+ * Eight 64-bit lane accumulators take one 64-byte stripe (eight words w[0..7]) per step:
+ *     x = w[k] ^ KEY[k];   acc[k] += lo32(x) * hi32(x) + w[k ^ 1]
+ * (every word enters one lane through a 32x32->64 multiply and its neighbour lane by addition),
+ * and every 16 stripes each lane is scrambled: acc ^= acc >> 47; acc ^= SKEY[k]; acc *= P32.
+ * Then the lanes, the tail words and bytes are folded and the result avalanched.
+ *
+ * The same function has a portable scalar form and an AVX2 form (4 lanes per register, 64-byte
+ * stripe = 2 registers), chosen at run time; both give the same value. mcs_copy_checksum64 also
+ * copies src to dst in the same pass and sums the words it stores, so the value describes the
+ * copy exactly even if src changes meanwhile (shared memory poisoned by another process). */
 #define MCS_K1 0x9E3779B185EBCA87ULL
 #define MCS_K2 0xC2B2AE3D27D4EB4FULL
 #define MCS_K3 0x165667B19E3779F9ULL
+#define MCS_P32 0x9E3779B1ULL
+#define MCS_SCRAMBLE_EVERY 16 /* stripes */
+
+static const uint64_t MCS_KEY[8] = {
+    0xBE4BA423396CFEB8ULL, 0x1CAD21F72C81017CULL, 0xDB979083E96DD4DEULL, 0x1F67B3B7A4A44072ULL,
+    0x78E5C0CC4EE679CBULL, 0x2172FFCC7DD05A82ULL, 0x8E2443F7744608B8ULL, 0x4C263A81E69035E0ULL};
+static const uint64_t MCS_SKEY[8] = {
+    0xCB00C391BB52283CULL, 0xA32E531B8B65D088ULL, 0x4EF90DA297486471ULL, 0xD8ACDEA946EF1938ULL,
+    0x3F349CE33F76FAA8ULL, 0x1D4F0BC7C7BBDCF9ULL, 0x3159B4CD4BE0518AULL, 0x647378D9C97E9FC8ULL};
 
 static inline uint64_t mcs_rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
-static inline uint64_t mcs_mix(uint64_t acc, uint64_t word) {
-    return mcs_rotl64((acc + word) * MCS_K1, 31);
-}
-
-static uint64_t mcs_checksum64(const unsigned char *p, size_t n) {
-    uint64_t lane[8];
-    for (int k = 0; k < 8; k++)
-        lane[k] = MCS_K2 * (uint64_t)(k + 1);
-    size_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        uint64_t w[8];
-        memcpy(w, p + i, 64);
-#pragma GCC unroll 8
-        for (int k = 0; k < 8; k++)
-            lane[k] = mcs_mix(lane[k], w[k]);
-    }
+static inline uint64_t mcs_fold(uint64_t lane[8], const unsigned char *tail, size_t n, size_t i) {
     uint64_t h = (uint64_t)n * MCS_K3;
     for (int k = 0; k < 8; k++)
         h = mcs_rotl64(h ^ (lane[k] * MCS_K2), 27) * MCS_K1 + MCS_K3;
     for (; i + 8 <= n; i += 8) {
         uint64_t w;
-        memcpy(&w, p + i, 8);
-        h = mcs_rotl64(h ^ mcs_mix(MCS_K3, w), 27) * MCS_K1 + MCS_K3;
+        memcpy(&w, tail + i, 8);
+        h = mcs_rotl64(h ^ (mcs_rotl64((MCS_K3 + w) * MCS_K1, 31)), 27) * MCS_K1 + MCS_K3;
     }
     for (; i < n; i++)
-        h = mcs_rotl64(h ^ (p[i] * MCS_K3), 11) * MCS_K1;
+        h = mcs_rotl64(h ^ (tail[i] * MCS_K3), 11) * MCS_K1;
     h ^= h >> 33;
     h *= MCS_K2;
     h ^= h >> 29;
     h *= MCS_K3;
     h ^= h >> 32;
     return h;
+}
+
+/* The stripes of [src, src+n) with the lanes in lane[]; copies them to dst unless NULL.
+ * Returns the number of bytes consumed (a multiple of 64). */
+static inline size_t mcs_stripes_scalar(uint64_t lane[8], unsigned char *dst,
+                                        const unsigned char *src, size_t n) {
+    size_t i = 0, stripe = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint64_t w[8];
+        memcpy(w, src + i, 64);
+        if (dst)
+            memcpy(dst + i, w, 64);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            uint64_t x = w[k] ^ MCS_KEY[k];
+            lane[k] += (x & 0xFFFFFFFFULL) * (x >> 32) + w[k ^ 1];
+        }
+        if (++stripe % MCS_SCRAMBLE_EVERY == 0) {
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++)
+                lane[k] = ((lane[k] ^ (lane[k] >> 47)) ^ MCS_SKEY[k]) * MCS_P32;
+        }
+    }
+    return i;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MCS_HAVE_AVX2_PATH 1
+
+__attribute__((target("avx2"))) static size_t mcs_stripes_avx2(
+        uint64_t lane[8], unsigned char *dst, const unsigned char *src, size_t n) {
+    __m256i a0 = _mm256_loadu_si256((const __m256i *)lane);
+    __m256i a1 = _mm256_loadu_si256((const __m256i *)(lane + 4));
+    const __m256i k0 = _mm256_loadu_si256((const __m256i *)MCS_KEY);
+    const __m256i k1 = _mm256_loadu_si256((const __m256i *)(MCS_KEY + 4));
+    const __m256i s0 = _mm256_loadu_si256((const __m256i *)MCS_SKEY);
+    const __m256i s1 = _mm256_loadu_si256((const __m256i *)(MCS_SKEY + 4));
+    const __m256i p32 = _mm256_set1_epi64x((long long)MCS_P32);
+    size_t i = 0, stripe = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m256i d0 = _mm256_loadu_si256((const __m256i *)(src + i));
+        __m256i d1 = _mm256_loadu_si256((const __m256i *)(src + i + 32));
+        if (dst) {
+            _mm256_storeu_si256((__m256i *)(dst + i), d0);
+            _mm256_storeu_si256((__m256i *)(dst + i + 32), d1);
+        }
+        __m256i x0 = _mm256_xor_si256(d0, k0), x1 = _mm256_xor_si256(d1, k1);
+        __m256i m0 = _mm256_mul_epu32(x0, _mm256_srli_epi64(x0, 32));
+        __m256i m1 = _mm256_mul_epu32(x1, _mm256_srli_epi64(x1, 32));
+        /* w[k ^ 1]: swap the two 64-bit words of each 128-bit half */
+        a0 = _mm256_add_epi64(a0, _mm256_add_epi64(m0, _mm256_shuffle_epi32(d0, 0x4E)));
+        a1 = _mm256_add_epi64(a1, _mm256_add_epi64(m1, _mm256_shuffle_epi32(d1, 0x4E)));
+        if (++stripe % MCS_SCRAMBLE_EVERY == 0) {
+            a0 = _mm256_xor_si256(_mm256_xor_si256(a0, _mm256_srli_epi64(a0, 47)), s0);
+            a1 = _mm256_xor_si256(_mm256_xor_si256(a1, _mm256_srli_epi64(a1, 47)), s1);
+            /* a * P32 mod 2^64 = lo32(a) * P32 + (hi32(a) * P32 << 32) */
+            a0 = _mm256_add_epi64(_mm256_mul_epu32(a0, p32),
+                                  _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a0, 32), p32), 32));
+            a1 = _mm256_add_epi64(_mm256_mul_epu32(a1, p32),
+                                  _mm256_slli_epi64(_mm256_mul_epu32(_mm256_srli_epi64(a1, 32), p32), 32));
+        }
+    }
+    _mm256_storeu_si256((__m256i *)lane, a0);
+    _mm256_storeu_si256((__m256i *)(lane + 4), a1);
+    return i;
+}
+#endif
+
+static int mcs_checksum_path = -1; /* 0 scalar, 1 AVX2; set once (a benign race) */
+
+static inline int mcs_use_avx2(void) {
+#ifdef MCS_HAVE_AVX2_PATH
+    if (mcs_checksum_path < 0) {
+        __builtin_cpu_init();
+        mcs_checksum_path = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return mcs_checksum_path;
+#else
+    return 0;
+#endif
+}
+
+static uint64_t mcs_checksum_impl(unsigned char *dst, const unsigned char *src, size_t n,
+                                  int path) {
+    uint64_t lane[8];
+    size_t i;
+    for (int k = 0; k < 8; k++)
+        lane[k] = MCS_K2 * (uint64_t)(k + 1);
+#ifdef MCS_HAVE_AVX2_PATH
+    if (path == 1)
+        i = mcs_stripes_avx2(lane, dst, src, n);
+    else
+#endif
+        i = mcs_stripes_scalar(lane, dst, src, n);
+    if (dst) {
+        /* the tail is summed from the copy, like the stripes */
+        memcpy(dst + i, src + i, n - i);
+        return mcs_fold(lane, dst, n, i);
+    }
+    return mcs_fold(lane, src, n, i);
+}
+
+static uint64_t mcs_checksum64(const unsigned char *p, size_t n) {
+    return mcs_checksum_impl(NULL, p, n, mcs_use_avx2());
+}
+
+static uint64_t mcs_copy_checksum64(unsigned char *dst, const unsigned char *src, size_t n) {
+    return mcs_checksum_impl(dst, src, n, mcs_use_avx2());
 }
 
 #endif

@@ -7,8 +7,9 @@ its arena. Readers pin an entry (one counter per member slot, so a dead reader's
 cleared by recovery) while they copy its bytes out.
 
 A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat → copy the
-data out (into the caller's reused buffer) → unpin → verify the checksum of the copy → send the
-copy. (Verifying shared memory and then sending from it let one poisoned byte through in a
+data out (into the caller's reused buffer), summing the words written in the same pass → unpin →
+compare that sum with the entry's checksum → send the copy. The walk and the checked copy are
+native (``webcache/_hit.pyx``); locking, pinning and recovery stay here. (Verifying shared memory and then sending from it let one poisoned byte through in a
 10-minute chaos soak: the poisoning landed between the check and the send.) Never a stale byte (a changed file is
 unlinked and re-read), never a corrupt one (a checksum mismatch is unlinked, counted, served from
 disk). Misses for one path on several nodes at once are coalesced with a lease in the bucket, so
@@ -21,20 +22,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import struct
 import time
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any, Callable
 
 from mcs import faults, layout as mcs_layout
-from mcs._gsm import GlobalEvent, GlobalMutex, checksum
+from mcs._gsm import GlobalEvent, GlobalMutex, copy_checksum
 from mcs.component import McsComponent
 from mcs.errors import ClosedError, CorruptObjectError, McsError, NotRecoverableError, Recovering
 from mcs.section import Section
 from mcs.types import LockStatus
 
-from webcache import layout as L
+from webcache import _hit, layout as L
 from webcache.arena import Allocator
 from webcache.paths import ResolvedFile
 
@@ -92,9 +92,8 @@ class Hit:
 
 
 _KEYS_MAX = 16384
-# size, mtime_ns, inode, dev, checksum: contiguous in the entry header from E_SIZE on
-_ENTRY_FIELDS = struct.Struct("<5Q")
-assert (L.E_MTIME, L.E_INODE, L.E_DEV, L.E_SUM) == tuple(L.E_SIZE + 8 * i for i in range(1, 5))
+# The native hit path reads the same layout.
+assert all(getattr(L, name) == value for name, value in _hit.LAYOUT.items()), _hit.LAYOUT
 
 
 class McsWebCache(McsComponent):
@@ -192,30 +191,14 @@ class McsWebCache(McsComponent):
     def _section_of(self, slot: int) -> Section:
         return self.contribution_of(slot)
 
-    def _walk(self, bucket: int, h: int, path: bytes) -> tuple[int, int, int] | None:
-        """Under the bucket lock: (ref, predecessor ref or 0, slot) of the entry for ``path``."""
-        area = self.master_area
-        ref = area.load64(L.bucket_offset(bucket) + L.B_HEAD)
-        pred = 0
-        steps = 0
-        while ref:
-            slot, off = L.split_ref(ref)
-            if not 0 <= slot < mcs_layout.MAX_MEMBERS:
-                return self._corrupt(f"bucket {bucket}: ref to slot {slot}")
-            sec = self._section_of(slot)
-            if off < L.ARENA_HEADER or off + L.ENTRY_HEADER > sec.size:
-                return self._corrupt(f"bucket {bucket}: ref offset {off} out of range")
-            if sec.load64(off + L.E_HASH) == h:
-                plen = sec.load64(off + L.E_PATH_LEN)
-                if plen == len(path) and off + L.ENTRY_HEADER + plen <= sec.size and \
-                        sec.view(off + L.ENTRY_HEADER, plen) == path:
-                    return ref, pred, slot
-            pred = ref
-            ref = sec.load64(off + L.E_NEXT)
-            steps += 1
-            if steps > L.MAX_CHAIN:
-                return self._corrupt(f"bucket {bucket}: chain too long (cycle?)")
-        return None
+    def _walk(self, bucket: int, h: int, path: bytes) -> tuple[int, int, int, Section] | None:
+        """Under the bucket lock: (ref, predecessor ref or 0, slot, its section) of the entry
+        for ``path`` (the walk itself is native: ``webcache._hit.walk``)."""
+        found = _hit.walk(self.master_area, self._section_of, L.bucket_offset(bucket) + L.B_HEAD,
+                          h, path, mcs_layout.MAX_MEMBERS, L.MAX_CHAIN)
+        if found.__class__ is str:
+            return self._corrupt(f"bucket {bucket}: {found}")
+        return found
 
     def _corrupt(self, why: str) -> None:
         self.request_recovery(f"corrupt master table: {why}")
@@ -253,9 +236,9 @@ class McsWebCache(McsComponent):
         """A revalidated, checksum-verified copy of the entry for ``f``, or None (a miss).
 
         The entry is pinned only while its bytes are copied out (into ``into``, a buffer the
-        caller reuses, when it is large enough; else a new ``bytes``); the checksum is then
-        verified on the copy, the bytes that will be sent. Verifying shared memory and then
-        sending from it would leave a window in which a poisoned arena reaches a client."""
+        caller reuses, when it is large enough; else a new ``bytes``) and summed from the copy,
+        the bytes that will be sent. Verifying shared memory and then sending from it would
+        leave a window in which a poisoned arena reaches a client."""
         stats = self.cache_stats
         if self._gate_closed:
             stats.served_during_recovery += 1
@@ -268,39 +251,27 @@ class McsWebCache(McsComponent):
                     found = self._walk(bucket, h, path)
                     if found is None:
                         return None
-                    ref, pred, slot = found
-                    sec = self._section_of(slot)
-                    off = L.split_ref(ref)[1]
+                    ref, _, _, sec = found
+                    off = ref & L.OFFSET_MASK
                     pin = off + L.E_PINS + 8 * self.member.slot
                     sec.add64(pin, 1)
                     faults.point("webcache.hit.pinned")
                 try:
                     # Pinned: the entry's fields cannot change under us (the owner frees only
-                    # unpinned entries), so one read of them is as good as five loads.
-                    size, mtime, inode, dev, crc = _ENTRY_FIELDS.unpack_from(
-                        sec.view(off + L.E_SIZE, _ENTRY_FIELDS.size))
-                    fresh = (size == f.size and mtime == f.mtime_ns and inode == f.inode
-                             and dev == f.dev)
-                    data: bytes | memoryview | None = None
-                    doff = L.data_offset(off, len(path))
-                    if fresh and doff + size <= sec.size:
-                        src = sec.view(doff, size)
-                        if into is not None and len(into) >= size:
-                            data = memoryview(into)[:size]
-                            data[:] = src
-                        else:
-                            data = bytes(src)
-                        src.release()
-                        sec.store64(off + L.E_ACCESS, time.monotonic_ns())
+                    # unpinned entries). Copied and summed in one pass, from the words written
+                    # to the copy: what is verified is what will be sent.
+                    got = _hit.copy_out(sec, off, len(path), f.size, f.mtime_ns, f.inode, f.dev,
+                                        into)
                 finally:
                     sec.add64(pin, -1)
-                if data is not None and checksum(data) != crc:
-                    stats.checksum_failures += 1
-                    if isinstance(data, memoryview):
-                        data.release()
-                    data = None  # corrupt: unlinked below, served from disk
-                if data is None:
-                    if not fresh:
+                if got is True:
+                    data: bytes | memoryview = memoryview(into)[:f.size]  # type: ignore[arg-type]
+                elif got.__class__ is bytes:
+                    data = got
+                else:
+                    if got == _hit.CORRUPT:
+                        stats.checksum_failures += 1  # corrupt: unlinked below, served from disk
+                    elif got == _hit.STALE:
                         stats.stale += 1
                     self._drop(bucket, ref, h, path)
                     return None
@@ -404,8 +375,7 @@ class McsWebCache(McsComponent):
                     arena.store64(off + field_, value)
                 arena.view(off + L.ENTRY_HEADER, len(path))[:] = path
                 doff = L.data_offset(off, len(path))
-                arena.view(doff, len(data))[:] = data
-                arena.store64(off + L.E_SUM, checksum(arena.view(doff, len(data))))
+                arena.store64(off + L.E_SUM, copy_checksum(arena.view(doff, len(data)), data))
                 arena.store64(off + L.E_MAGIC, L.ENTRY_MAGIC)
                 self._entries[off] = _Local(off, size, h, f.path)
                 area = self.master_area

@@ -22,9 +22,9 @@ from __future__ import annotations
 from mcs import layout as mcs_layout
 from mcs._gsm import EVENT_SIZE, MUTEX_SIZE
 
-TABLE_MAGIC = int.from_bytes(b"MCSWCTB2", "little")
-ARENA_MAGIC = int.from_bytes(b"MCSWCAR2", "little")
-ENTRY_MAGIC = int.from_bytes(b"MCSWCEN2", "little")
+TABLE_MAGIC = int.from_bytes(b"MCSWCTB3", "little")
+ARENA_MAGIC = int.from_bytes(b"MCSWCAR3", "little")
+ENTRY_MAGIC = int.from_bytes(b"MCSWCEN3", "little")
 
 BUCKETS = 4096
 BUCKET_SIZE = 128

@@ -108,6 +108,7 @@ class Member:
         self._closing = threading.Event()
         self._fenced = False
         self._pidfds: dict[tuple[int, int], int] = {}
+        self._to_reap: list[tuple[int, int]] = []  # (pid, joined_ns) of crashed members
         self._watchers: dict[tuple[int, int], threading.Thread] = {}
         self._suspected: set[tuple[int, int]] = set()
         self._view: View | None = None
@@ -316,6 +317,7 @@ class Member:
                 # that got the life mutex first): run the callbacks now rather than after a
                 # wake-up of the monitor thread.
                 self._refresh_view()
+                self._reap_pending()
             return
 
     def _monitor_main(self) -> None:
@@ -325,6 +327,7 @@ class Member:
                 self._view_event.wait(seen, timeout=self.timing.check_interval)
                 seen = self._view_event.value
                 self._refresh_view()
+                self._reap_pending()
                 if self._check_fenced():
                     return
                 self._check_heartbeats()
@@ -391,6 +394,7 @@ class Member:
         finally:
             root.unlock()
         self._wait_gone(m)
+        self._reap_pending()
 
     def _fence(self, m: MemberInfo) -> bool:
         """Record the fence and SIGKILL the member through the pidfd taken when first seen."""
@@ -465,9 +469,19 @@ class Member:
             if r.state != layout.SLOT_FREE:
                 table.clear(r.slot)
         self._view_event.set()
+        # A member killed while creating a section (before marking it for removal) left the
+        # segment behind; the survivor that publishes its death reclaims it, once the view
+        # and the callbacks are out (not on the detection path): see _reap_pending().
+        self._to_reap.extend(crashed)
+
+    def _reap_pending(self) -> None:
+        crashed = []
+        while self._to_reap:  # pop() is atomic: a watcher may be adding meanwhile
+            try:
+                crashed.append(self._to_reap.pop())
+            except IndexError:
+                break
         if crashed:
-            # A member killed while creating a section (before marking it for removal) left
-            # the segment behind; the survivor that publishes its death reclaims it.
             reap_orphans(crashed)
 
     # -- leaving ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import time
 from typing import Callable
 
 from mcs import layout
-from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat
+from mcs._gsm import GlobalEvent, Heartbeat
 from mcs.bootstrap import Bootstrap
 from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
 from mcs.section import reap_orphans

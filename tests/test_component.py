@@ -4,7 +4,6 @@ master death, failures during recovery, poisoned memory, and a seeded randomized
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

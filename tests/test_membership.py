@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import membership
-from conftest import wait_for
 
 FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
 

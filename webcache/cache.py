@@ -32,7 +32,6 @@ from mcs._gsm import GlobalEvent, GlobalMutex, copy_checksum
 from mcs.component import McsComponent
 from mcs.errors import ClosedError, CorruptObjectError, McsError, NotRecoverableError, Recovering
 from mcs.section import Section
-from mcs.types import LockStatus
 
 from webcache import _hit, layout as L
 from webcache.arena import Allocator

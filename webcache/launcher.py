@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import re
 import select
 import signal

@@ -267,15 +267,8 @@ def _read_whole(path: str) -> bytes:
 def make_app(args: argparse.Namespace):
     from aiohttp import web
 
-    from webcache.paths import DocumentRoot, Forbidden, NotFound
-    from webcache.semantics import (
-        RangeNotSatisfiable,
-        file_headers,
-        if_range_ok,
-        is_not_modified,
-        parse_range,
-        precondition_failed,
-    )
+    from webcache.app import plan_file_response
+    from webcache.paths import DocumentRoot
 
     root = DocumentRoot(args.root)
     stats = Stats()
@@ -307,36 +300,10 @@ def make_app(args: argparse.Namespace):
             await redis_box[0].set(b"%s\0%d:%d:%d" % (os.fsencode(f.path), *validator), data)
 
     async def serve_file(request: web.Request) -> web.StreamResponse:
-        if request.method not in ("GET", "HEAD"):
-            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
-        try:
-            f = root.resolve(request.path, request.raw_path)
-        except Forbidden as exc:
-            raise web.HTTPForbidden(text=f"403 forbidden: {exc}\n") from None
-        except NotFound:
-            raise web.HTTPNotFound(text="404 not found\n") from None
-        headers = file_headers(f.path, f.size, f.mtime_ns, f.inode)
-        headers["X-Mcs-Node"] = node_pid
-        tag = headers["ETag"]
-        if precondition_failed(request.headers, tag, f.mtime_ns):
-            raise web.HTTPPreconditionFailed(headers={"ETag": tag})
-        if is_not_modified(request.headers, tag, f.mtime_ns):
-            return web.Response(status=304, headers={"ETag": tag,
-                                                     "Last-Modified": headers["Last-Modified"]})
-        span = None
-        if "Range" in request.headers and if_range_ok(request.headers, tag, f.mtime_ns):
-            try:
-                span = parse_range(request.headers.get("Range"), f.size)
-            except RangeNotSatisfiable:
-                raise web.HTTPRequestRangeNotSatisfiable(
-                    headers={"Content-Range": f"bytes */{f.size}"}) from None
-        status = 200
-        if span is not None:
-            status = 206
-            headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{f.size}"
-        if request.method == "HEAD":
-            headers["Content-Length"] = str(f.size if span is None else span[1] - span[0])
-            return web.Response(status=status, headers=headers)
+        planned = plan_file_response(request, root, node_pid)
+        if isinstance(planned, web.Response):
+            return planned
+        f, status, headers, span = planned
         if f.size > args.max_entry:
             data = read_file(f.path)  # never cached (the bench files are all below the limit)
         else:

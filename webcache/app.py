@@ -50,11 +50,17 @@ def _read_whole(path: str) -> bytes:
         return fh.read()
 
 
-async def serve_file(request: web.Request) -> web.StreamResponse:
+Planned = tuple[ResolvedFile, int, dict[str, str], "tuple[int, int] | None"]
+
+
+def plan_file_response(request: web.Request, root: DocumentRoot,
+                       node_pid: str) -> web.Response | Planned:
+    """What a file response is, before its bytes: the method (405), the path (403/404), the
+    validators (412/304), the range (206/416) and HEAD. Returns the finished response, or
+    ``(file, status, headers, span)`` for a GET that needs the body. Shared by the node and the
+    benchmark's shared-nothing baseline, so both answer with the same HTTP semantics."""
     if request.method not in ("GET", "HEAD"):
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
-    root = request.app[ROOT]
-    cache = request.app[CACHE]
     try:
         f = root.resolve(request.path, request.raw_path)
     except Forbidden as exc:
@@ -62,7 +68,7 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     except NotFound:
         raise web.HTTPNotFound(text="404 not found\n") from None
     headers = file_headers(f.path, f.size, f.mtime_ns, f.inode)
-    headers["X-Mcs-Node"] = NODE_PID
+    headers["X-Mcs-Node"] = node_pid
     tag = headers["ETag"]
     if precondition_failed(request.headers, tag, f.mtime_ns):
         raise web.HTTPPreconditionFailed(headers={"ETag": tag})
@@ -82,6 +88,15 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         headers["Content-Length"] = str(f.size if span is None else span[1] - span[0])
         return web.Response(status=status, headers=headers)
+    return f, status, headers, span
+
+
+async def serve_file(request: web.Request) -> web.StreamResponse:
+    planned = plan_file_response(request, request.app[ROOT], NODE_PID)
+    if isinstance(planned, web.Response):
+        return planned
+    f, status, headers, span = planned
+    cache = request.app[CACHE]
     if f.size > cache.max_entry:
         return await _stream_from_disk(request, f, span, status, headers)
     hit = cache.lookup(f)

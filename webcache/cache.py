@@ -76,8 +76,8 @@ class _Local:
 
 class Hit:
     """A verified cache hit: ``data`` holds the file's bytes, copied out of shared memory and
-    checked against the entry's checksum *after* the copy (so a memory failure during the
-    send cannot reach a client). ``release()`` gives back the view into a caller's buffer."""
+    checked against the entry's checksum as summed from the copy itself (so a memory failure
+    during the send cannot reach a client). ``release()`` gives back the view into a caller's buffer."""
 
     __slots__ = ("data",)
 

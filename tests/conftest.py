@@ -34,17 +34,46 @@ def pytest_configure(config: pytest.Config) -> None:
 # -- leak checks ------------------------------------------------------------------------------
 
 
-def sysv_segments() -> set[int]:
-    """Ids of the SysV segments owned by this user."""
-    uid = os.geteuid()
-    ids = set()
+def _shm_rows() -> list[list[str]]:
     with open("/proc/sysvipc/shm") as f:
         next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[7]) == uid:
-                ids.add(int(fields[1]))
-    return ids
+        return [line.split() for line in f]
+
+
+def sysv_segments() -> dict[int, int]:
+    """Id -> creator pid of the SysV segments owned by this user."""
+    uid = os.geteuid()
+    return {int(r[1]): int(r[4]) for r in _shm_rows() if int(r[7]) == uid}
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def created_by_us(creator: int) -> bool:
+    """Whether a segment's creator is this process, a descendant of it, or dead (a dead creator
+    cannot be placed; counting it keeps the check strict). A live process outside our tree (a
+    running cache, another checkout's tests) is foreign: its segments are never ours to count."""
+    me, pid = os.getpid(), creator
+    for _ in range(64):
+        if pid == me:
+            return True
+        parent = _parent(pid)
+        if parent == 0:
+            return not os.path.exists(f"/proc/{creator}") or pid == creator
+        pid = parent
+    return False
+
+
+def new_segments(before: dict[int, int]) -> set[int]:
+    """Segments that appeared since ``before`` and that this test's process tree created."""
+    return {sid for sid, cpid in sysv_segments().items()
+            if sid not in before and created_by_us(cpid)}
 
 
 def describe_segments(ids: set[int]) -> str:
@@ -86,9 +115,9 @@ def no_leaks() -> Iterator[None]:
     segments, objects = sysv_segments(), mcs_shm_objects()
     yield
     gc.collect()
-    ok = wait_for(lambda: sysv_segments() <= segments and mcs_shm_objects() <= objects, 5.0)
+    ok = wait_for(lambda: not new_segments(segments) and mcs_shm_objects() <= objects, 5.0)
     if not ok:
-        leaked_seg = sysv_segments() - segments
+        leaked_seg = new_segments(segments)
         leaked_obj = mcs_shm_objects() - objects
         pytest.fail(f"leaked shared memory: segments {sorted(leaked_seg)} "
                     f"({describe_segments(leaked_seg)}), objects {sorted(leaked_obj)}")

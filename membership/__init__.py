@@ -6,8 +6,8 @@
 ...     print(member.view)
 """
 
-from membership.member import Member, join
+from membership.member import Member, MemberStats, join
 from membership.timing import Timing
 from membership.view import MemberInfo, View
 
-__all__ = ["Member", "MemberInfo", "Timing", "View", "join"]
+__all__ = ["Member", "MemberInfo", "MemberStats", "Timing", "View", "join"]

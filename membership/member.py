@@ -13,6 +13,12 @@ Threads of one member:
   runs the callbacks, and evicts members whose heartbeat is older than ``evict_after``: SIGKILL
   through a pidfd taken when the member was first seen, never a bare pid.
 
+Descriptors: a view is *handled* once every other member has a watcher and the descriptors the
+member keeps on it (:mod:`membership.peers`); only then does it become ``member.view`` and reach
+the callbacks. Those descriptors come through a reserve (:mod:`membership.fdreserve`), so a
+process at its RLIMIT_NOFILE still handles views; if even the reserve is spent, the view is
+retried every monitor round (counted in :attr:`Member.stats`, logged at most every 10 s).
+
 Every membership change goes through :meth:`Member._republish` under the root mutex, which
 recomputes the view from the slot states (so concurrent detectors of one death agree and only
 one new generation results).
@@ -24,8 +30,6 @@ import atexit
 import dataclasses
 import logging
 import os
-import select
-import signal
 import socket
 import threading
 import time
@@ -38,11 +42,13 @@ from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableErro
 from mcs.section import reap_orphans
 from mcs.types import LockStatus
 
+from membership.fdreserve import FdReserve
+from membership.peers import Peers, dying_by_path
 from membership.table import MemberTable
 from membership.timing import Timing
 from membership.view import MemberInfo, View, choose_master
 
-__all__ = ["Member", "join"]
+__all__ = ["Member", "MemberStats", "join"]
 
 log = logging.getLogger("mcs.membership")
 
@@ -60,36 +66,34 @@ def _node_name(node: str | None) -> bytes:
     return raw
 
 
-PF_EXITING = 0x4  # task flag: the process is in its exit path
 NODE_GRACE = 0.005  # a node's other members are given this long to be seen dying too
+RESERVE_FDS = 8  # descriptors each member keeps in reserve for its failure detector
+DEFER_LOG_EVERY = 10.0  # seconds between two warnings about views not handled yet
 
 
-def _dying(pid: int) -> bool:
-    """True if ``pid`` has exited, is exiting, or has a SIGKILL pending."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/status") as f:
-            status = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X") or int(fields[6]) & PF_EXITING:
-        return True
-    kill_bit = 1 << (signal.SIGKILL - 1)
-    for line in status.splitlines():
-        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) & kill_bit:
-            return True
-    return False
+@dataclasses.dataclass(frozen=True)
+class MemberStats:
+    """Counters of one member's failure detector under resource pressure."""
+
+    views_deferred: int
+    """Times a new view could not be handled yet (no descriptor or thread) and was retried."""
+    reserve_held: int
+    """Descriptors in reserve now (the target is ``RESERVE_FDS``)."""
+    reserve_spent: int
+    """Reserve descriptors given back to the kernel to let one of the detector's opens through."""
+    procfs_fallbacks: int
+    """Dying checks of a node peer that had no /proc descriptor and no room to open one."""
 
 
-def _dying_soon(pids: list[int], grace: float) -> set[int]:
-    """The pids that are ``_dying`` within ``grace`` seconds, all watched together (one grace
-    for the whole node, not one per process): deaths of one node seen together are one change."""
+def _dying_soon(pids: list[int], grace: float,
+                dying_now: Callable[[int], bool] = dying_by_path) -> set[int]:
+    """The pids that are dying (``dying_now``) within ``grace`` seconds, all watched together
+    (one grace for the whole node, not one per process): deaths of one node seen together are
+    one change."""
     deadline = time.monotonic() + grace
     dying: set[int] = set()
     while True:
-        dying.update(pid for pid in pids if pid not in dying and _dying(pid))
+        dying.update(pid for pid in pids if pid not in dying and dying_now(pid))
         if len(dying) == len(pids) or time.monotonic() >= deadline:
             return dying
         time.sleep(0.0005)
@@ -107,14 +111,21 @@ class Member:
         self._refresh_lock = threading.RLock()
         self._closing = threading.Event()
         self._fenced = False
-        self._pidfds: dict[tuple[int, int], int] = {}
+        self._reserve = FdReserve(RESERVE_FDS)  # before anything else takes the last descriptors
+        self._deferred = 0
+        self._next_defer_log = 0.0
+        self._handled = threading.Event()  # set once a view has been handled
         self._to_reap: list[tuple[int, int]] = []  # (pid, joined_ns) of crashed members
         self._watchers: dict[tuple[int, int], threading.Thread] = {}
         self._suspected: set[tuple[int, int]] = set()
         self._view: View | None = None
         self.slot = -1
         self.incarnation = 0
-        self._join()
+        try:
+            self._join()
+        except BaseException:
+            self._reserve.close()
+            raise
 
     # -- joining ------------------------------------------------------------------------
 
@@ -143,9 +154,14 @@ class Member:
                                          daemon=True)
         self._monitor.start()
         atexit.register(self.leave)
+        if not self._handled.wait(max(1.0, self.timing.evict_after)):
+            self.leave()
+            raise McsError(f"domain {self.domain!r}: could not take a descriptor on every member "
+                           "(out of file descriptors?); left the domain again")
 
     def _join_locked(self, boot: Bootstrap) -> None:
         self.boot = boot
+        self._peers = Peers(boot, self._reserve)
         self.table = table = MemberTable(boot)
         occupied = table.occupied()
         if occupied and not boot.live_slots():
@@ -218,6 +234,12 @@ class Member:
         return self._fenced
 
     @property
+    def stats(self) -> MemberStats:
+        """The failure detector's counters (descriptor reserve, deferred views)."""
+        return MemberStats(self._deferred, self._reserve.held, self._reserve.spent,
+                           self._peers.procfs_fallbacks)
+
+    @property
     def info(self) -> MemberInfo:
         return MemberInfo(self.slot, os.getpid(), self._node.decode(), self.incarnation)
 
@@ -226,7 +248,8 @@ class Member:
         self._callbacks.append(callback)
 
     def _refresh_view(self) -> View | None:
-        """Read the published view; if it is new, update watchers/pidfds and run callbacks."""
+        """Read the published view; if it is new, handle it (watchers, descriptors), then make it
+        the local view and run the callbacks. None if not new, or not handled yet (retried)."""
         if self._closing.is_set():
             return None
         with self._refresh_lock:  # watchers and the monitor: callbacks once each, in order
@@ -242,8 +265,13 @@ class Member:
                 gone = [m for m in previous.members if m not in view.members]
                 view = dataclasses.replace(view, departed=tuple(
                     (m, self.table.exit_reason(m.slot, m.incarnation)) for m in gone))
+            try:
+                self._track(view)
+            except (OSError, RuntimeError) as exc:  # no descriptor / thread left, even in reserve
+                self._defer(view, exc)
+                return None
             self._view = view
-            self._track(view)
+        self._handled.set()
         if view.member(self.slot) is None or view.member(self.slot).incarnation != self.incarnation:
             self._check_fenced()
         for cb in list(self._callbacks):
@@ -254,16 +282,11 @@ class Member:
         return view
 
     def _track(self, view: View) -> None:
-        """Watch and keep a pidfd for every other member of ``view``; forget the others."""
+        """Watch every other member of ``view`` and hold its descriptors; forget the others.
+        Watchers first: they need no descriptor, so deaths are seen even while the descriptors
+        wait. Raises OSError or RuntimeError if not complete; what was done is kept."""
         current = {(m.slot, m.incarnation): m for m in view.members if m.slot != self.slot}
-        for key in list(self._pidfds):
-            if key not in current:
-                os.close(self._pidfds.pop(key))
-        for key, m in current.items():
-            if key not in self._pidfds:
-                fd = self._open_pidfd(m)
-                if fd is not None:
-                    self._pidfds[key] = fd
+        for key in current:
             if key not in self._watchers or not self._watchers[key].is_alive():
                 t = threading.Thread(target=self._watch, args=key, daemon=True,
                                      name=f"mcs-watch-{key[0]}.{key[1]}")
@@ -271,18 +294,19 @@ class Member:
                 t.start()
         for key in [k for k, t in self._watchers.items() if k not in current and not t.is_alive()]:
             del self._watchers[key]
+        self._peers.update(current.values())
 
-    def _open_pidfd(self, m: MemberInfo) -> int | None:
-        """A pidfd for member ``m``, verified to be the process that holds its life mutex."""
-        try:
-            fd = os.pidfd_open(m.pid)
-        except ProcessLookupError:
-            return None
-        owner = self.boot.life_mutex(m.slot).owner
-        if owner.pid != m.pid or owner.tag != m.incarnation:
-            os.close(fd)  # the pid is not (or no longer) that member's: never signal it
-            return None
-        return fd
+    def _defer(self, view: View, exc: Exception) -> None:
+        """``view`` could not be handled: it is neither the local view nor given to the
+        callbacks; the monitor retries it (or a newer one) next round. Counted; logged at
+        most every DEFER_LOG_EVERY seconds."""
+        self._deferred += 1
+        now = time.monotonic()
+        if now >= self._next_defer_log:
+            self._next_defer_log = now + DEFER_LOG_EVERY
+            log.warning("domain %s: generation %d not handled yet (%s); retrying every %.0f ms "
+                        "(%d time(s) so far)", self.domain, view.generation, exc,
+                        self.timing.check_interval * 1e3, self._deferred)
 
     # -- detection ----------------------------------------------------------------------
 
@@ -326,6 +350,7 @@ class Member:
             try:
                 self._view_event.wait(seen, timeout=self.timing.check_interval)
                 seen = self._view_event.value
+                self._reserve.replenish()
                 self._refresh_view()
                 self._reap_pending()
                 if self._check_fenced():
@@ -402,19 +427,12 @@ class Member:
         # Marked before the kill, so that watchers that see it die report "fenced", not "dead".
         self.table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
                              layout.SLOT_MEMBER, layout.SLOT_FENCED)
-        fd = self._pidfds.get((m.slot, m.incarnation))
-        if fd is None:
-            return True  # no verified pidfd: the pid may be a stranger's; the fence flag stands
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # Without a verified pidfd the pid may be a stranger's: not signalled, the fence stands.
+        self._peers.kill((m.slot, m.incarnation))
         return True
 
     def _wait_gone(self, m: MemberInfo, timeout: float = 1.0) -> None:
-        fd = self._pidfds.get((m.slot, m.incarnation))
-        if fd is not None:
-            select.select([fd], [], [], timeout)
+        self._peers.wait_exit((m.slot, m.incarnation), timeout)
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -449,7 +467,8 @@ class Member:
         # that are dying themselves (exited, or SIGKILL pending) leave in the same generation.
         dead_nodes = {r.node for r in gone if r.state in (layout.SLOT_DEAD, layout.SLOT_FENCED)}
         peers = [r for r in members if r.node in dead_nodes and r.slot != self.slot]
-        dying = _dying_soon([r.pid for r in peers], NODE_GRACE) if peers else set()
+        dying = (_dying_soon([r.pid for r in peers], NODE_GRACE, self._peers.dying) if peers
+                 else set())
         crashed = [(r.pid, r.joined_ns) for r in gone
                    if r.state in (layout.SLOT_DEAD, layout.SLOT_FENCED)]
         for r in peers:
@@ -526,9 +545,10 @@ class Member:
         for t in list(self._watchers.values()):
             if t is not threading.current_thread():
                 t.join(1)
-        for fd in self._pidfds.values():
-            os.close(fd)
-        self._pidfds.clear()
+        peers = getattr(self, "_peers", None)
+        if peers is not None:
+            peers.close()
+        self._reserve.close()
 
     def __enter__(self) -> "Member":
         return self

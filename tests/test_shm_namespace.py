@@ -68,7 +68,8 @@ def one_clean_line(result: subprocess.CompletedProcess) -> str:
 
 
 def gc_entry(domain: str) -> dict:
-    result = cli("mcs", "gc", "--json")
+    """What `mcs gc` reports for ``domain`` (a dry run: other tests' dead domains are theirs)."""
+    result = cli("mcs", "gc", "--dry-run", "--json")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     [entry] = [r for r in json.loads(result.stdout) if r["domain"] == domain]
     return entry

@@ -117,16 +117,20 @@ def _checksum_paths(data):
     return out
 
 
-def shm_new(Py_ssize_t size):
-    """Create a private 0600 SysV segment for ``size`` user bytes; returns its id.
+def shm_new(Py_ssize_t size, key_t key):
+    """Create a 0600 SysV segment for ``size`` user bytes under ``key`` (``IPC_EXCL``: a
+    FileExistsError if the key is taken); returns its id.
 
-    Until :meth:`Section._adopt_sysv` marks it for removal, a crash of this process would leave
-    it behind: :func:`shm_remove_orphan` lets the survivors reclaim it.
+    The key is mcs's mark (see ``mcs.section``): until :meth:`Section._adopt_sysv` marks the
+    segment for removal (which makes its key private again), a crash of this process would leave
+    it behind, and :func:`shm_remove_orphan` lets the survivors reclaim it by that mark.
     """
     cdef int shmid
     if size <= 0 or size > MAX_SIZE:
         raise ValueError(f"section size must be in 1..{MAX_SIZE}, got {size}")
-    shmid = shmget(IPC_PRIVATE, size + MCS_HEADER_SIZE, IPC_CREAT | IPC_EXCL | 0o600)
+    if key == IPC_PRIVATE:
+        raise ValueError("a section needs its mcs key (IPC_PRIVATE carries no mark)")
+    shmid = shmget(key, size + MCS_HEADER_SIZE, IPC_CREAT | IPC_EXCL | 0o600)
     if shmid < 0:
         raise_errno("shmget", errno)
     return shmid
@@ -138,15 +142,16 @@ def shm_remove(int shmid):
     return shmctl(shmid, IPC_RMID, NULL) == 0
 
 
-def shm_remove_orphan(int shmid, int creator, long not_before):
-    """Mark segment ``shmid`` for removal if it is ours, was made by process ``creator`` no
-    earlier than ``not_before`` (seconds since the epoch), and is not marked yet: a section
-    whose creator died between ``shmget`` and marking it. True if it was removed."""
+def shm_remove_orphan(int shmid, int creator, long not_before, key_t key):
+    """Mark segment ``shmid`` for removal if it is ours, carries ``key`` (the mark mcs gave it),
+    was made by process ``creator`` no earlier than ``not_before`` (seconds since the epoch),
+    and is not marked yet: a section whose creator died between ``shmget`` and marking it.
+    Checked from ``IPC_STAT`` (never from the segment's memory). True if it was removed."""
     cdef shmid_ds ds
-    if shmctl(shmid, IPC_STAT, &ds) < 0:
-        return False  # gone already
-    if (ds.shm_perm.uid != geteuid() or ds.shm_cpid != creator or ds.shm_ctime < not_before
-            or ds.shm_perm.mode & SHM_DEST):
+    if key == IPC_PRIVATE or shmctl(shmid, IPC_STAT, &ds) < 0:
+        return False  # no mark, or gone already
+    if (ds.shm_perm.uid != geteuid() or ds.shm_perm.key != key or ds.shm_cpid != creator
+            or ds.shm_ctime < not_before or ds.shm_perm.mode & SHM_DEST):
         return False
     return shmctl(shmid, IPC_RMID, NULL) == 0
 

@@ -55,6 +55,7 @@ cdef extern from "<pthread.h>" nogil:
 cdef extern from "<sys/shm.h>" nogil:
     ctypedef int key_t
     struct ipc_perm:
+        key_t key "__key"
         unsigned int uid
         unsigned int mode
     struct shmid_ds:

@@ -1,12 +1,20 @@
-"""A domain's bootstrap section: the well-known root ``/mcs.<domain>`` in POSIX shared memory.
+"""A domain's bootstrap section: the well-known root ``mcs.<domain>`` in POSIX shared memory.
 
 It is the only mcs object that can outlive a crash (the kernel does not free a named POSIX
 object when its users die), so it is created with ``O_EXCL`` (one creator wins the race), mode
-0600, and a header that is validated before anything in it is trusted: magic, layout version,
-size and owner. The magic is written last, so a joiner that sees it sees a fully initialised
-root. Liveness is never guessed from pids: each member holds its *life mutex* (a robust mutex in
-the member table) for its whole life, so a probe with ``trylock`` tells a live member (busy)
-from a dead one (abandoned) exactly.
+0600, its memory reserved before it is mapped, and a header that is validated before anything in
+it is trusted: magic, layout version, size and owner. The name lives in the shared ``/dev/shm``
+name space and is handled by :mod:`mcs.shmname` (``lstat``, ``O_NOFOLLOW``, owner checks). The
+magic is written last, so a joiner that sees it sees a fully initialised root. Liveness is never
+guessed from pids: each member holds its *life mutex* (a robust mutex in the member table) for
+its whole life, so a probe with ``trylock`` tells a live member (busy) from a dead one
+(abandoned) exactly.
+
+A name unlinked under a running domain (systemd ``RemoveIPC=yes``) cannot be linked again (tmpfs
+has no ``linkat`` of an unlinked object), and a new object under that name would start a second
+domain beside the running one. So whoever is about to create a root first looks for processes
+of this user that still map an unlinked object of that name, and refuses
+(:class:`DomainUnlinkedError`) while any does.
 """
 
 from __future__ import annotations
@@ -15,31 +23,48 @@ import os
 import re
 import stat
 import time
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
-import posix_ipc
-
-from mcs import layout
+from mcs import layout, shmname
 from mcs._gsm import GlobalEvent, GlobalMutex
-from mcs.errors import BootstrapError, LockUsageError
+from mcs.errors import (BootstrapError, DomainNotFoundError, DomainUnlinkedError, LockUsageError,
+                        UninitialisedError)
 from mcs.section import Section, reap_orphans
 from mcs.types import LockStatus
 
-__all__ = ["Bootstrap", "domain_path", "validate_domain", "list_domains"]
+__all__ = ["Bootstrap", "domain_path", "validate_domain", "component_domain", "list_domains",
+           "iter_objects", "DOMAIN_MAX"]
 
-_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-SHM_DIR = "/dev/shm"
+DOMAIN_MAX = 63  # characters in a domain name
+_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (DOMAIN_MAX - 1))
 PREFIX = "mcs."
 _TOTAL = layout.ROOT_SIZE + 64  # header + user area
+_T = TypeVar("_T")
 
 
 def validate_domain(domain: str) -> str:
     """Return ``domain`` if it is a valid domain name, else raise ValueError saying why."""
     if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain):
         raise ValueError(
-            f"invalid domain name {domain!r}: use 1-63 characters from [A-Za-z0-9_.-], "
-            "starting with a letter or digit")
+            f"invalid domain name {domain!r}: use 1-{DOMAIN_MAX} characters from "
+            "[A-Za-z0-9_.-], starting with a letter or digit")
     return domain
+
+
+def component_domain(domain: str, component: str) -> str:
+    """The domain of ``component`` in ``domain``: ``<domain>.<component>``, validated; a
+    ValueError says which part is wrong, and how long ``domain`` may be for this component."""
+    validate_domain(domain)
+    if not isinstance(component, str) or not _DOMAIN.fullmatch(component):
+        raise ValueError(f"invalid component name {component!r}: use characters from "
+                         "[A-Za-z0-9_.-], starting with a letter or digit")
+    name = f"{domain}.{component}"
+    if len(name) > DOMAIN_MAX:
+        raise ValueError(
+            f"domain name {domain!r} is too long for component {component!r}: {name!r} has "
+            f"{len(name)} characters, at most {DOMAIN_MAX} are allowed, so the domain name may "
+            f"have at most {DOMAIN_MAX - len(component) - 1}")
+    return name
 
 
 def domain_path(domain: str) -> str:
@@ -47,10 +72,14 @@ def domain_path(domain: str) -> str:
     return "/" + PREFIX + validate_domain(domain)
 
 
+def _file(domain: str) -> str:
+    return os.path.join(shmname.shm_dir(), PREFIX + domain)
+
+
 def list_domains() -> list[str]:
-    """Names of the domains that have a bootstrap object on this host."""
+    """Names of the domains that have a bootstrap name on this host (whatever it names)."""
     try:
-        names = os.listdir(SHM_DIR)
+        names = os.listdir(shmname.shm_dir())
     except FileNotFoundError:
         return []
     return sorted(n[len(PREFIX):] for n in names
@@ -73,47 +102,67 @@ class Bootstrap:
         """Open the root of ``domain``, creating it if ``create`` and it does not exist.
 
         Raises :class:`BootstrapError` for a foreign, truncated, mis-versioned or foreign-owned
-        object, or a missing one when ``create`` is false. ``wait`` bounds how long to wait for
-        a concurrent creator to finish initialising.
+        object (:class:`ForeignObjectError` for another user's name or a non-regular file), a
+        full tmpfs (:class:`ShmFullError`), a name unlinked under a running domain
+        (:class:`DomainUnlinkedError`), or a missing one when ``create`` is false
+        (:class:`DomainNotFoundError`). ``wait`` bounds how long to wait for a concurrent
+        creator to finish initialising.
         """
-        path = domain_path(domain)
+        name = PREFIX + validate_domain(domain)
         for _ in range(100):
-            created = False
-            if create:
+            opened = shmname.create(name, _TOTAL) if create else None
+            created = opened is not None
+            if created:
+                fd, st = opened
                 try:
-                    shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, mode=0o600, size=_TOTAL)
-                    created = True
-                except posix_ipc.ExistentialError:
-                    pass
-            if not created:
-                try:
-                    shm = posix_ipc.SharedMemory(path)
-                except posix_ipc.ExistentialError:
+                    _refuse_second_domain(domain)
+                except BaseException:
+                    shmname.remove_if_same(name, st.st_ino)
+                    os.close(fd)
+                    raise
+            else:
+                opened = shmname.open_existing(name)
+                if opened is None:
                     if create:
                         continue  # removed between our two opens: try creating again
-                    raise BootstrapError(f"domain {domain!r} does not exist ({path})") from None
-                except posix_ipc.PermissionsError as exc:
-                    raise BootstrapError(f"{path}: permission denied ({exc})") from None
+                    _refuse_second_domain(domain)
+                    raise DomainNotFoundError(
+                        f"domain {domain!r} does not exist ({_file(domain)})")
+                fd, st = opened
             try:
-                st = _stat_when_sized(shm.fd, wait)
+                if not created:
+                    st = _wait_until(lambda: os.fstat(fd), lambda s: s.st_size > 0, name,
+                                     st.st_ino, wait)
+                    _check_object(_file(domain), st)
+                section = Section._map_fd(fd, _TOTAL)
+            except BootstrapError:
+                if not created and not shmname.is_linked(name, st.st_ino):
+                    continue  # its creator gave up and removed it: start again
+                raise
+            except BaseException:
                 if created:
-                    os.fchmod(shm.fd, 0o600)
-                else:
-                    _check_object(path, st)
-                section = Section._map_fd(shm.fd, _TOTAL)
+                    shmname.remove_if_same(name, st.st_ino)
+                raise
             finally:
-                shm.close_fd()
+                os.close(fd)
             boot = cls(domain, section, st.st_ino, created)
             try:
                 if created:
                     boot._initialise()
                 else:
                     boot._check_header(wait)
+            except UninitialisedError:
+                section.close()
+                if not boot.still_linked():
+                    continue  # its creator gave up and removed it: start again
+                raise
             except BaseException:
                 section.close()
+                if created:
+                    shmname.remove_if_same(name, st.st_ino)  # never a half-made root
                 raise
             return boot
-        raise BootstrapError(f"{path}: could not open or create (kept vanishing)")
+        raise BootstrapError(f"{_file(domain)}: could not open or create (kept vanishing)")
 
     def _initialise(self) -> None:
         """Lay out a fresh root: mutexes and events first, the header magic last."""
@@ -133,14 +182,12 @@ class Bootstrap:
         self._initialise()
 
     def _check_header(self, wait: float) -> None:
-        path = domain_path(self.domain)
-        deadline = time.monotonic() + wait
-        header = self.section._header()
-        while header["magic"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)  # a concurrent creator is still initialising
-            header = self.section._header()
+        path = self.path
+        # a concurrent creator may still be initialising (or give up and remove it)
+        header = _wait_until(self.section._header, lambda h: h["magic"] != 0,
+                             PREFIX + self.domain, self.inode, wait)
         if header["magic"] == 0:
-            raise BootstrapError(
+            raise UninitialisedError(
                 f"{path}: never initialised (its creator died during creation?); "
                 "remove it with 'mcs gc'")
         if header["magic"] != layout.ROOT_MAGIC:
@@ -158,7 +205,8 @@ class Bootstrap:
 
     @property
     def path(self) -> str:
-        return domain_path(self.domain)
+        """The object's file (``/dev/shm/mcs.<domain>``)."""
+        return _file(self.domain)
 
     @property
     def removed(self) -> bool:
@@ -211,20 +259,13 @@ class Bootstrap:
         return reap_orphans(dead)
 
     def still_linked(self) -> bool:
-        """True if the name still refers to the object this handle mapped."""
-        try:
-            return os.stat(os.path.join(SHM_DIR, PREFIX + self.domain)).st_ino == self.inode
-        except FileNotFoundError:
-            return False
+        """True if the name still refers to the object this handle mapped (``lstat``)."""
+        return shmname.is_linked(PREFIX + self.domain, self.inode)
 
     def retire(self) -> None:
         """Mark removed and unlink the name. Call holding the root mutex, with no live member."""
         self.section._set_state(layout.STATE_REMOVED)
-        if self.still_linked():
-            try:
-                posix_ipc.unlink_shared_memory(self.path)
-            except posix_ipc.ExistentialError:
-                pass
+        shmname.remove_if_same(PREFIX + self.domain, self.inode)
 
     def close(self) -> None:
         """Unmap the root (idempotent). Never removes the named object."""
@@ -240,34 +281,49 @@ class Bootstrap:
         return f"<Bootstrap {self.path}{' closed' if self.section.closed else ''}>"
 
 
-def _stat_when_sized(fd: int, wait: float) -> os.stat_result:
-    """fstat, waiting up to ``wait`` s while a concurrent creator has not yet sized the object."""
+def _wait_until(read: Callable[[], _T], done: Callable[[_T], bool], name: str, inode: int,
+                wait: float) -> _T:
+    """``read()`` until ``done`` (a concurrent creator finished), the name stops naming
+    ``inode`` (it gave up), or ``wait`` seconds pass; returns the last value read."""
     deadline = time.monotonic() + wait
-    st = os.fstat(fd)
-    while st.st_size == 0 and time.monotonic() < deadline:
+    value = read()
+    while not done(value) and time.monotonic() < deadline and shmname.is_linked(name, inode):
         time.sleep(0.001)
-        st = os.fstat(fd)
-    return st
+        value = read()
+    return value
+
+
+def _refuse_second_domain(domain: str) -> None:
+    """Raise :class:`DomainUnlinkedError` if processes still run ``domain`` on an object whose
+    name was unlinked: a new root would start a second domain beside theirs."""
+    pids = shmname.mappers_of_unlinked(PREFIX + domain)
+    if pids:
+        shown = ", ".join(map(str, pids[:10])) + (", ..." if len(pids) > 10 else "")
+        raise DomainUnlinkedError(
+            f"domain {domain!r}: its bootstrap object {_file(domain)} was unlinked while "
+            f"{len(pids)} process(es) still run the domain (pid {shown}); systemd's "
+            "RemoveIPC=yes does this. Refusing to start a second domain beside it: stop those "
+            "processes first (and set RemoveIPC=no, or run the service as a system user)")
 
 
 def _check_object(path: str, st: os.stat_result) -> None:
-    """Validate a named object's owner, mode and size before mapping it."""
-    if st.st_uid != os.geteuid():
-        raise BootstrapError(f"{path}: owned by uid {st.st_uid}, not by this user; refusing")
+    """Validate a named object's mode, links and size before mapping it (its type and owner
+    were checked by :func:`mcs.shmname.open_existing`)."""
     if stat.S_IMODE(st.st_mode) & 0o077:
         raise BootstrapError(
             f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets other users in; refusing "
             "(mcs objects are 0600)")
+    if st.st_nlink != 1:
+        raise BootstrapError(f"{path}: has {st.st_nlink} hard links (mcs objects have one)")
     if st.st_size < _TOTAL:
         raise BootstrapError(f"{path}: truncated ({st.st_size} bytes, expected {_TOTAL})")
     if st.st_size != _TOTAL:
         raise BootstrapError(f"{path}: wrong size ({st.st_size} bytes, expected {_TOTAL})")
 
 
-def iter_objects() -> Iterator[tuple[str, os.stat_result]]:
-    """(domain, stat) of every bootstrap object on this host."""
+def iter_objects() -> Iterator[shmname.Entry]:
+    """What ``lstat`` says about every bootstrap name on this host, whatever it names."""
     for domain in list_domains():
-        try:
-            yield domain, os.stat(os.path.join(SHM_DIR, PREFIX + domain))
-        except FileNotFoundError:
-            continue
+        entry = shmname.examine(PREFIX + domain)
+        if entry is not None:
+            yield entry

@@ -28,6 +28,12 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_error(command: str, message: str) -> int:
+    """Bad input: one line on stderr, exit status 2 (as argparse does)."""
+    print(f"mcs {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from mcs.bootstrap import validate_domain
     from mcs.status import domain_status, format_status
@@ -35,8 +41,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     try:
         validate_domain(args.domain)
     except ValueError as exc:
-        print(f"mcs status: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error("status", str(exc))
+    if not args.interval > 0:
+        return _usage_error("status", "--interval must be a positive number of seconds")
     while True:
         status = domain_status(args.domain)
         if args.json:
@@ -52,11 +59,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_fault_poison(args: argparse.Namespace) -> int:
-    from mcs.poison import poison
+    from mcs.poison import check_target, poison
 
     if args.master == (args.slot is not None):
-        print("mcs fault poison: error: give exactly one of --master or --slot N", file=sys.stderr)
-        return 2
+        return _usage_error("fault poison", "give exactly one of --master or --slot N")
+    try:
+        check_target(args.domain, args.component, args.slot)
+    except ValueError as exc:
+        return _usage_error("fault poison", str(exc))
     ident = poison(args.domain, args.component, slot=args.slot)
     print(f"poisoned {ident}")
     return 0
@@ -91,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except McsError as exc:
-        print(f"mcs {args.command}: error: {exc}", file=sys.stderr)
+    except (McsError, OSError) as exc:  # one line, never a traceback
+        command = " ".join(filter(None, (args.command, getattr(args, "fault_command", None))))
+        print(f"mcs {command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

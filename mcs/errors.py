@@ -1,9 +1,10 @@
 """The whole mcs exception hierarchy.
 
 Flat, as in trio: every error is a direct subclass of :class:`McsError` (some also derive from
-the built-in exception a caller would naturally catch). A dead previous owner of a mutex is not
-an error: it is the lock status :attr:`mcs.LockStatus.ABANDONED`, because the caller holds the
-mutex when it learns of it.
+the built-in exception a caller would naturally catch), except the specific bootstrap errors,
+which are subclasses of :class:`BootstrapError` so that one ``except BootstrapError`` covers
+them. A dead previous owner of a mutex is not an error: it is the lock status
+:attr:`mcs.LockStatus.ABANDONED`, because the caller holds the mutex when it learns of it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ __all__ = [
     "InvalidIdentifier",
     "CorruptObjectError",
     "BootstrapError",
+    "DomainNotFoundError",
+    "ForeignObjectError",
+    "ShmFullError",
+    "UninitialisedError",
+    "DomainUnlinkedError",
     "DomainLiveError",
     "NotRecoverableError",
     "LockUsageError",
@@ -46,6 +52,29 @@ class CorruptObjectError(McsError):
 
 class BootstrapError(McsError):
     """A domain's bootstrap object is foreign, truncated, of another layout version or owner."""
+
+
+class DomainNotFoundError(BootstrapError):
+    """The domain has no bootstrap object (and the caller did not ask to create one)."""
+
+
+class ForeignObjectError(BootstrapError):
+    """The domain's name in the shared ``/dev/shm`` name space is taken by something mcs did not
+    make for this user: another user's file, a symlink, a directory, a FIFO... It is never
+    followed, opened for writing or removed; the message names its type and owner."""
+
+
+class ShmFullError(BootstrapError):
+    """``/dev/shm`` (a tmpfs) has no room for a new bootstrap object; nothing was left behind."""
+
+
+class UninitialisedError(BootstrapError):
+    """A bootstrap object whose creator never finished initialising it (it died meanwhile)."""
+
+
+class DomainUnlinkedError(BootstrapError):
+    """The domain's bootstrap name was unlinked (e.g. systemd ``RemoveIPC=yes``) while
+    processes still run the domain: a new object would start a second domain beside it."""
 
 
 class DomainLiveError(McsError):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from mcs import layout
 from mcs._gsm import GlobalEvent
-from mcs.bootstrap import Bootstrap
-from mcs.errors import InvalidIdentifier
+from mcs.bootstrap import Bootstrap, component_domain, list_domains
+from mcs.errors import DomainNotFoundError, InvalidIdentifier
 from mcs.section import Section
 
-__all__ = ["poison"]
+__all__ = ["poison", "check_target"]
 
 POISON_BYTE = 0xDB
 
@@ -24,19 +24,43 @@ def _ident_at(boot: Bootstrap, offset: int) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
+def check_target(domain: str, component: str, slot: int | None) -> str:
+    """Validate the names and the slot (ValueError saying what is wrong); returns the
+    component's domain name."""
+    name = component_domain(domain, component)
+    if slot is not None and not 0 <= slot < layout.MAX_MEMBERS:
+        raise ValueError(
+            f"--slot {slot} is out of range: member slots are 0..{layout.MAX_MEMBERS - 1}")
+    return name
+
+
+def _open(domain: str, component: str, name: str) -> Bootstrap:
+    try:
+        return Bootstrap.open(name, create=False, wait=0.5)
+    except DomainNotFoundError:
+        running = [d[len(domain) + 1:] for d in list_domains() if d.startswith(domain + ".")]
+        if running:
+            raise DomainNotFoundError(
+                f"domain {domain!r} has no component {component!r} (it has: "
+                f"{', '.join(running)})") from None
+        raise DomainNotFoundError(
+            f"no component {component!r} in domain {domain!r}: the domain does not exist "
+            f"or runs no component") from None
+
+
 def poison(domain: str, component: str, *, slot: int | None = None) -> str:
     """Poison the master area (``slot`` None) or the contribution of member ``slot`` of
     ``component`` in ``domain``; returns the identifier of the poisoned section."""
-    with Bootstrap.open(f"{domain}.{component}", create=False, wait=0.5) as boot:
+    name = check_target(domain, component, slot)
+    with _open(domain, component, name) as boot:
         if slot is None:
             ident = _ident_at(boot, layout.C_MASTER_IDENT)
             what = "master area"
         else:
-            layout.member_offset(slot)  # range check
             ident = _ident_at(boot, layout.C_CONTRIB_IDENT + layout.IDENT_MAX * slot)
             what = f"contribution of slot {slot}"
         if not ident:
-            raise InvalidIdentifier(f"{domain}.{component}: no {what} published")
+            raise InvalidIdentifier(f"{name}: no {what} published")
         with Section.attach(ident) as sec:
             # Counted before the bytes change: whoever reads a poisoned byte and then checks
             # detect_memory_failure() is sure to see the failure (the paper's polling model).

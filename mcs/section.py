@@ -1,26 +1,38 @@
 """Contributed sections of global shared memory and their printable identifiers.
 
-A section is a private SysV segment (mode 0600) marked for removal as soon as its creator has
-attached it: other processes can still attach it by id until the last holder detaches or dies,
-and then the kernel frees it, whatever way its holders ended. The one window it does not cover, a
-creator killed between ``shmget`` and marking the segment, is closed by the survivors:
-:func:`reap_orphans` marks the unmarked segments of a dead creator. The identifier
+A section is a SysV segment (mode 0600) marked for removal as soon as its creator has attached
+it: other processes can still attach it by id until the last holder detaches or dies, and then
+the kernel frees it, whatever way its holders ended. The one window it does not cover, a creator
+killed between ``shmget`` and marking the segment, is closed by the survivors:
+:func:`reap_orphans` marks the unmarked segments of a dead creator -- only those that carry the
+mcs mark, so a segment the same process made with a plain ``shmget`` is never touched.
+
+The mark is the segment's SysV key, the one attribute set atomically by ``shmget`` itself (the
+header is written later, after the window, and memory is never trusted anyway): a tag byte
+``KEY_TAG``, 16 random bits and a check byte computed from those bits and the creator's pid,
+which the kernel records (``shm_cpid``). ``IPC_PRIVATE`` (0), the usual key of other programs,
+never matches; an ``ftok`` key or a random one matches with odds of 1 in 65536, and must also
+be unmarked, ours, and made by a member known dead since it joined. Marking a segment for removal
+makes its key private again, so keys are only held during the window. The identifier
 ``sysv:<shmid>:<nonce>`` carries the random nonce written in the section header, so an id that
 the kernel has reused for another segment fails to attach instead of opening a stranger.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Iterable
 
 from mcs import _gsm, faults
-from mcs.errors import InvalidIdentifier
+from mcs.errors import InvalidIdentifier, NativeError
 
-__all__ = ["Section", "reap_orphans"]
+__all__ = ["Section", "reap_orphans", "section_key", "is_section_key"]
 
 SYSV_TABLE = "/proc/sysvipc/shm"
+KEY_TAG = 0xC5  # top byte of the key of every segment mcs creates (not a printable ftok id)
+KEY_ATTEMPTS = 32  # random keys tried before giving up (a collision needs a held key)
 
 _IDENT = re.compile(r"sysv:(\d{1,10}):([0-9a-f]{16})")
 
@@ -36,7 +48,7 @@ class Section(_gsm.Section):
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"size must be an int, not {type(size).__name__}")
         nonce = int.from_bytes(os.urandom(8), "little")
-        shmid = _gsm.shm_new(size)
+        shmid = _new_marked_segment(size)
         try:
             # A process killed here leaves an unmarked segment: see reap_orphans().
             faults.point("section.create.unmarked")
@@ -71,13 +83,44 @@ class Section(_gsm.Section):
         return f"<Section {self.ident if self.shmid >= 0 else 'bootstrap'} size={self.size}>"
 
 
+def _check_byte(rand: int, pid: int) -> int:
+    return (((rand * 0x9E3779B1) ^ (pid * 0x85EBCA77)) & 0xFFFFFFFF) >> 24
+
+
+def section_key(rand: int, pid: int) -> int:
+    """The SysV key (a signed ``key_t``) marking a segment created by ``pid``: ``KEY_TAG``, the
+    16 bits of ``rand``, and a check byte of both."""
+    key = KEY_TAG << 24 | (rand & 0xFFFF) << 8 | _check_byte(rand & 0xFFFF, pid)
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def is_section_key(key: int, creator: int) -> bool:
+    """Whether ``key`` is the mark mcs gives the segments that process ``creator`` creates."""
+    key &= 0xFFFFFFFF
+    return key >> 24 == KEY_TAG and key & 0xFF == _check_byte(key >> 8 & 0xFFFF, creator)
+
+
+def _new_marked_segment(size: int) -> int:
+    """shmget under a fresh marked key (another random one while a key is taken)."""
+    pid = os.getpid()
+    for _ in range(KEY_ATTEMPTS):
+        try:
+            return _gsm.shm_new(size, section_key(int.from_bytes(os.urandom(2), "little"), pid))
+        except FileExistsError:
+            continue
+    raise NativeError(errno.EEXIST, f"shmget: {KEY_ATTEMPTS} random keys with the mcs mark "
+                      f"({KEY_TAG:#04x}......) were all taken; is someone squatting them?")
+
+
 def reap_orphans(creators: Iterable[tuple[int, int]]) -> list[int]:
     """Reclaim the segments that dead processes created but never marked for removal.
 
     ``creators`` are ``(pid, started_ns)`` pairs of processes known to be dead (or SIGKILLed),
     ``started_ns`` their start in wall-clock ns. A segment of ours created by such a pid since
-    it started and not yet marked is marked now: the kernel frees it when its last holder is
-    gone. Marked segments and other users' are never touched. Returns the segment ids.
+    it started, carrying the mcs mark (its key) and not yet marked for removal is marked now:
+    the kernel frees it when its last holder is gone. Marked segments, segments without the mcs
+    key (a plain ``shmget`` of the same process) and other users' are never touched. Returns
+    the segment ids.
     """
     not_before = {pid: started_ns // 1_000_000_000 - 1 for pid, started_ns in creators}
     if not not_before:
@@ -94,7 +137,8 @@ def reap_orphans(creators: Iterable[tuple[int, int]]) -> list[int]:
         # key shmid perms size cpid lpid nattch uid ...
         if len(fields) < 8 or int(fields[7]) != uid:
             continue
-        shmid, cpid = int(fields[1]), int(fields[4])
-        if cpid in not_before and _gsm.shm_remove_orphan(shmid, cpid, not_before[cpid]):
+        key, shmid, cpid = int(fields[0]), int(fields[1]), int(fields[4])
+        if cpid in not_before and is_section_key(key, cpid) and _gsm.shm_remove_orphan(
+                shmid, cpid, not_before[cpid], key):
             reaped.append(shmid)
     return reaped

@@ -87,3 +87,78 @@ def test_reaping_spares_live_and_marked_segments_and_other_creators(domain, spaw
         assert mine.load64(0) == 0  # ours untouched
     # the domain the child joined is dead: its bootstrap goes with the fixture
 
+
+
+DIES_CREATING_WITH_A_FOREIGN_SEGMENT = """
+import ctypes, os, sys
+import membership
+from mcs import faults
+from mcs.section import Section
+libc = ctypes.CDLL(None, use_errno=True)
+m = membership.join(sys.argv[1], node="doomed", heartbeat=0.02, suspect_after=0.1, evict_after=0.3)
+# the same process's own SysV segments, made with a plain shmget: not mcs's to reclaim
+private = libc.shmget(0, 4096, 0o1000 | 0o600)  # IPC_PRIVATE
+keyed = libc.shmget(0x51000000 | os.getpid() & 0xFFFF, 4096, 0o1000 | 0o2000 | 0o600)
+print(private, keyed, flush=True)
+sys.stdin.readline()
+faults.arm("section.create.unmarked", "kill")
+Section.create(12345)
+print("survived", flush=True)
+"""
+
+
+def remove_segments(ids) -> None:
+    from mcs import _gsm
+    for shmid in ids:
+        _gsm.shm_remove(shmid)
+
+
+def foreign_and_mcs_orphans(spawn, domain: str):
+    """A member that made two plain segments, then died by SIGKILL inside Section.create."""
+    child = spawn(DIES_CREATING_WITH_A_FOREIGN_SEGMENT, domain)
+    foreign = sorted(map(int, child.readline().split()))
+    assert all(shmid >= 0 for shmid in foreign)
+    return child, foreign
+
+
+def test_survivors_reap_only_segments_mcs_marked_as_its_own(domain, spawn):
+    with membership.join(domain, node="survivor", **FAST) as me:
+        child, foreign = foreign_and_mcs_orphans(spawn, domain)
+        try:
+            assert wait_for(lambda: len(me.view.members) == 2)
+            child.send("go")
+            assert child.wait() == -9  # left two plain segments and an unmarked mcs one
+            assert wait_for(lambda: [x.pid for x in me.view.members] == [os.getpid()])
+            assert wait_for(lambda: sorted(s for s, _ in segments_of(child.pid)) == foreign, 2.0)
+            time.sleep(0.2)  # and they stay
+            assert sorted(s for s, _ in segments_of(child.pid)) == foreign
+        finally:
+            remove_segments(foreign)
+
+
+def test_gc_reaps_only_segments_mcs_marked_as_its_own(domain, spawn):
+    child, foreign = foreign_and_mcs_orphans(spawn, domain)
+    try:
+        child.send("go")
+        assert child.wait() == -9
+        assert len(segments_of(child.pid)) == 3
+        result = gc.collect_domain(domain)
+        assert result is not None and result.action == "removed"
+        assert sorted(s for s, _ in segments_of(child.pid)) == foreign
+        assert reap_orphans([(child.pid, 0)]) == []  # nor does a direct call
+    finally:
+        remove_segments(foreign)
+
+
+def test_the_mcs_key_mark():
+    from mcs.section import KEY_TAG, is_section_key, section_key
+    pid = os.getpid()
+    keys = {section_key(r, pid) for r in range(0, 65536, 257)}
+    assert all(is_section_key(k, pid) for k in keys)
+    assert all((k & 0xFFFFFFFF) >> 24 == KEY_TAG for k in keys)
+    assert sum(is_section_key(k, pid + 1) for k in keys) < len(keys) // 8  # tied to the creator
+    assert not is_section_key(0, pid)  # IPC_PRIVATE
+    with Section.create(64) as sec:  # its key was private again once marked for removal
+        with open(SYSV_TABLE) as table:
+            [row] = [f for f in map(str.split, table) if f[1] == str(sec.shmid)]
+        assert row[0] == "0"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mcs.bootstrap import validate_domain
+from mcs.bootstrap import component_domain
 
 __all__ = ["main", "parse_size"]
 
@@ -32,6 +32,7 @@ _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 READY_TIMEOUT = 30.0
 RESTART_WINDOW, RESTART_BURST = 10.0, 5
+CACHE_COMPONENT = "webcache"  # the cache's domain is "<--domain>.webcache"
 
 
 class UsageError(Exception):
@@ -248,9 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port = check_port(args.host, args.port)
         args.domain = args.domain or f"webcache-{args.port}"
         try:
-            validate_domain(args.domain)
+            component_domain(args.domain, CACHE_COMPONENT)  # the cache's own domain name
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError(f"--domain: {exc}") from None
         _refuse_live_domain(args.domain)
     except UsageError as exc:
         print(f"mcs-webcache: error: {exc}", file=sys.stderr)

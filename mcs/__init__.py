@@ -2,7 +2,12 @@
 
 The public API: :class:`Section`, :class:`GlobalMutex`, :class:`GlobalEvent`,
 :class:`LockStatus`, :func:`monotonic_ns`, :class:`Bootstrap` and the errors of
-:mod:`mcs.errors`.
+:mod:`mcs.errors` (the GSM core), and the component layer, which builds on
+:mod:`membership`: :class:`McsComponent`, :func:`transaction`, :class:`RecoveryStats`.
+
+The component layer sits *above* membership, which sits above the core, so it is exported
+lazily (PEP 562): ``import mcs`` loads only the core, and ``mcs.McsComponent`` imports
+:mod:`mcs.component` on first use. The layers are checked by import-linter (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 from mcs.section import Section
 from mcs.bootstrap import Bootstrap
 
+# Names of the component layer, imported on first access (see the module docstring).
+_COMPONENT_LAYER = frozenset({"McsComponent", "RecoveryStats", "transaction"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _COMPONENT_LAYER:
+        from mcs import component  # the sanctioned upward edge (ignored by the layers contract)
+
+        return getattr(component, name)
+    raise AttributeError(f"module 'mcs' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _COMPONENT_LAYER)
+
+
 __all__ = [
     "Bootstrap",
     "BootstrapError",
@@ -46,15 +67,18 @@ __all__ = [
     "InvalidIdentifier",
     "LockStatus",
     "LockUsageError",
+    "McsComponent",
     "McsError",
     "MutexOwner",
     "NativeError",
     "NotRecoverableError",
     "Recovering",
+    "RecoveryStats",
     "Section",
     "checksum",
     "copy_checksum",
     "monotonic_ns",
+    "transaction",
 ]
 
 __version__ = "0.1.0"

@@ -50,8 +50,13 @@ from mcs.errors import (
     NotRecoverableError,
     Recovering,
 )
+from mcs.bootstrap import validate_domain
 from mcs.section import Section
 from mcs.types import LockStatus
+
+import membership
+from membership.member import Member
+from membership.view import View
 
 __all__ = ["McsComponent", "RecoveryStats", "transaction"]
 
@@ -164,19 +169,17 @@ class McsComponent:
 
     def __init__(self, domain: str, *, node: str | None = None, recovery_timeout: float | None = None,
                  **timing: float) -> None:
-        from mcs.bootstrap import validate_domain
-
         self.domain = validate_domain(domain)
         self.component_name = self.name or type(self).__name__.lower()
         self._member_domain = validate_domain(f"{domain}.{self.component_name}")
         self._node = node
         self._timing = timing
         self._recovery_timeout = recovery_timeout
-        self.member: Any = None
+        self.member: Member | None = None
         self.master_area: Section | None = None
         self.contribution: Section | None = None
         self.stats = RecoveryStats()
-        self._view: Any = None
+        self._view: View | None = None
         self._epoch = 0  # newest epoch this member saw become stable
         self._working = 0  # the epoch being recovered (or _epoch)
         self._gate_closed = True  # closed until the first recovery completes
@@ -198,18 +201,16 @@ class McsComponent:
     def init_local(self) -> None:
         """Once, before joining: set up local (non-shared) state. Touch nothing global."""
 
-    def build_shared_state(self, view: Any) -> None:
+    def build_shared_state(self, view: View) -> None:
         """At first join and after every recovery: re-contribute this member's own state."""
 
-    def on_master(self, view: Any) -> None:
+    def on_master(self, view: View) -> None:
         """In the master only, during the master phase: reset :attr:`master_area`."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> "McsComponent":
         """Initialise locally, join, and wait until the first recovery made us consistent."""
-        import membership
-
         if self._started:
             raise McsError("component already started")
         self._started = True
@@ -263,7 +264,7 @@ class McsComponent:
         self.stop()
 
     @property
-    def view(self) -> Any:
+    def view(self) -> View | None:
         """The view of the newest stable epoch (members, master, generation)."""
         return self._view
 
@@ -434,7 +435,7 @@ class McsComponent:
         self.request_recovery("memory failure")
         return True
 
-    def _on_view_change(self, view: Any) -> None:
+    def _on_view_change(self, view: View) -> None:
         if self._stopping.is_set() or self._view_covered(view.generation):
             return
         self.request_recovery(f"membership generation {view.generation}")
@@ -566,10 +567,8 @@ class McsComponent:
                             self.component_name, self._recovery_timeout)
                 deadline = time.monotonic() + self._recovery_timeout
 
-    def _agree(self, epoch: int) -> Any:
+    def _agree(self, epoch: int) -> View:
         """Record (first member) or read (others) the view of ``epoch``."""
-        from membership.view import View
-
         root = self._root
         mutex = self.member.boot.root_mutex(tag=self.member.incarnation)
         while True:
@@ -627,7 +626,7 @@ class McsComponent:
             self._event.wait(seen, timeout=0.02)
             seen = self._event.value
 
-    def _barrier(self, table_offset: int, view: Any, epoch: int) -> None:
+    def _barrier(self, table_offset: int, view: View, epoch: int) -> None:
         root = self._root
         offsets = [table_offset + 8 * m.slot for m in view.members]
         self._wait_for(lambda: all(root.load64(off) >= epoch for off in offsets), epoch)
@@ -642,7 +641,7 @@ class McsComponent:
 
     # -- shared areas ---------------------------------------------------------------------
 
-    def _master_phase(self, view: Any) -> None:
+    def _master_phase(self, view: View) -> None:
         size = self.master_area_size
         if size:
             area = self.master_area
@@ -719,7 +718,7 @@ class McsComponent:
         self._contribs[slot] = (ident, sec)
         return sec
 
-    def _drop_departed(self, view: Any) -> None:
+    def _drop_departed(self, view: View) -> None:
         keep = {m.slot for m in view.members}
         for slot in [s for s in self._contribs if s not in keep]:
             self._contribs.pop(slot)[1].close()

@@ -25,7 +25,9 @@ import os
 import re
 from typing import Iterable
 
-from mcs import _gsm, faults
+from mcs import faults
+from mcs._gsm import Section as _NativeSection
+from mcs._gsm import shm_new, shm_remove, shm_remove_orphan
 from mcs.errors import InvalidIdentifier, NativeError
 
 __all__ = ["Section", "reap_orphans", "section_key", "is_section_key"]
@@ -37,7 +39,7 @@ KEY_ATTEMPTS = 32  # random keys tried before giving up (a collision needs a hel
 _IDENT = re.compile(r"sysv:(\d{1,10}):([0-9a-f]{16})")
 
 
-class Section(_gsm.Section):
+class Section(_NativeSection):
     """A block of global shared memory contributed by this process (see module docstring)."""
 
     __slots__ = ()
@@ -53,7 +55,7 @@ class Section(_gsm.Section):
             # A process killed here leaves an unmarked segment: see reap_orphans().
             faults.point("section.create.unmarked")
         except BaseException:
-            _gsm.shm_remove(shmid)
+            shm_remove(shmid)
             raise
         return cls._adopt_sysv(shmid, size, nonce)  # removes the segment if it fails
 
@@ -105,7 +107,7 @@ def _new_marked_segment(size: int) -> int:
     pid = os.getpid()
     for _ in range(KEY_ATTEMPTS):
         try:
-            return _gsm.shm_new(size, section_key(int.from_bytes(os.urandom(2), "little"), pid))
+            return shm_new(size, section_key(int.from_bytes(os.urandom(2), "little"), pid))
         except FileExistsError:
             continue
     raise NativeError(errno.EEXIST, f"shmget: {KEY_ATTEMPTS} random keys with the mcs mark "
@@ -138,7 +140,7 @@ def reap_orphans(creators: Iterable[tuple[int, int]]) -> list[int]:
         if len(fields) < 8 or int(fields[7]) != uid:
             continue
         key, shmid, cpid = int(fields[0]), int(fields[1]), int(fields[4])
-        if cpid in not_before and is_section_key(key, cpid) and _gsm.shm_remove_orphan(
+        if cpid in not_before and is_section_key(key, cpid) and shm_remove_orphan(
                 shmid, cpid, not_before[cpid], key):
             reaped.append(shmid)
     return reaped

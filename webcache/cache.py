@@ -28,7 +28,7 @@ from hashlib import blake2b
 from typing import Any, Callable
 
 from mcs import faults, layout as mcs_layout
-from mcs._gsm import GlobalEvent, GlobalMutex, copy_checksum
+from mcs import GlobalEvent, GlobalMutex, copy_checksum
 from mcs.component import McsComponent
 from mcs.errors import ClosedError, CorruptObjectError, McsError, NotRecoverableError, Recovering
 from mcs.section import Section

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from mcs import layout as mcs_layout
-from mcs._gsm import GlobalMutex, checksum
+from mcs import GlobalMutex, checksum
 from mcs.bootstrap import Bootstrap
 from mcs.errors import InvalidIdentifier, McsError
 from mcs.section import Section

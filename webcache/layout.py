@@ -20,7 +20,7 @@ A *ref* names an entry anywhere in the domain: ``(slot + 1) << 48 | offset``; 0 
 from __future__ import annotations
 
 from mcs import layout as mcs_layout
-from mcs._gsm import EVENT_SIZE, MUTEX_SIZE
+from mcs.layout import EVENT_SIZE, MUTEX_SIZE
 
 TABLE_MAGIC = int.from_bytes(b"MCSWCTB3", "little")
 ARENA_MAGIC = int.from_bytes(b"MCSWCAR3", "little")

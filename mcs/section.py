@@ -21,6 +21,7 @@ the kernel has reused for another segment fails to attach instead of opening a s
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 from typing import Iterable
@@ -29,6 +30,8 @@ from mcs import faults
 from mcs._gsm import Section as _NativeSection
 from mcs._gsm import shm_new, shm_remove, shm_remove_orphan
 from mcs.errors import InvalidIdentifier, NativeError
+
+log = logging.getLogger("mcs.section")
 
 __all__ = ["Section", "reap_orphans", "section_key", "is_section_key"]
 
@@ -133,7 +136,9 @@ def reap_orphans(creators: Iterable[tuple[int, int]]) -> list[int]:
         with open(SYSV_TABLE) as table:
             next(table, None)
             rows = [line.split() for line in table]
-    except OSError:
+    except OSError as exc:  # EMFILE: the caller's next chance (a later death, mcs gc) retries
+        log.warning("could not read %s (%s): segments left by dead pids %s not reclaimed now",
+                    SYSV_TABLE, exc, sorted(not_before))
         return []
     for fields in rows:
         # key shmid perms size cpid lpid nattch uid ...

@@ -13,9 +13,10 @@ an mcs-webcache node, with a *different* cache behind it.
 
 The nodes share one port with SO_REUSEPORT, exactly like the mcs launcher, and do the same per
 request work as ``webcache.app``: the same path resolution (``webcache.paths.DocumentRoot``:
-``open(O_PATH)``/``fstat``/``readlink``/``access``), the same validators (size, mtime, inode), the
-same headers, conditional requests and single ranges; only the cache differs. (An mcs hit also
-verifies the checksum of the entry, which a private cache does not need: that cost is mcs's alone.)
+``openat2(O_PATH)``/``readlink``/``fstat``/``access``, reads from that descriptor), the same
+validators (size, mtime, inode), the same headers, conditional requests and single ranges; only
+the cache differs. (An mcs hit also verifies the checksum of the entry, which a private cache
+does not need: that cost is mcs's alone.)
 
 Each node counts its own ``hits``, ``misses``, ``disk_reads`` and ``disk_bytes`` (bytes of files
 read from disk) and reports them with its cache usage at ``GET /_stats`` (JSON;
@@ -259,16 +260,11 @@ class Stats:
     disk_bytes: int = 0
 
 
-def _read_whole(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
 def make_app(args: argparse.Namespace):
     from aiohttp import web
 
     from webcache.app import plan_file_response
-    from webcache.paths import DocumentRoot
+    from webcache.paths import DocumentRoot, FileChanged
 
     root = DocumentRoot(args.root)
     stats = Stats()
@@ -276,8 +272,8 @@ def make_app(args: argparse.Namespace):
     redis_box: list[RespClient] = []
     node_pid = str(os.getpid())
 
-    def read_file(path: str) -> bytes:
-        data = _read_whole(path)
+    def read_file(opened) -> bytes:
+        data = opened.read_all()  # from the descriptor the lookup confined, as the node does
         stats.disk_reads += 1
         stats.disk_bytes += len(data)
         return data
@@ -303,23 +299,23 @@ def make_app(args: argparse.Namespace):
         planned = plan_file_response(request, root, node_pid)
         if isinstance(planned, web.Response):
             return planned
-        f, status, headers, span = planned
-        if f.size > args.max_entry:
-            data = read_file(f.path)  # never cached (the bench files are all below the limit)
-        else:
-            data = await lookup(f)
-            if data is not None:
-                stats.hits += 1
-            else:
-                stats.misses += 1
-                try:
-                    data = read_file(f.path)
-                except FileNotFoundError:
-                    raise web.HTTPNotFound(text="404 not found\n") from None
-                if len(data) != f.size:
-                    raise web.HTTPServiceUnavailable(text="file changed while being read; retry\n",
-                                                     headers={"Retry-After": "0"})
-                await store(f, data)
+        opened, status, headers, span = planned
+        with opened:
+            f = opened.file
+            try:
+                if f.size > args.max_entry:
+                    data = read_file(opened)  # never cached (the bench files are all below it)
+                else:
+                    data = await lookup(f)
+                    if data is not None:
+                        stats.hits += 1
+                    else:
+                        stats.misses += 1
+                        data = read_file(opened)
+                        await store(f, data)
+            except FileChanged:
+                raise web.HTTPServiceUnavailable(text="file changed while being read; retry\n",
+                                                 headers={"Retry-After": "0"}) from None
         body = data if span is None else memoryview(data)[span[0]:span[1]]
         return web.Response(body=body, status=status, headers=headers)
 

@@ -19,7 +19,7 @@ def put_entry(arena: mcs.Section, off: int, path: bytes, data: bytes, nxt: int =
     arena.store64(off + L.E_NEXT, nxt)
     arena.store64(off + L.E_HASH, h)
     for field, value in ((L.E_SIZE, len(data)), (L.E_MTIME, 11), (L.E_INODE, 22), (L.E_DEV, 33),
-                         (L.E_PATH_LEN, len(path)), (L.E_SUM, mcs.checksum(data))):
+                         (L.E_CTIME, 44), (L.E_PATH_LEN, len(path)), (L.E_SUM, mcs.checksum(data))):
         arena.store64(off + field, value)
     arena.view(off + L.ENTRY_HEADER, len(path))[:] = path
     doff = L.data_offset(off, len(path))
@@ -88,17 +88,18 @@ def test_copy_out_into_a_buffer_or_bytes_and_every_refusal(sections):
     off = L.ARENA_HEADER
     data = bytes(range(256)) * 10
     put_entry(arena, off, b"/f", data)
-    args = (arena, off, 2, len(data), 11, 22, 33)
+    args = (arena, off, 2, len(data), 11, 22, 33, 44)
     into = bytearray(4096)
     assert _hit.copy_out(*args, into) is True and into[:len(data)] == data
     assert arena.load64(off + L.E_ACCESS) > 0
     assert _hit.copy_out(*args, None) == data
     assert _hit.copy_out(*args, bytearray(10)) == data  # too small: a new bytes
-    assert _hit.copy_out(arena, off, 2, len(data), 12, 22, 33, into) == _hit.STALE
-    assert _hit.copy_out(arena, off, 2, len(data) + 1, 11, 22, 33, into) == _hit.STALE
-    assert _hit.copy_out(arena, off + 4, 2, len(data), 11, 22, 33, into) == _hit.OUT_OF_RANGE
-    assert _hit.copy_out(arena, 1 << 20, 2, len(data), 11, 22, 33, into) == _hit.OUT_OF_RANGE
-    assert _hit.copy_out(arena, off, 1 << 20, len(data), 11, 22, 33, into) == _hit.OUT_OF_RANGE
+    assert _hit.copy_out(arena, off, 2, len(data), 12, 22, 33, 44, into) == _hit.STALE
+    assert _hit.copy_out(arena, off, 2, len(data) + 1, 11, 22, 33, 44, into) == _hit.STALE
+    assert _hit.copy_out(arena, off, 2, len(data), 11, 22, 33, 45, into) == _hit.STALE  # ctime
+    assert _hit.copy_out(arena, off + 4, 2, len(data), 11, 22, 33, 44, into) == _hit.OUT_OF_RANGE
+    assert _hit.copy_out(arena, 1 << 20, 2, len(data), 11, 22, 33, 44, into) == _hit.OUT_OF_RANGE
+    assert _hit.copy_out(arena, off, 1 << 20, len(data), 11, 22, 33, 44, into) == _hit.OUT_OF_RANGE
     arena.view(L.data_offset(off, 2) + 100, 1)[:] = b"\xdb"  # poisoned after it was summed
     assert _hit.copy_out(*args, into) == _hit.CORRUPT
     with pytest.raises((TypeError, BufferError)):

@@ -144,7 +144,7 @@ def test_hit_carries_the_stat_of_the_file(docroot: DocumentRoot, tree: tuple[Pat
     real = os.path.realpath(tree[0] / "sub" / "a.css")
     st_ = os.stat(real)
     assert f == ResolvedFile(real, st_.st_size, st_.st_mtime_ns,
-                             st_.st_ino, st_.st_dev)
+                             st_.st_ino, st_.st_dev, st_.st_ctime_ns)
     assert f == ResolvedFile.from_stat(f.path, st_)
     with pytest.raises(AttributeError):  # immutable
         f.size = 0  # type: ignore[misc]
@@ -428,6 +428,7 @@ def test_unexpected_os_errors_propagate(monkeypatch: pytest.MonkeyPatch,
         raise OSError(errno.EIO, "I/O error")
 
     monkeypatch.setattr(paths_mod, "os", _FakeOs(open=failing, stat=failing))
+    monkeypatch.setattr(paths_mod, "openat2", failing)
     with pytest.raises(OSError) as info:
         docroot.resolve("/page.txt")
     assert info.value.errno == errno.EIO and not isinstance(info.value, PathError)

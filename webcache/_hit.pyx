@@ -34,14 +34,15 @@ cdef enum:
     E_SUM = 56
     E_ACCESS = 64
     E_PATH_LEN = 72
+    E_CTIME = 96
     ENTRY_HEADER = 640
     ARENA_HEADER = 4096
     SLOT_SHIFT = 48
 
 LAYOUT = {"E_NEXT": E_NEXT, "E_HASH": E_HASH, "E_SIZE": E_SIZE, "E_MTIME": E_MTIME,
           "E_INODE": E_INODE, "E_DEV": E_DEV, "E_SUM": E_SUM, "E_ACCESS": E_ACCESS,
-          "E_PATH_LEN": E_PATH_LEN, "ENTRY_HEADER": ENTRY_HEADER, "ARENA_HEADER": ARENA_HEADER,
-          "SLOT_SHIFT": SLOT_SHIFT}
+          "E_PATH_LEN": E_PATH_LEN, "E_CTIME": E_CTIME, "ENTRY_HEADER": ENTRY_HEADER,
+          "ARENA_HEADER": ARENA_HEADER, "SLOT_SHIFT": SLOT_SHIFT}
 
 # copy_out's answers when it copied nothing
 STALE = 0  # the entry describes another version of the file
@@ -93,11 +94,11 @@ def walk(master, section_of, Py_ssize_t head, uint64_t h, bytes path, int slots,
 
 
 def copy_out(sec, Py_ssize_t off, Py_ssize_t path_len, Py_ssize_t size, uint64_t mtime_ns,
-             uint64_t inode, uint64_t dev, into):
+             uint64_t inode, uint64_t dev, uint64_t ctime_ns, into):
     """Copy the data of the (pinned) entry at ``off`` if it describes the file (``size``,
-    ``mtime_ns``, ``inode``, ``dev``), checksumming the copy in the same pass, and stamp its
-    last access. Into ``into`` when it is a writable buffer large enough (returns True), else
-    into a new bytes (returned). STALE, OUT_OF_RANGE or CORRUPT when nothing fit to send was
+    ``mtime_ns``, ``inode``, ``dev``, ``ctime_ns``), checksumming the copy in the same pass, and
+    stamp its last access. Into ``into`` when it is a writable buffer large enough (returns
+    True), else into a new bytes (returned). STALE, OUT_OF_RANGE or CORRUPT when nothing fit to send was
     copied."""
     cdef Py_buffer buf
     cdef Py_buffer dst
@@ -111,7 +112,8 @@ def copy_out(sec, Py_ssize_t off, Py_ssize_t path_len, Py_ssize_t size, uint64_t
             return OUT_OF_RANGE
         p = <char*>buf.buf + off
         if (mcs_load64(p + E_SIZE) != <uint64_t>size or mcs_load64(p + E_MTIME) != mtime_ns
-                or mcs_load64(p + E_INODE) != inode or mcs_load64(p + E_DEV) != dev):
+                or mcs_load64(p + E_INODE) != inode or mcs_load64(p + E_DEV) != dev
+                or mcs_load64(p + E_CTIME) != ctime_ns):
             return STALE
         doff = off + ((ENTRY_HEADER + path_len + 7) & ~7)
         if size < 0 or doff + size > buf.len:

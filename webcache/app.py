@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any
 
@@ -11,7 +12,7 @@ from aiohttp import web
 
 from webcache.cache import McsWebCache
 from webcache.fastpath import NODE_PID, SERVER, FastPathStats
-from webcache.paths import DocumentRoot, Forbidden, NotFound, ResolvedFile
+from webcache.paths import DocumentRoot, FileChanged, Forbidden, NotFound, OpenFile, ResolvedFile
 from webcache.semantics import (
     RangeNotSatisfiable,
     file_headers,
@@ -45,28 +46,46 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
     response.headers["Server"] = SERVER  # the same on both paths
 
 
-def _read_whole(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
-
-
-Planned = tuple[ResolvedFile, int, dict[str, str], "tuple[int, int] | None"]
+Planned = tuple[OpenFile, int, dict[str, str], "tuple[int, int] | None"]
+READ_ATTEMPTS = 4  # a file that changed between its check and its read is looked up again
 
 
 def plan_file_response(request: web.Request, root: DocumentRoot,
                        node_pid: str) -> web.Response | Planned:
     """What a file response is, before its bytes: the method (405), the path (403/404), the
     validators (412/304), the range (206/416) and HEAD. Returns the finished response, or
-    ``(file, status, headers, span)`` for a GET that needs the body. Shared by the node and the
+    ``(opened, status, headers, span)`` for a GET that needs the body: ``opened`` is the file
+    held open (webcache.paths.OpenFile), the caller closes it. Shared by the node and the
     benchmark's shared-nothing baseline, so both answer with the same HTTP semantics."""
     if request.method not in ("GET", "HEAD"):
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
     try:
-        f = root.resolve(request.path, request.raw_path)
+        opened = root.open(request.path, request.raw_path)
     except Forbidden as exc:
         raise web.HTTPForbidden(text=f"403 forbidden: {exc}\n") from None
     except NotFound:
         raise web.HTTPNotFound(text="404 not found\n") from None
+    except FileChanged:
+        raise _changed() from None
+    try:
+        planned = _plan(request, opened.file, node_pid)
+    except BaseException:
+        opened.close()
+        raise
+    if isinstance(planned, web.Response):
+        opened.close()
+        return planned
+    return (opened, *planned)
+
+
+def _changed() -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(text="file changed while being read; retry\n",
+                                      headers={"Retry-After": "0"})
+
+
+def _plan(request: web.Request, f: ResolvedFile,
+          node_pid: str) -> web.Response | tuple[int, dict[str, str], tuple[int, int] | None]:
+    """plan_file_response once the file is found: its headers, conditionals, range, HEAD."""
     headers = file_headers(f.path, f.size, f.mtime_ns, f.inode)
     headers["X-Mcs-Node"] = node_pid
     tag = headers["ETag"]
@@ -88,17 +107,35 @@ def plan_file_response(request: web.Request, root: DocumentRoot,
     if request.method == "HEAD":
         headers["Content-Length"] = str(f.size if span is None else span[1] - span[0])
         return web.Response(status=status, headers=headers)
-    return f, status, headers, span
+    return status, headers, span
 
 
 async def serve_file(request: web.Request) -> web.StreamResponse:
-    planned = plan_file_response(request, request.app[ROOT], NODE_PID)
-    if isinstance(planned, web.Response):
-        return planned
-    f, status, headers, span = planned
-    cache = request.app[CACHE]
+    """A file: planned (found, validated, conditionals), then its body from the cache or from
+    the descriptor found. A file that changed between its check and its read is looked up
+    again (a replace in progress ends as the old or the new version, never a mix, never a
+    403/404), at most READ_ATTEMPTS times, then 503."""
+    root, cache = request.app[ROOT], request.app[CACHE]
+    for _ in range(READ_ATTEMPTS):
+        planned = plan_file_response(request, root, NODE_PID)
+        if isinstance(planned, web.Response):
+            return planned
+        opened, status, headers, span = planned
+        with opened:
+            try:
+                return await _send_file(request, cache, opened, status, headers, span)
+            except FileChanged:
+                continue
+            except Forbidden as exc:  # became unreadable between the check and the read
+                raise web.HTTPForbidden(text=f"403 forbidden: {exc}\n") from None
+    raise _changed()
+
+
+async def _send_file(request: web.Request, cache: McsWebCache, opened: OpenFile, status: int,
+                     headers: dict[str, str], span: tuple[int, int] | None) -> web.StreamResponse:
+    f = opened.file
     if f.size > cache.max_entry:
-        return await _stream_from_disk(request, f, span, status, headers)
+        return await _stream_from_disk(request, opened, span, status, headers)
     hit = cache.lookup(f)
     if hit is not None:
         try:
@@ -109,40 +146,48 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
         finally:
             hit.release()
         return resp
-    try:
-        data = await cache.fill(f, lambda: _read_whole(f.path))
-    except FileNotFoundError:
-        raise web.HTTPNotFound(text="404 not found\n") from None
-    if len(data) != f.size:  # changed while we read it: never serve a mix
-        raise web.HTTPServiceUnavailable(text="file changed while being read; retry\n",
-                                         headers={"Retry-After": "0"})
+    # The read runs in a worker thread with a descriptor of its own (a dup): if this request
+    # is cancelled meanwhile, the read still owns what it reads from.
+    data = await cache.fill(f, functools.partial(_read_job, opened.dup(), 0, f.size))
     body = data if span is None else memoryview(data)[span[0]:span[1]]
     return web.Response(body=body, status=status, headers=headers)
 
 
-async def _stream_from_disk(request: web.Request, f: ResolvedFile, span: tuple[int, int] | None,
+def _read_job(job: OpenFile, start: int, stop: int) -> bytes:
+    """In a worker thread: bytes [start, stop) of ``job`` (a descriptor the job owns)."""
+    with job:
+        return job.read_span(start, stop)
+
+
+async def _stream_from_disk(request: web.Request, opened: OpenFile, span: tuple[int, int] | None,
                             status: int, headers: dict[str, str]) -> web.StreamResponse:
-    start, stop = (0, f.size) if span is None else span
+    """A file above max_entry, chunk by chunk from its descriptor (each chunk read in a worker
+    thread and checked against the stat the headers were built from). A change before the
+    first byte is sent raises FileChanged (the caller looks again); a change later cuts the
+    connection, so the client sees a short body rather than a mix of two versions."""
+    start, stop = (0, opened.file.size) if span is None else span
+    loop = asyncio.get_running_loop()
+
+    def read(pos: int) -> asyncio.Future[bytes]:
+        end = min(stop, pos + STREAM_CHUNK)
+        return loop.run_in_executor(None, _read_job, opened.dup(), pos, end)
+
+    chunk = await read(start)
     resp = web.StreamResponse(status=status, headers=headers)
     resp.content_length = stop - start
-    loop = asyncio.get_running_loop()
-    try:
-        fh = open(f.path, "rb")
-    except FileNotFoundError:
-        raise web.HTTPNotFound(text="404 not found\n") from None
-    with fh:
-        st = os.fstat(fh.fileno())
-        if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
-            raise web.HTTPServiceUnavailable(text="file changed; retry\n", headers={"Retry-After": "0"})
-        await resp.prepare(request)
-        fh.seek(start)
-        left = stop - start
-        while left > 0:
-            chunk = await loop.run_in_executor(None, fh.read, min(STREAM_CHUNK, left))
-            if not chunk:
-                break
-            await resp.write(chunk)
-            left -= len(chunk)
+    await resp.prepare(request)
+    pos = start
+    while True:
+        await resp.write(chunk)
+        pos += len(chunk)
+        if pos >= stop:
+            break
+        try:
+            chunk = await read(pos)
+        except FileChanged:
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
     await resp.write_eof()
     request.app[CACHE].cache_stats.disk_reads += 1
     return resp

@@ -6,7 +6,8 @@ owner's arena; a file is cached once in the whole domain; only the owner allocat
 its arena. Readers pin an entry (one counter per member slot, so a dead reader's pins are
 cleared by recovery) while they copy its bytes out.
 
-A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat → copy the
+A hit: lock bucket → walk chain → pin → unlock → revalidate against the file's stat (size,
+mtime, inode, device, ctime) → copy the
 data out (into the caller's reused buffer), summing the words written in the same pass → unpin →
 compare that sum with the entry's checksum → send the copy. The walk and the checked copy are
 native (``webcache/_hit.pyx``); locking, pinning and recovery stay here. (Verifying shared memory and then sending from it let one poisoned byte through in a
@@ -43,6 +44,7 @@ log = logging.getLogger("mcs.webcache")
 
 LEASE_NS = 2_000_000_000  # a filler that has not finished in 2 s loses its lease
 COALESCE_POLL = 0.002
+SETTLE_NS = 20_000_000  # a file changed more recently than this is served, not cached (fill)
 
 
 def path_hash(path: str) -> int:
@@ -120,6 +122,7 @@ class McsWebCache(McsComponent):
         self._keys: dict[str, tuple[bytes, int]] = {}  # path -> (encoded, hash)
         self._alloc = Allocator(L.ARENA_HEADER, self.contribution_size)
         self._mutexes: list[GlobalMutex] = []
+        self._filling: set[int] = set()  # path hashes this node is reading for the cache
         self._mutex_area: Section | None = None
 
     def on_new_contribution(self, section: Section) -> None:
@@ -260,7 +263,7 @@ class McsWebCache(McsComponent):
                     # unpinned entries). Copied and summed in one pass, from the words written
                     # to the copy: what is verified is what will be sent.
                     got = _hit.copy_out(sec, off, len(path), f.size, f.mtime_ns, f.inode, f.dev,
-                                        into)
+                                        f.ctime_ns, into)
                 finally:
                     sec.add64(pin, -1)
                 if got is True:
@@ -292,36 +295,50 @@ class McsWebCache(McsComponent):
 
     async def fill(self, f: ResolvedFile, read: Callable[[], bytes]) -> bytes:
         """Bytes of ``f`` for a miss: read from disk once in the domain (coalesced), cached in
-        this node's arena if it fits. ``read()`` reads the file (called at most once)."""
+        this node's arena if it fits and has settled. ``read()`` reads the file (called at
+        most once, in the loop's default executor: a disk read never blocks the event loop);
+        what it raises propagates.
+
+        A file whose status changed less than :data:`SETTLE_NS` before the read ended is
+        served but not cached: timestamps come from a clock that ticks every few milliseconds,
+        so a second change within the same tick would leave size, mtime and ctime as they
+        were, and revalidation could not see it."""
         self.cache_stats.misses += 1
+        loop = asyncio.get_running_loop()
         if f.size > self.max_entry or self._gate_closed:
             self.cache_stats.disk_reads += 1
-            return read()
+            return await loop.run_in_executor(None, read)
         path, h = self._key(f.path)
         bucket = h % L.BUCKETS
         waited = False
         deadline = time.monotonic() + LEASE_NS / 1e9 + 1
         while True:
-            try:
-                decision = self._take_lease(bucket, h, path)
-            except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
-                decision = "disk"
+            if h in self._filling:
+                decision = "wait"  # this node reads it already (the lease is ours)
+            else:
+                try:
+                    decision = self._take_lease(bucket, h, path)
+                except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+                    decision = "disk"
             if decision == "mine":
                 break
             if decision in ("cached", "disk") or time.monotonic() > deadline:
                 if decision == "cached" and waited:
                     self.cache_stats.coalesced += 1
                 self.cache_stats.disk_reads += 1
-                return read()  # a cached copy exists now: the caller's next request hits it
+                # a cached copy exists now: the caller's next request hits it
+                return await loop.run_in_executor(None, read)
             waited = True
             await asyncio.sleep(COALESCE_POLL)
+        self._filling.add(h)
         try:
             self.cache_stats.disk_reads += 1
-            data = read()
-            if len(data) == f.size:
+            data = await loop.run_in_executor(None, read)
+            if len(data) == f.size and time.time_ns() - f.ctime_ns >= SETTLE_NS:
                 self._store(f, h, path, bucket, data)
             return data
         finally:
+            self._filling.discard(h)
             self._clear_lease(bucket, h)
 
     def _take_lease(self, bucket: int, h: int, path: bytes) -> str:
@@ -369,7 +386,7 @@ class McsWebCache(McsComponent):
                 arena.view(off, L.ENTRY_HEADER)[:] = bytes(L.ENTRY_HEADER)
                 for field_, value in ((L.E_HASH, h), (L.E_SIZE, f.size), (L.E_MTIME, f.mtime_ns),
                                       (L.E_INODE, f.inode), (L.E_DEV, f.dev),
-                                      (L.E_ACCESS, time.monotonic_ns()),
+                                      (L.E_CTIME, f.ctime_ns), (L.E_ACCESS, time.monotonic_ns()),
                                       (L.E_PATH_LEN, len(path)), (L.E_ALLOC, size)):
                     arena.store64(off + field_, value)
                 arena.view(off + L.ENTRY_HEADER, len(path))[:] = path

@@ -162,13 +162,13 @@ class FastPath:
                 self._targets.clear()
             known = self._targets[target] = (target[1:], self._prefix + target[1:].decode())
         try:
-            mode, _uid, size, mtime_ns, inode, dev, nlink, readable = \
+            mode, _uid, size, mtime_ns, ctime_ns, inode, dev, nlink, readable = \
                 stat_beneath(self._root_fd, known[0])
         except (OSError, ValueError):
             return None
         if not stat.S_ISREG(mode) or nlink == 0 or not readable or size > self.cache.max_entry:
             return None
-        return ResolvedFile(known[1], size, mtime_ns, inode, dev)
+        return ResolvedFile(known[1], size, mtime_ns, inode, dev, ctime_ns)
 
 
 class _Handover(Exception):

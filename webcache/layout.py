@@ -12,7 +12,7 @@ Arena (each node's contribution)::
     entry: header 640 B | path | data (8-byte aligned)
     header: 0 next ref | 8 state | 16 path hash | 24 size | 32 mtime_ns | 40 inode | 48 dev
             56 checksum of data (mcs.checksum) | 64 last access ns | 72 path length | 80 allocation size
-            88 magic (written last) | 128.. one pin counter per member slot (64 x 8 B)
+            88 magic (written last) | 96 ctime_ns | 128.. one pin counter per member slot (64 x 8 B)
 
 A *ref* names an entry anywhere in the domain: ``(slot + 1) << 48 | offset``; 0 is null.
 """
@@ -22,9 +22,9 @@ from __future__ import annotations
 from mcs import layout as mcs_layout
 from mcs.layout import EVENT_SIZE, MUTEX_SIZE
 
-TABLE_MAGIC = int.from_bytes(b"MCSWCTB3", "little")
-ARENA_MAGIC = int.from_bytes(b"MCSWCAR3", "little")
-ENTRY_MAGIC = int.from_bytes(b"MCSWCEN3", "little")
+TABLE_MAGIC = int.from_bytes(b"MCSWCTB4", "little")
+ARENA_MAGIC = int.from_bytes(b"MCSWCAR4", "little")
+ENTRY_MAGIC = int.from_bytes(b"MCSWCEN4", "little")
 
 BUCKETS = 4096
 BUCKET_SIZE = 128
@@ -37,7 +37,7 @@ A_MAGIC, A_ENTRIES, A_BYTES = 0, 8, 16
 ARENA_HEADER = 4096
 
 E_NEXT, E_STATE, E_HASH, E_SIZE, E_MTIME, E_INODE, E_DEV = 0, 8, 16, 24, 32, 40, 48
-E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC, E_MAGIC, E_PINS = 56, 64, 72, 80, 88, 128
+E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC, E_MAGIC, E_CTIME, E_PINS = 56, 64, 72, 80, 88, 96, 128
 ENTRY_HEADER = E_PINS + 8 * mcs_layout.MAX_MEMBERS
 PATH_MAX = 4096
 

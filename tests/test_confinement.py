@@ -306,7 +306,10 @@ def test_rewrite_in_place_with_the_mtime_put_back_is_not_served_stale(tmp_path, 
     cache = Cache(root, domain, nodes=1, extra=() if fast_path else ("--no-fast-path",))
     try:
         for _ in range(3):
-            assert cache.get("/page.txt")[2] == files["/page.txt"]
+            status, headers, body = cache.get("/page.txt")
+            assert body == files["/page.txt"]
+        old_tag = headers["ETag"]
+        assert cache.get("/page.txt", {"If-None-Match": old_tag})[0] == 304
         assert cache.status()["hits"] >= 2  # cached, then served from shared memory
         new = files["/page.txt"].upper()
         with open(path, "r+b") as fh:  # same inode, same size
@@ -316,8 +319,11 @@ def test_rewrite_in_place_with_the_mtime_put_back_is_not_served_stale(tmp_path, 
         assert (after.st_size, after.st_mtime_ns, after.st_ino) == \
             (before.st_size, before.st_mtime_ns, before.st_ino)
         for _ in range(3):
-            status, _, body = cache.get("/page.txt")
+            status, headers, body = cache.get("/page.txt")
             assert status == 200 and body == new
+        assert headers["ETag"] != old_tag  # ctime is in the tag: the client's copy is stale
+        status, _, body = cache.get("/page.txt", {"If-None-Match": old_tag})
+        assert status == 200 and body == new
         assert cache.status()["stale_revalidations"] >= 1
     finally:
         assert cache.stop() == 0

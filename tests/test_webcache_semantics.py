@@ -541,22 +541,23 @@ def test_content_type(path: str, ctype: str) -> None:
 
 
 def test_etag_format() -> None:
-    tag = etag(0x1234, 0x17979CFE3D85CD15, 0x2A)
-    assert tag == '"1234-17979cfe3d85cd15-2a"'
+    tag = etag(0x1234, 0x17979CFE3D85CD15, 0x2A, 0x17979CFE3D85CD16)
+    assert tag == '"1234-17979cfe3d85cd15-2a-17979cfe3d85cd16"'
     assert tag.startswith('"') and tag.endswith('"') and not tag.startswith('W/')
     assert parse_etags(tag) == [(False, tag)]
 
 
 def test_etag_changes_with_each_field() -> None:
-    base = etag(10, 1_000, 7)
-    assert len({base, etag(11, 1_000, 7), etag(10, 1_001, 7), etag(10, 1_000, 8)}) == 4
-    assert etag(10, 1_000, 7) == base  # deterministic
+    base = etag(10, 1_000, 7, 2_000)
+    assert len({base, etag(11, 1_000, 7, 2_000), etag(10, 1_001, 7, 2_000),
+                etag(10, 1_000, 8, 2_000), etag(10, 1_000, 7, 2_001)}) == 5
+    assert etag(10, 1_000, 7, 2_000) == base  # deterministic
 
 
 def test_etag_of_a_pre_1970_file_is_valid() -> None:
-    tag = etag(1, -5, 2)
-    assert tag == '"1-fffffffffffffffb-2"'
-    assert etag(1, -5, 2) != etag(1, 5, 2)
+    tag = etag(1, -5, 2, -5)
+    assert tag == '"1-fffffffffffffffb-2-fffffffffffffffb"'
+    assert etag(1, -5, 2, -5) != etag(1, 5, 2, -5)
     assert parse_etags(tag) == [(False, tag)]
 
 
@@ -645,7 +646,7 @@ def test_parse_etags(value: str, tags: list[tuple[bool, str]] | None) -> None:
 
 # -- conditional requests --------------------------------------------------------------------
 
-TAG = etag(100, 1_700_000_000 * NS + 5, 42)
+TAG = etag(100, 1_700_000_000 * NS + 5, 42, 1_700_000_000 * NS + 9)
 MTIME = 1_700_000_000 * NS + 5                   # 22:13:20.000000005
 LM = http_date(MTIME)                            # "Tue, 14 Nov 2023 22:13:20 GMT"
 BEFORE = http_date(MTIME - NS)

@@ -86,7 +86,7 @@ def _changed() -> web.HTTPServiceUnavailable:
 def _plan(request: web.Request, f: ResolvedFile,
           node_pid: str) -> web.Response | tuple[int, dict[str, str], tuple[int, int] | None]:
     """plan_file_response once the file is found: its headers, conditionals, range, HEAD."""
-    headers = file_headers(f.path, f.size, f.mtime_ns, f.inode)
+    headers = file_headers(f.path, f.size, f.mtime_ns, f.inode, f.ctime_ns)
     headers["X-Mcs-Node"] = node_pid
     tag = headers["ETag"]
     if precondition_failed(request.headers, tag, f.mtime_ns):

@@ -78,7 +78,7 @@ class FastPath:
         self.connections: set[_Connection] = set()
         self._root_fd = os.open(root.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._prefix = root.root.rstrip("/") + "/"
-        self._headers: dict[tuple[str, int, int, int], bytes] = {}
+        self._headers: dict[tuple[str, int, int, int, int], bytes] = {}
         self._targets: dict[bytes, tuple[bytes, str]] = {}  # checked target -> (rel, path)
         # Hits are copied here out of shared memory and verified (webcache.cache.lookup), then
         # written; one buffer per node: the loop serves one request at a time.
@@ -134,12 +134,12 @@ class FastPath:
 
     def header_block(self, f: ResolvedFile) -> bytes:
         """Status line and the file's headers, up to (not including) Date and Connection."""
-        key = (f.path, f.size, f.mtime_ns, f.inode)
+        key = (f.path, f.size, f.mtime_ns, f.inode, f.ctime_ns)
         block = self._headers.get(key)
         if block is not None:
             return block
         now = time.time_ns()
-        fields = file_headers(f.path, f.size, f.mtime_ns, f.inode, now_ns=now)
+        fields = file_headers(f.path, f.size, f.mtime_ns, f.inode, f.ctime_ns, now_ns=now)
         block = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
                  + f"Content-Length: {f.size}\r\nX-Mcs-Node: {NODE_PID}\r\nServer: {SERVER}\r\n"
                  "Date: ").encode()

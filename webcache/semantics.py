@@ -111,13 +111,17 @@ def content_type(path: str) -> str:
 
 # -- validators -----------------------------------------------------------------------------
 
-def etag(size: int, mtime_ns: int, inode: int) -> str:
-    """A strong ETag ``"<size>-<mtime_ns>-<inode>"`` (lowercase hex, quoted).
+def etag(size: int, mtime_ns: int, inode: int, ctime_ns: int) -> str:
+    """A strong ETag ``"<size>-<mtime_ns>-<inode>-<ctime_ns>"`` (lowercase hex, quoted).
 
-    It changes whenever the file's size, modification time (to the nanosecond) or inode
-    changes; a negative (pre-1970) mtime is taken modulo 2**64 so the tag stays unambiguous.
+    It changes whenever the file's size, modification time (to the nanosecond), inode or
+    change time changes. ctime is in it because ``utime`` can put an mtime back after an
+    in-place rewrite while the kernel moves ctime on every write, and user space cannot set
+    it: a client holding the old tag gets the new bytes, never a 304 for stale ones. (A
+    metadata-only change such as chmod also moves ctime: one extra full response, never a
+    wrong one.) Negative (pre-1970) times are taken modulo 2**64 so the tag stays unambiguous.
     """
-    return f'"{size:x}-{mtime_ns & _U64:x}-{inode:x}"'
+    return f'"{size:x}-{mtime_ns & _U64:x}-{inode:x}-{ctime_ns & _U64:x}"'
 
 
 @functools.lru_cache(maxsize=4096)
@@ -135,12 +139,12 @@ def http_date(mtime_ns: int) -> str:
     return _format_seconds(min(max(mtime_ns // NS, 0), MAX_HTTP_SECONDS))
 
 
-def file_headers(path: str, size: int, mtime_ns: int, inode: int, *,
+def file_headers(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int, *,
                  now_ns: int | None = None) -> dict[str, str]:
     """The headers every answer about a file carries: ETag, Last-Modified (never later than
     ``now_ns``, default now), Content-Type, Accept-Ranges."""
     now = time.time_ns() if now_ns is None else now_ns
-    return {"ETag": etag(size, mtime_ns, inode), "Last-Modified": http_date(min(mtime_ns, now)),
+    return {"ETag": etag(size, mtime_ns, inode, ctime_ns), "Last-Modified": http_date(min(mtime_ns, now)),
             "Content-Type": content_type(path), "Accept-Ranges": "bytes"}
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, TypeVar
 
 from mcs import faults, layout
 from mcs._gsm import GlobalEvent, GlobalMutex, monotonic_ns
+from mcs.locking import held
 from mcs.errors import (
     ClosedError,
     CorruptObjectError,
@@ -576,9 +577,7 @@ class McsComponent:
             if status is not LockStatus.TIMEOUT:
                 break
             self._check_superseded(epoch)
-        try:
-            if status is LockStatus.ABANDONED:
-                mutex.mark_consistent()
+        with held(mutex, status):
             agreed = root.load64(layout.C_AGREED)
             if agreed > epoch:
                 raise _Restart
@@ -591,8 +590,6 @@ class McsComponent:
             generation = root.load64(layout.C_VIEW_GEN)
             mask = root.load64(layout.C_VIEW_MASK)
             master_slot = root.load64(layout.C_MASTER)
-        finally:
-            mutex.unlock()
         table = self.member.table
         members = tuple(
             m for m in (table.read(s).info for s in range(layout.MAX_MEMBERS) if mask >> s & 1))

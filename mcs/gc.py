@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 from mcs import shmname
 from mcs.bootstrap import PREFIX, Bootstrap, iter_objects
+from mcs.locking import held
 from mcs.errors import BootstrapError, UninitialisedError
 from mcs.types import LockStatus
 
@@ -92,9 +93,7 @@ def _collect_one(entry: shmname.Entry, dry_run: bool, lock_timeout: float) -> Gc
         if status is LockStatus.TIMEOUT:
             return GcResult(domain, GcAction.KEPT,
                             "root mutex busy (a live member is changing the view)")
-        try:
-            if status is LockStatus.ABANDONED:
-                mutex.mark_consistent()
+        with held(mutex, status):
             if boot.removed:
                 return GcResult(domain, GcAction.KEPT, "already retired by another process")
             live = boot.live_slots()
@@ -104,8 +103,6 @@ def _collect_one(entry: shmname.Entry, dry_run: bool, lock_timeout: float) -> Gc
                 boot.reap_dead_members_segments()
                 boot.retire()
             return GcResult(domain, removing, "no live member")
-        finally:
-            mutex.unlock()
 
 
 def _remove_interrupted_removals() -> None:

@@ -38,6 +38,7 @@ from typing import Callable
 from mcs import layout
 from mcs._gsm import GlobalEvent, Heartbeat
 from mcs.bootstrap import Bootstrap
+from mcs.locking import held
 from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
 from mcs.section import reap_orphans
 from mcs.types import LockStatus
@@ -143,12 +144,8 @@ class Member:
                 root.unlock()
                 boot.close()
                 continue
-            try:
-                if status is LockStatus.ABANDONED:
-                    root.mark_consistent()
+            with held(root, status):
                 self._join_locked(boot)
-            finally:
-                root.unlock()
             break
         self._monitor = threading.Thread(target=self._monitor_main, name=f"mcs-monitor-{self.slot}",
                                          daemon=True)
@@ -404,9 +401,7 @@ class Member:
             if root.owner.tag == m.incarnation:
                 self._fence(m)
             return
-        try:
-            if status is LockStatus.ABANDONED:
-                root.mark_consistent()
+        with held(root, status):
             table = self.table
             age = time.monotonic_ns() - table.field(m.slot, layout.M_HEARTBEAT_NS)
             if (table.field(m.slot, layout.M_INCARNATION) != m.incarnation
@@ -416,8 +411,6 @@ class Member:
             if self._fence(m):
                 log.warning("member %s evicted and fenced (silent for %.0f ms)", m, age / 1e6)
             self._republish_locked()
-        finally:
-            root.unlock()
         self._wait_gone(m)
         self._reap_pending()
 
@@ -449,13 +442,9 @@ class Member:
             if self._closing.is_set():
                 return
             self._check_heartbeats()  # the holder may be frozen: evicting it frees the lock
-        try:
-            if status is LockStatus.ABANDONED:
-                root.mark_consistent()
+        with held(root, status):
             if status is LockStatus.ABANDONED or unless is None or not unless():
                 self._republish_locked()
-        finally:
-            root.unlock()
 
     def _republish_locked(self) -> None:
         """Recompute the view from slot states; publish a new generation if it changed."""
@@ -516,16 +505,12 @@ class Member:
                 root = self.boot.root_mutex(tag=self.incarnation)
                 status = root.lock(timeout=self.timing.evict_after)
                 if status is not LockStatus.TIMEOUT:
-                    try:
-                        if status is LockStatus.ABANDONED:
-                            root.mark_consistent()
+                    with held(root, status):
                         if self.table.field(self.slot, layout.M_INCARNATION) == self.incarnation:
                             self.table.set_field(self.slot, layout.M_STATE, layout.SLOT_LEFT)
                         self._republish_locked()
                         if not self.table.read_view().members:
                             self.boot.retire()  # the last one out removes the domain's root
-                    finally:
-                        root.unlock()
             except McsError:
                 log.exception("leave: could not publish the view")
         self._stop_threads(release=not self._fenced)

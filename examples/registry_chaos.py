@@ -141,9 +141,11 @@ def run(seed: int, failures: int, members: int, log=print) -> dict:
             time.sleep(0.02)
 
     def slots() -> dict[int, int]:
+        from mcs.component import component_domain
         from mcs.status import domain_status
 
-        return {row["pid"]: row["slot"] for row in domain_status(f"{domain}.registry")["members"]}
+        return {row["pid"]: row["slot"]
+                for row in domain_status(component_domain(domain, "registry"))["members"]}
 
     def kind_kill() -> bool:
         rng.choice(live).kill()

@@ -3,7 +3,8 @@
 The public API: :class:`Section`, :class:`GlobalMutex`, :class:`GlobalEvent`,
 :class:`LockStatus`, :func:`monotonic_ns`, :class:`Bootstrap` and the errors of
 :mod:`mcs.errors` (the GSM core), and the component layer, which builds on
-:mod:`membership`: :class:`McsComponent`, :func:`transaction`, :class:`RecoveryStats`.
+:mod:`membership`: :class:`McsComponent`, :func:`transaction`, :class:`RecoveryStats`,
+:class:`ComponentRecord` (the typed reader of a component's record) and :func:`component_domain`.
 
 The component layer sits *above* membership, which sits above the core, so it is exported
 lazily (PEP 562): ``import mcs`` loads only the core, and ``mcs.McsComponent`` imports
@@ -16,7 +17,6 @@ from mcs.errors import (
     BootstrapError,
     ClosedError,
     CorruptObjectError,
-    DomainLiveError,
     FencedError,
     InvalidIdentifier,
     LockUsageError,
@@ -40,7 +40,8 @@ from mcs.section import Section
 from mcs.bootstrap import Bootstrap
 
 # Names of the component layer, imported on first access (see the module docstring).
-_COMPONENT_LAYER = frozenset({"McsComponent", "RecoveryStats", "transaction"})
+_COMPONENT_LAYER = frozenset({"McsComponent", "RecoveryStats", "transaction", "ComponentRecord",
+                              "component_domain"})
 
 
 def __getattr__(name: str) -> object:
@@ -59,8 +60,8 @@ __all__ = [
     "Bootstrap",
     "BootstrapError",
     "ClosedError",
+    "ComponentRecord",
     "CorruptObjectError",
-    "DomainLiveError",
     "FencedError",
     "GlobalEvent",
     "GlobalMutex",
@@ -76,6 +77,7 @@ __all__ = [
     "RecoveryStats",
     "Section",
     "checksum",
+    "component_domain",
     "copy_checksum",
     "monotonic_ns",
     "transaction",

@@ -13,6 +13,7 @@ from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memset
 
 from mcs._libc cimport *
+from mcs._native cimport *
 
 import os as _os
 
@@ -49,11 +50,6 @@ cdef enum:
 def monotonic_ns():
     """CLOCK_MONOTONIC in nanoseconds: the clock every mcs timeout and heartbeat uses."""
     return mcs_now_ns(CLOCK_MONOTONIC)
-
-
-def realtime_ns():
-    """CLOCK_REALTIME in nanoseconds (creation stamps shown to operators)."""
-    return mcs_now_ns(CLOCK_REALTIME)
 
 
 def checksum(data):

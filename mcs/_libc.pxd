@@ -1,5 +1,5 @@
-# C declarations used by mcs/_gsm.pyx: pthread robust mutexes, SysV shm, futex, atomics.
-# Only declarations live here; the code that uses them is in _gsm.pyx.
+# C declarations of the system headers used by mcs/_gsm.pyx: clocks, errno, pthread robust
+# mutexes, SysV shm, mmap. Only declarations live here; mcs/_native.pxd declares gsm_native.h.
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 
 
@@ -89,65 +89,3 @@ cdef extern from "<sys/mman.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     unsigned int geteuid()
-
-
-cdef extern from "gsm_native.h" nogil:
-    uint64_t mcs_checksum64(const unsigned char *p, size_t n)
-    uint64_t mcs_copy_checksum64(unsigned char *dst, const unsigned char *src, size_t n)
-    uint64_t mcs_checksum_impl(unsigned char *dst, const unsigned char *src, size_t n, int path)
-    int mcs_use_avx2()
-    # Section header (first 64 bytes of every mapping).
-    ctypedef struct mcs_header:
-        uint64_t magic
-        uint64_t nonce
-        uint64_t size
-        uint64_t failed
-        uint64_t created_ns
-        uint32_t version
-        uint32_t uid
-        uint64_t state
-        uint64_t reserved
-    enum:
-        MCS_HEADER_SIZE
-        MCS_MUTEX_SLOT_SIZE
-        MCS_EVENT_SLOT_SIZE
-        MCS_MUTEX_MAGIC
-        MCS_EVENT_MAGIC
-        MCS_MUTEX_CONSISTENT
-        MCS_MUTEX_INCONSISTENT
-        MCS_MUTEX_NOTRECOVERABLE
-    ctypedef struct mcs_mutex_slot:
-        pthread_mutex_t mutex
-    ctypedef struct mcs_mutex_meta:
-        uint32_t magic
-        uint32_t pid
-        uint32_t tid
-        uint32_t state
-        uint64_t tag
-    ctypedef struct mcs_event_slot:
-        uint32_t seq
-        uint32_t waiters
-        uint32_t magic
-        uint32_t spare
-    ctypedef struct mcs_beat:
-        pass
-
-    mcs_mutex_meta* mcs_mutex_meta_of(void* slot)
-    int mcs_pid()
-    int mcs_tid()
-    void mcs_init_process()
-    int64_t mcs_now_ns(int clock)
-    void mcs_deadline(int64_t ns, timespec* ts)
-    long mcs_futex_wait(uint32_t* addr, uint32_t val, int64_t rel_ns)
-    long mcs_futex_wake(uint32_t* addr, int n)
-
-    uint64_t mcs_load64(void* p)
-    void mcs_store64(void* p, uint64_t v)
-    bint mcs_cas64(void* p, uint64_t expected, uint64_t desired)
-    uint64_t mcs_add64(void* p, uint64_t delta)
-    uint32_t mcs_load32(void* p)
-    uint32_t mcs_add32(void* p, uint32_t delta)
-    void mcs_store32(void* p, uint32_t v)
-
-    mcs_beat* mcs_beat_start(void* stamp, void* counter, int64_t interval_ns, int* err)
-    void mcs_beat_stop(mcs_beat* beat)

@@ -26,45 +26,30 @@ import time
 from typing import Callable, Iterator, TypeVar
 
 from mcs import layout, shmname
-from mcs._gsm import GlobalEvent, GlobalMutex
+from mcs._gsm import HEADER_SIZE, GlobalEvent, GlobalMutex
 from mcs.errors import (BootstrapError, DomainNotFoundError, DomainUnlinkedError, LockUsageError,
                         UninitialisedError)
 from mcs.section import Section, reap_orphans
 from mcs.types import LockStatus
 
-__all__ = ["Bootstrap", "domain_path", "validate_domain", "component_domain", "list_domains",
-           "iter_objects", "DOMAIN_MAX"]
+__all__ = ["Bootstrap", "domain_path", "validate_domain", "list_domains", "iter_objects",
+           "DOMAIN_MAX", "DOMAIN_NAME"]
 
 DOMAIN_MAX = 63  # characters in a domain name
-_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (DOMAIN_MAX - 1))
+#: what a domain name (and a component name, a part of one) may be
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (DOMAIN_MAX - 1))
 PREFIX = "mcs."
-_TOTAL = layout.ROOT_SIZE + 64  # header + user area
+_TOTAL = HEADER_SIZE + layout.ROOT_SIZE  # the mapping: section header, then the user area
 _T = TypeVar("_T")
 
 
 def validate_domain(domain: str) -> str:
     """Return ``domain`` if it is a valid domain name, else raise ValueError saying why."""
-    if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain):
+    if not isinstance(domain, str) or not DOMAIN_NAME.fullmatch(domain):
         raise ValueError(
             f"invalid domain name {domain!r}: use 1-{DOMAIN_MAX} characters from "
             "[A-Za-z0-9_.-], starting with a letter or digit")
     return domain
-
-
-def component_domain(domain: str, component: str) -> str:
-    """The domain of ``component`` in ``domain``: ``<domain>.<component>``, validated; a
-    ValueError says which part is wrong, and how long ``domain`` may be for this component."""
-    validate_domain(domain)
-    if not isinstance(component, str) or not _DOMAIN.fullmatch(component):
-        raise ValueError(f"invalid component name {component!r}: use characters from "
-                         "[A-Za-z0-9_.-], starting with a letter or digit")
-    name = f"{domain}.{component}"
-    if len(name) > DOMAIN_MAX:
-        raise ValueError(
-            f"domain name {domain!r} is too long for component {component!r}: {name!r} has "
-            f"{len(name)} characters, at most {DOMAIN_MAX} are allowed, so the domain name may "
-            f"have at most {DOMAIN_MAX - len(component) - 1}")
-    return name
 
 
 def domain_path(domain: str) -> str:
@@ -83,7 +68,7 @@ def list_domains() -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n[len(PREFIX):] for n in names
-                  if n.startswith(PREFIX) and _DOMAIN.fullmatch(n[len(PREFIX):]))
+                  if n.startswith(PREFIX) and DOMAIN_NAME.fullmatch(n[len(PREFIX):]))
 
 
 class Bootstrap:
@@ -170,16 +155,10 @@ class Bootstrap:
         sec._init(0, int.from_bytes(os.urandom(8), "little"), layout.ROOT_VERSION)
         GlobalMutex.create(sec, layout.ROOT_MUTEX)
         GlobalEvent.create(sec, layout.VIEW_EVENT)
-        GlobalEvent.create(sec, layout.PENDING_EVENT)
-        GlobalEvent.create(sec, layout.C_RECOVERY_EVENT)
+        GlobalEvent.create(sec, layout.COMPONENT_EVENT)  # for the layer above (mcs.component_record)
         for slot in range(layout.MAX_MEMBERS):
             GlobalMutex.create(sec, layout.member_offset(slot, layout.M_LIFE_MUTEX))
         sec._publish(layout.ROOT_MAGIC)
-
-    def reinitialise(self) -> None:
-        """Re-lay out a root whose members are all dead. Call holding the root mutex, which this
-        re-creates (so the caller must not unlock it afterwards)."""
-        self._initialise()
 
     def _check_header(self, wait: float) -> None:
         path = self.path

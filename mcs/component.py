@@ -39,6 +39,7 @@ from _thread import get_ident
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from mcs import component_record as rec
 from mcs import faults, layout
 from mcs._gsm import GlobalEvent, GlobalMutex, monotonic_ns
 from mcs.locking import held
@@ -52,6 +53,7 @@ from mcs.errors import (
     Recovering,
 )
 from mcs.bootstrap import validate_domain
+from mcs.component_record import ComponentRecord, component_domain
 from mcs.section import Section
 from mcs.types import LockStatus
 
@@ -59,7 +61,7 @@ import membership
 from membership.member import Member
 from membership.view import View
 
-__all__ = ["McsComponent", "RecoveryStats", "transaction"]
+__all__ = ["McsComponent", "RecoveryStats", "transaction", "ComponentRecord", "component_domain"]
 
 log = logging.getLogger("mcs.component")
 
@@ -68,6 +70,15 @@ T = TypeVar("T")
 MEMORY_FAILURES = layout.MEMORY_FAILURES
 WAIT_SLICE = 0.005  # blocking waits inside a block look for recovery requests this often
 DEPARTURE_WAIT = 0.05  # how long an abandoned mutex waits for the membership to see the death
+DEPARTURE_POLL = 0.0005  # ...looking this often
+POLL = 0.05  # the recovery thread's and its phases' polling period (between event wake-ups)
+BARRIER_POLL = 0.02  # a phase barrier's wait slice on the recovery event
+ERROR_BACKOFF = 0.01  # pause after an unexpected error in the recovery thread
+GATE_POLL = 0.5  # a worker waiting at the closed gate looks for stop() this often
+STOP_JOIN = 10.0  # how long stop() waits for the recovery thread
+SPARE_BLOCKS_MAX = 1024  # spare block objects kept (one per thread; threads come and go)
+REQUEST_HISTORY = 16  # RecoveryStats.requests keeps this many
+MIN_RECOVERY_TIMEOUT = 5.0  # default recovery timeout: this, or twice the eviction delay
 
 
 class _Restart(Exception):
@@ -83,22 +94,16 @@ class RecoveryStats:
     generation: int = 0
     restarts: int = 0
     last_reason: str = ""  # why this member last asked for a new epoch
-    requests: list[tuple[int, str]] = field(default_factory=list)  # last 16: (epoch, reason)
+    requests: list[tuple[int, str]] = field(default_factory=list)  # last REQUEST_HISTORY: (epoch, reason)
     covered: int = 0  # failures seen while a requested epoch was still to come (no new epoch)
     last_duration_ms: float = 0.0
     last_phases_ms: dict[str, float] = field(default_factory=dict)
-
-
-def _ident_bytes(ident: str) -> bytes:
-    raw = ident.encode()
-    if len(raw) >= layout.IDENT_MAX:
-        raise ValueError(f"identifier too long: {ident!r}")
-    return raw.ljust(layout.IDENT_MAX, b"\0")
+    unlock_failures: int = 0  # unlocks of a mutex poisoned under its holder (left to recovery)
 
 
 class _Block:
-    """One ``consistent()`` block: registers itself as active (a set add: atomic under the GIL),
-    and detects recovery requests and memory failures that happened during it."""
+    """One ``consistent()`` block: registers itself as active (under the component's
+    ``_blocks_lock``), and detects recovery requests and memory failures that happened during it."""
 
     __slots__ = ("comp", "entry", "thread")
 
@@ -111,27 +116,29 @@ class _Block:
         while True:
             if comp._gate_closed:
                 comp._wait_gate(self.thread)
-            comp._active.add(self)
+            with comp._blocks_lock:
+                comp._active.add(self)
             self.entry = comp._interrupts
             if not comp._gate_closed:
                 return comp._view
             self._leave()  # a recovery began while we entered: wait for it, then enter
 
-    def _leave(self) -> None:
+    def _leave(self, keep: bool = False) -> None:
+        """Unregister; the last block to leave a closed gate wakes the quiescing recovery.
+        ``keep``: keep this object as its thread's spare for the next block."""
         comp = self.comp
-        comp._active.discard(self)
-        if comp._gate_closed and not comp._active:
-            comp._idle.set()
+        with comp._blocks_lock:
+            active = comp._active
+            active.discard(self)
+            if comp._gate_closed and not active:
+                comp._idle.set()
+            spare = comp._spare_blocks
+            if keep and len(spare) < SPARE_BLOCKS_MAX:
+                spare[self.thread] = self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         comp = self.comp
-        active = comp._active
-        active.discard(self)  # _leave(), inlined: this runs once per block
-        if comp._gate_closed and not active:
-            comp._idle.set()
-        spare = comp._spare_blocks
-        if len(spare) < 1024:  # (bounded: threads come and go)
-            spare[self.thread] = self  # reused by this thread's next block
+        self._leave(keep=True)
         if comp._root.load64(MEMORY_FAILURES) != comp._mf_seen and comp.detect_memory_failure():
             raise Recovering("a memory failure was detected during the block; retry")
         if comp._interrupts != self.entry and exc_type is not Recovering:
@@ -142,10 +149,11 @@ class _Block:
 class _Held:
     """A mutex held inside a consistent block (``with self.lock(m):``)."""
 
-    __slots__ = ("mutex",)
+    __slots__ = ("mutex", "comp")
 
-    def __init__(self, mutex: GlobalMutex) -> None:
+    def __init__(self, mutex: GlobalMutex, comp: "McsComponent") -> None:
         self.mutex = mutex
+        self.comp = comp
 
     def __enter__(self) -> GlobalMutex:
         return self.mutex
@@ -153,8 +161,14 @@ class _Held:
     def __exit__(self, *exc: Any) -> None:
         try:
             self.mutex.unlock()
-        except CorruptObjectError:
-            pass  # poisoned under us: recovery re-creates it (and keeps the mapping alive)
+        except CorruptObjectError as err:
+            # Poisoned under us: the recovery that the memory failure asks for re-creates it
+            # (the mapping stays alive meanwhile). Counted, never silent.
+            comp = self.comp
+            with comp._stats_lock:
+                comp.stats.unlock_failures += 1
+            log.warning("%s: unlock of the mutex at offset %d failed (%s); left to recovery",
+                        comp.component_name, self.mutex.offset, err)
 
 
 class McsComponent:
@@ -172,7 +186,7 @@ class McsComponent:
                  **timing: float) -> None:
         self.domain = validate_domain(domain)
         self.component_name = self.name or type(self).__name__.lower()
-        self._member_domain = validate_domain(f"{domain}.{self.component_name}")
+        self._member_domain = component_domain(self.domain, self.component_name)
         self._node = node
         self._timing = timing
         self._recovery_timeout = recovery_timeout
@@ -180,20 +194,28 @@ class McsComponent:
         self.master_area: Section | None = None
         self.contribution: Section | None = None
         self.stats = RecoveryStats()
+        self._stats_lock = threading.Lock()  # stats are updated by workers and the recovery thread
+        self._root: Section | None = None  # the root of the component's domain (start())
+        self._event: GlobalEvent | None = None  # its recovery event (start())
         self._view: View | None = None
         self._epoch = 0  # newest epoch this member saw become stable
         self._working = 0  # the epoch being recovered (or _epoch)
         self._gate_closed = True  # closed until the first recovery completes
         self._gate = threading.Condition()
-        self._active: set[_Block] = set()
-        self._spare_blocks: dict[int, _Block] = {}
+        # Shared by workers (entering and leaving blocks) and the recovery thread (quiesce):
+        self._blocks_lock = threading.Lock()
+        self._active: set[_Block] = set()  # blocks being run, under _blocks_lock
+        self._spare_blocks: dict[int, _Block] = {}  # thread -> its spare block, under _blocks_lock
         self._idle = threading.Event()
         self._interrupts = 0
         self._interrupt = threading.Event()
         self._stopping = threading.Event()
         self._started = False
-        self._contribs: dict[int, tuple[str, Section]] = {}
+        # Other members' contributions, attached by workers and dropped by the recovery thread:
+        self._contribs_lock = threading.Lock()
+        self._contribs: dict[int, tuple[str, Section]] = {}  # slot -> (ident, section)
         self._master_ident = ""
+        self._master_owned_by = 0  # incarnation that created master_area (0: attached)
         self._mf_seen = 0
         self._recovery_thread: threading.Thread | None = None
 
@@ -219,12 +241,12 @@ class McsComponent:
         self.member = membership.join(self._member_domain, node=self._node, **self._timing)
         self._root = self.member.boot.section
         if self._recovery_timeout is None:
-            self._recovery_timeout = max(5.0, 2 * self.member.timing.evict_after)
-        self._event = GlobalEvent.open(self._root, layout.C_RECOVERY_EVENT)
+            self._recovery_timeout = max(MIN_RECOVERY_TIMEOUT, 2 * self.member.timing.evict_after)
+        self._event = GlobalEvent.open(self._root, rec.C_RECOVERY_EVENT)
         self._mf_seen = self._root.load64(layout.MEMORY_FAILURES)
-        self._working = self._epoch = self._root.load64(layout.C_STABLE)
+        self._working = self._epoch = self._root.load64(rec.C_STABLE)
         # Joining needs one recovery that includes us: join a pending one if there is one.
-        self._request(max(self._root.load64(layout.C_REQUESTED), self._epoch + 1), "join")
+        self._request(max(self._root.load64(rec.C_REQUESTED), self._epoch + 1), "join")
         self.member.on_view_change(self._on_view_change)
         self._recovery_thread = threading.Thread(
             target=self._recovery_main, name=f"mcs-recovery-{self.component_name}", daemon=True)
@@ -248,12 +270,13 @@ class McsComponent:
             self._gate.notify_all()
         if self._recovery_thread is not None and self._recovery_thread is not threading.current_thread():
             self._event.set()
-            self._recovery_thread.join(10)
+            self._recovery_thread.join(STOP_JOIN)
         if self.member is not None:
             self.member.leave()
-        for _, sec in self._contribs.values():
-            sec.close()
-        self._contribs.clear()
+        with self._contribs_lock:
+            for _, sec in self._contribs.values():
+                sec.close()
+            self._contribs.clear()
         for sec in (self.master_area, self.contribution):
             if sec is not None:
                 sec.close()
@@ -285,7 +308,8 @@ class McsComponent:
         thread = get_ident()
         # One spare block object per thread (a nested block makes its own): building one is
         # a third of what an empty block costs.
-        block = self._spare_blocks.pop(thread, None)
+        with self._blocks_lock:
+            block = self._spare_blocks.pop(thread, None)
         return block if block is not None else _Block(self, thread)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -298,8 +322,17 @@ class McsComponent:
                 if self._stopping.is_set():
                     raise ClosedError(f"{self.component_name} is stopped") from None
 
+    def _in_block(self, thread: int) -> bool:
+        """True if ``thread`` is inside a consistent block of this component."""
+        with self._blocks_lock:
+            return any(b.thread == thread for b in self._active)
+
+    def _has_active_blocks(self) -> bool:
+        with self._blocks_lock:
+            return bool(self._active)
+
     def _wait_gate(self, thread: int) -> None:
-        if any(b.thread == thread for b in list(self._active)):
+        if self._in_block(thread):
             # A nested block: waiting here would deadlock the recovery, which waits for the
             # outer block to end. The outer block retries instead.
             raise Recovering("a recovery is running (nested consistent block)")
@@ -307,7 +340,7 @@ class McsComponent:
             while self._gate_closed:
                 if self._stopping.is_set():
                     raise ClosedError(f"{self.component_name} is stopped")
-                self._gate.wait(0.5)
+                self._gate.wait(GATE_POLL)
 
     def _check_interrupt(self) -> None:
         if self._gate_closed:
@@ -334,7 +367,7 @@ class McsComponent:
                 if self._gate_closed:
                     mutex.unlock()
                     raise Recovering("a recovery was requested")
-                return _Held(mutex)
+                return _Held(mutex, self)
             if status is LockStatus.ABANDONED:
                 owner = mutex.previous_owner
                 mutex.unlock()  # unrepaired on purpose: see the docstring
@@ -354,11 +387,11 @@ class McsComponent:
             return
         root = self._root
         deadline = time.monotonic() + timeout
-        while root.load64(layout.C_REQUESTED) <= root.load64(layout.C_STABLE):
+        while root.load64(rec.C_REQUESTED) <= root.load64(rec.C_STABLE):
             if time.monotonic() >= deadline or owner is not None and not any(
                     m.pid == owner.pid for m in self.member.table.read_view().members):
                 return
-            time.sleep(0.0005)
+            time.sleep(DEPARTURE_POLL)
 
     def recovery_lock(self, mutex: GlobalMutex, timeout: float = 5.0) -> _Held:
         """Lock a mutex from a recovery hook (``build_shared_state``): ``with
@@ -366,7 +399,7 @@ class McsComponent:
         timeout fails the hook, and the recovery starts over at the next epoch."""
         status = mutex.lock(timeout=timeout)
         if status is LockStatus.OK:
-            return _Held(mutex)
+            return _Held(mutex, self)
         if status is LockStatus.ABANDONED:
             mutex.unlock()  # unrepaired: the next master phase re-creates it
         raise McsError(f"mutex at offset {mutex.offset}: {status.name} during recovery")
@@ -399,11 +432,10 @@ class McsComponent:
         if self.member is None:
             raise McsError("component not started")
         thread = get_ident()
-        in_block = any(b.thread == thread for b in list(self._active))
         self._request(self._working + 1, reason,
-                      covering=layout.C_STABLE if in_block else layout.C_AGREED)
+                      covering=rec.C_STABLE if self._in_block(thread) else rec.C_AGREED)
 
-    def _request(self, target: int, reason: str, covering: int = layout.C_AGREED) -> None:
+    def _request(self, target: int, reason: str, covering: int = rec.C_AGREED) -> None:
         """Raise the requested epoch to ``target`` unless an epoch that will see this failure is
         already asked for. ``covering`` says which: ``C_AGREED``, an epoch requested that has
         not agreed on its view yet (it records the view, and its master rebuilds the shared
@@ -411,18 +443,20 @@ class McsComponent:
         finished yet."""
         root = self._root
         while True:
-            current = root.load64(layout.C_REQUESTED)
+            current = root.load64(rec.C_REQUESTED)
             if current >= target:
                 break
             if current > root.load64(covering):
-                self.stats.covered += 1
+                with self._stats_lock:
+                    self.stats.covered += 1
                 break
-            if root.cas64(layout.C_REQUESTED, current, target):
+            if root.cas64(rec.C_REQUESTED, current, target):
                 log.info("%s slot %d requests recovery %d: %s", self.component_name,
                          self.member.slot, target, reason)
-                st = self.stats
-                st.last_reason = reason
-                st.requests = st.requests[-15:] + [(target, reason)]
+                with self._stats_lock:
+                    st = self.stats
+                    st.last_reason = reason
+                    st.requests = st.requests[1 - REQUEST_HISTORY:] + [(target, reason)]
                 break
         self._close_gate()
         self._event.set()
@@ -448,7 +482,7 @@ class McsComponent:
         to that: it records the view current when it agrees, which is at least this one, since
         views are published and agreed under the same root mutex.) A covering epoch that fails
         or is superseded asks for the next one itself."""
-        return self._root.load64(layout.C_VIEW_GEN) >= generation
+        return self._root.load64(rec.C_VIEW_GEN) >= generation
 
     def _close_gate(self) -> None:
         with self._gate:
@@ -465,12 +499,12 @@ class McsComponent:
         seen = self._event.value
         while not self._stopping.is_set():
             try:
-                target = root.load64(layout.C_REQUESTED)
+                target = root.load64(rec.C_REQUESTED)
                 if target > self._epoch and target >= self._working:
                     self._recover(target)
                     continue
                 self.detect_memory_failure()
-                self._event.wait(seen, timeout=0.05)
+                self._event.wait(seen, timeout=POLL)
                 seen = self._event.value
             except FencedError:
                 log.error("%s: this member was fenced; stopping", self.component_name)
@@ -484,7 +518,7 @@ class McsComponent:
                 if self._stopping.is_set():
                     return
                 log.exception("%s: recovery thread error", self.component_name)
-                time.sleep(0.01)
+                time.sleep(ERROR_BACKOFF)
 
     def _recover(self, epoch: int) -> None:
         self._working = epoch
@@ -501,55 +535,58 @@ class McsComponent:
         try:
             self._quiesce()
             faults.point("recovery.quiesce")
-            self._root.store64(layout.C_QUIESCED + 8 * self.member.slot, epoch)
+            self._root.store64(rec.quiesced_offset(self.member.slot), epoch)
             self._event.set()
             phase("quiesce")
             view = self._agree(epoch)
             faults.point("recovery.agree")
             phase("agree")
-            self._barrier(layout.C_QUIESCED, view, epoch)
+            self._barrier(rec.quiesced_offset, view, epoch)
             phase("barrier")
             if view.master is not None and view.master.slot == self.member.slot:
                 faults.point("recovery.master")
                 self._master_phase(view)
                 faults.point("recovery.master.done")
-                self._root.store64(layout.C_MASTER_DONE, epoch)
+                self._root.store64(rec.C_MASTER_DONE, epoch)
                 self._event.set()
             else:
-                self._wait_for(lambda: self._root.load64(layout.C_MASTER_DONE) >= epoch, epoch)
+                self._wait_for(lambda: self._root.load64(rec.C_MASTER_DONE) >= epoch, epoch)
             phase("master")
             self._attach_master_area()
             self._ensure_contribution()
             self._drop_departed(view)
             self.build_shared_state(view)
             faults.point("recovery.contribute")
-            self._root.store64(layout.C_ACKED + 8 * self.member.slot, epoch)
+            self._root.store64(rec.acked_offset(self.member.slot), epoch)
             self._event.set()
             phase("contribute")
-            self._barrier(layout.C_ACKED, view, epoch)
+            self._barrier(rec.acked_offset, view, epoch)
             self._stable(epoch)
             phase("stable")
             faults.point("recovery.stable")
         except _Restart:
-            self.stats.restarts += 1
+            with self._stats_lock:
+                self.stats.restarts += 1
             return
         except (FencedError, ClosedError):
             raise
         except Exception as exc:
             log.exception("%s: recovery %d failed; retrying at the next epoch", self.component_name, epoch)
-            self.stats.restarts += 1
+            with self._stats_lock:
+                self.stats.restarts += 1
             self.request_recovery(f"recovery {epoch} failed: {exc!r}")
             return
         self._view = view
         self._epoch = epoch
-        st = self.stats
-        st.recoveries += 1
-        st.epoch = epoch
-        st.generation = view.generation
-        st.last_duration_ms = (monotonic_ns() - started) / 1e6
-        st.last_phases_ms = phases
+        with self._stats_lock:
+            st = self.stats
+            st.recoveries += 1
+            st.epoch = epoch
+            st.generation = view.generation
+            st.last_duration_ms = (monotonic_ns() - started) / 1e6
+            st.last_phases_ms = phases
         with self._gate:
-            if self._root.load64(layout.C_REQUESTED) <= epoch and not self._stopping.is_set():
+            if self._root.load64(rec.C_REQUESTED) <= epoch and not self._stopping.is_set():
                 self._gate_closed = False
                 self._interrupt.clear()
             self._gate.notify_all()
@@ -558,9 +595,9 @@ class McsComponent:
         self._close_gate()
         deadline = time.monotonic() + self._recovery_timeout
         while True:
-            if not self._active:
+            if not self._has_active_blocks():
                 return
-            self._idle.wait(0.05)
+            self._idle.wait(POLL)
             if self._stopping.is_set():
                 raise ClosedError("stopping")
             if time.monotonic() > deadline:
@@ -573,23 +610,23 @@ class McsComponent:
         root = self._root
         mutex = self.member.boot.root_mutex(tag=self.member.incarnation)
         while True:
-            status = mutex.lock(timeout=0.05)
+            status = mutex.lock(timeout=POLL)
             if status is not LockStatus.TIMEOUT:
                 break
             self._check_superseded(epoch)
         with held(mutex, status):
-            agreed = root.load64(layout.C_AGREED)
+            agreed = root.load64(rec.C_AGREED)
             if agreed > epoch:
                 raise _Restart
             if agreed < epoch:
                 view = self.member.table.read_view()
-                root.store64(layout.C_VIEW_GEN, view.generation)
-                root.store64(layout.C_VIEW_MASK, sum(1 << m.slot for m in view.members))
-                root.store64(layout.C_MASTER, 0 if view.master is None else view.master.slot + 1)
-                root.store64(layout.C_AGREED, epoch)
-            generation = root.load64(layout.C_VIEW_GEN)
-            mask = root.load64(layout.C_VIEW_MASK)
-            master_slot = root.load64(layout.C_MASTER)
+                root.store64(rec.C_VIEW_GEN, view.generation)
+                root.store64(rec.C_VIEW_MASK, sum(1 << m.slot for m in view.members))
+                root.store64(rec.C_MASTER, 0 if view.master is None else view.master.slot + 1)
+                root.store64(rec.C_AGREED, epoch)
+            generation = root.load64(rec.C_VIEW_GEN)
+            mask = root.load64(rec.C_VIEW_MASK)
+            master_slot = root.load64(rec.C_MASTER)
         table = self.member.table
         members = tuple(
             m for m in (table.read(s).info for s in range(layout.MAX_MEMBERS) if mask >> s & 1))
@@ -608,7 +645,7 @@ class McsComponent:
             raise ClosedError("stopping")
         if self.member.fenced:
             raise FencedError("member fenced")
-        if self._root.load64(layout.C_REQUESTED) > epoch:
+        if self._root.load64(rec.C_REQUESTED) > epoch:
             raise _Restart
 
     def _wait_for(self, predicate: Callable[[], bool], epoch: int) -> None:
@@ -620,19 +657,21 @@ class McsComponent:
             if time.monotonic() > deadline:
                 self.request_recovery(f"recovery {epoch} timed out")
                 raise _Restart
-            self._event.wait(seen, timeout=0.02)
+            self._event.wait(seen, timeout=BARRIER_POLL)
             seen = self._event.value
 
-    def _barrier(self, table_offset: int, view: View, epoch: int) -> None:
+    def _barrier(self, word_of: Callable[[int], int], view: View, epoch: int) -> None:
+        """Wait until the per-slot word ``word_of(slot)`` of every member of ``view`` reached
+        ``epoch``."""
         root = self._root
-        offsets = [table_offset + 8 * m.slot for m in view.members]
+        offsets = [word_of(m.slot) for m in view.members]
         self._wait_for(lambda: all(root.load64(off) >= epoch for off in offsets), epoch)
 
     def _stable(self, epoch: int) -> None:
         root = self._root
         while True:
-            current = root.load64(layout.C_STABLE)
-            if current >= epoch or root.cas64(layout.C_STABLE, current, epoch):
+            current = root.load64(rec.C_STABLE)
+            if current >= epoch or root.cas64(rec.C_STABLE, current, epoch):
                 break
         self._event.set()
 
@@ -642,8 +681,11 @@ class McsComponent:
         size = self.master_area_size
         if size:
             area = self.master_area
-            if (area is None or area.closed or area.failed
-                    or self._read_ident(layout.C_MASTER_IDENT) != self._master_ident
+            try:
+                published: str | None = rec.master_ident(self._root)
+            except InvalidIdentifier:
+                published = None  # garbage in the record: re-create and republish
+            if (area is None or area.closed or area.failed or published != self._master_ident
                     or self._master_owned_by != self.member.incarnation):
                 if area is not None:
                     area.close()
@@ -651,19 +693,17 @@ class McsComponent:
                 self.master_area = area
                 self._master_ident = area.ident
                 self._master_owned_by = self.member.incarnation
-                self._root.view(layout.C_MASTER_IDENT, layout.IDENT_MAX)[:] = _ident_bytes(area.ident)
+                rec.set_master_ident(self._root, area.ident)
         self.on_master(view)
-
-    _master_owned_by = 0
-
-    def _read_ident(self, offset: int) -> str:
-        raw = bytes(self._root.view(offset, layout.IDENT_MAX))
-        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
     def _attach_master_area(self) -> None:
         if not self.master_area_size:
             return
-        ident = self._read_ident(layout.C_MASTER_IDENT)
+        try:
+            ident = rec.master_ident(self._root)
+        except InvalidIdentifier as exc:
+            self.request_recovery(f"master area unavailable: {exc}")
+            raise _Restart from None
         if ident == self._master_ident and self.master_area is not None and not self.master_area.closed:
             return
         if self.master_area is not None:
@@ -690,8 +730,7 @@ class McsComponent:
             sec = Section.create(self.contribution_size)
             self.contribution = sec
             self.on_new_contribution(sec)
-        offset = layout.C_CONTRIB_IDENT + layout.IDENT_MAX * self.member.slot
-        self._root.view(offset, layout.IDENT_MAX)[:] = _ident_bytes(sec.ident)
+        rec.set_contribution_ident(self._root, self.member.slot, sec.ident)
 
     def on_new_contribution(self, section: Section) -> None:
         """Called when the framework (re)creates this member's contribution (first time, or
@@ -701,24 +740,28 @@ class McsComponent:
         """The contribution of member ``slot`` of the current view (attached once, cached)."""
         if slot == self.member.slot and self.contribution is not None:
             return self.contribution
-        ident = self._read_ident(layout.C_CONTRIB_IDENT + layout.IDENT_MAX * slot)
-        cached = self._contribs.get(slot)
-        if cached is not None and cached[0] == ident and not cached[1].closed:
-            return cached[1]
-        try:
-            sec = Section.attach(ident)
-        except InvalidIdentifier:
-            self.request_recovery(f"contribution of slot {slot} is gone")
-            raise Recovering(f"contribution of slot {slot} is gone") from None
-        if cached is not None:
-            cached[1].close()
-        self._contribs[slot] = (ident, sec)
-        return sec
+        with self._contribs_lock:
+            try:
+                ident = rec.contribution_ident(self._root, slot)
+                cached = self._contribs.get(slot)
+                if cached is not None and cached[0] == ident and not cached[1].closed:
+                    return cached[1]
+                sec = Section.attach(ident)
+            except InvalidIdentifier:
+                pass  # gone: the recovery is asked for outside the lock, below
+            else:
+                if cached is not None:
+                    cached[1].close()
+                self._contribs[slot] = (ident, sec)
+                return sec
+        self.request_recovery(f"contribution of slot {slot} is gone")
+        raise Recovering(f"contribution of slot {slot} is gone")
 
     def _drop_departed(self, view: View) -> None:
         keep = {m.slot for m in view.members}
-        for slot in [s for s in self._contribs if s not in keep]:
-            self._contribs.pop(slot)[1].close()
+        with self._contribs_lock:
+            for slot in [s for s in self._contribs if s not in keep]:
+                self._contribs.pop(slot)[1].close()
 
 
 def transaction(method: Callable[..., T]) -> Callable[..., T]:

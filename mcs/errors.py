@@ -15,13 +15,13 @@ __all__ = [
     "ClosedError",
     "InvalidIdentifier",
     "CorruptObjectError",
+    "LayoutMismatchError",
     "BootstrapError",
     "DomainNotFoundError",
     "ForeignObjectError",
     "ShmFullError",
     "UninitialisedError",
     "DomainUnlinkedError",
-    "DomainLiveError",
     "NotRecoverableError",
     "LockUsageError",
     "FencedError",
@@ -50,6 +50,12 @@ class CorruptObjectError(McsError):
     """A shared-memory object (mutex, event, header) does not carry the expected magic or sizes."""
 
 
+class LayoutMismatchError(McsError, ImportError):
+    """Two declarations of one shared-memory layout disagree (native code built from another
+    source than the Python beside it, or a layout edited on one side only): raised at import,
+    naming what differs, so that nothing reads shared memory at the wrong offsets."""
+
+
 class BootstrapError(McsError):
     """A domain's bootstrap object is foreign, truncated, of another layout version or owner."""
 
@@ -75,10 +81,6 @@ class UninitialisedError(BootstrapError):
 class DomainUnlinkedError(BootstrapError):
     """The domain's bootstrap name was unlinked (e.g. systemd ``RemoveIPC=yes``) while
     processes still run the domain: a new object would start a second domain beside it."""
-
-
-class DomainLiveError(McsError):
-    """An operation would clobber a domain that still has live members."""
 
 
 class NotRecoverableError(McsError):

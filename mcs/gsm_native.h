@@ -109,6 +109,13 @@ static inline long mcs_futex_wake(uint32_t *addr, int n) {
     return syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
 }
 
+/* Whether [off, off + len) lies inside a buffer of `total` bytes and `off` is a multiple of
+ * `align` (a power of two, or 1): the bounds check every native reader of a section applies to
+ * an offset before forming a pointer (offsets may come from shared memory, so never trusted). */
+static inline int mcs_span_ok(int64_t off, int64_t len, int64_t total, int64_t align) {
+    return off >= 0 && len >= 0 && off <= total && len <= total - off && (off & (align - 1)) == 0;
+}
+
 static inline uint64_t mcs_load64(void *p) { return __atomic_load_n((uint64_t *)p, __ATOMIC_SEQ_CST); }
 static inline void mcs_store64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); }
 static inline int mcs_cas64(void *p, uint64_t expected, uint64_t desired) {

@@ -7,10 +7,12 @@ reader never follows a length it read from shared memory without bounding it fir
 from __future__ import annotations
 
 from mcs._gsm import EVENT_SIZE, MUTEX_SIZE
+from mcs.errors import LayoutMismatchError
 
 ROOT_MAGIC = int.from_bytes(b"MCSROOT1", "little")
 ROOT_VERSION = 1
 ROOT_SIZE = 64 * 1024  # user area of the bootstrap section
+EVENT_SLOT_MAX = 64  # room the layout gives each mutex or event (the native sizes must fit)
 
 # header ``state`` word of the root
 STATE_LIVE = 0
@@ -26,7 +28,7 @@ NEXT_INCARNATION = 216  # incarnation numbers are handed out from here
 MEMBER_MASK = 224  # bit i set: slot i is in the agreed view
 VIEW_CHANGED_NS = 232  # monotonic time of the last view change
 VIEW_SEQ = 240  # seqlock around GENERATION/MEMBER_MASK/MASTER_SLOT: odd while being written
-PENDING_EVENT = 256  # spare event (reserved for components)
+# 256..271: reserved (a spare event once; no longer initialised)
 HEARTBEAT_NS = 272  # domain timing, set by the first joiner, adopted by the others
 SUSPECT_NS = 280
 EVICT_NS = 288
@@ -54,14 +56,11 @@ M_HEARTBEAT_NS = 88
 M_HEARTBEAT_COUNT = 96
 M_JOINED_NS = 104
 M_FENCED = 112  # incarnation that was fenced in this slot (0: none)
-M_PROGRESS = 120  # bumped by the member's Python side (liveness of the interpreter)
+# 120..127: reserved (an interpreter-progress counter was planned here; nothing writes it)
 M_NODE = 128  # node name, NUL-padded
 NODE_NAME_MAX = 64
 M_EXIT_INCARNATION = 192  # the last incarnation that left this slot...
 M_EXIT_STATE = 200  # ...and how (SLOT_DEAD / SLOT_FENCED / SLOT_LEFT)
-
-assert MUTEX_SIZE <= 64 and EVENT_SIZE <= 64
-assert MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE <= ROOT_SIZE
 
 
 def member_offset(slot: int, field: int = 0) -> int:
@@ -70,22 +69,23 @@ def member_offset(slot: int, field: int = 0) -> int:
         raise IndexError(f"member slot {slot} out of range 0..{MAX_MEMBERS - 1}")
     return MEMBER_TABLE + slot * MEMBER_SLOT_SIZE + field
 
-# component area (the root of a component's domain, "<domain>.<component>")
-COMPONENT_AREA = 20480
-C_REQUESTED = COMPONENT_AREA + 0  # newest requested recovery epoch
-C_STABLE = COMPONENT_AREA + 8  # newest epoch every member of its view finished
-C_AGREED = COMPONENT_AREA + 16  # epoch whose view is recorded below
-C_VIEW_GEN = COMPONENT_AREA + 24  # membership generation of that view
-C_VIEW_MASK = COMPONENT_AREA + 32
-C_MASTER = COMPONENT_AREA + 40  # master slot + 1
-C_MASTER_DONE = COMPONENT_AREA + 48  # epoch whose master phase is complete
-C_RECOVERY_EVENT = COMPONENT_AREA + 64  # set on every request and phase step
-C_MASTER_IDENT = COMPONENT_AREA + 128  # identifier of the master area, NUL-padded
-IDENT_MAX = 64
-C_QUIESCED = COMPONENT_AREA + 256  # per slot: newest epoch it quiesced for
-C_ACKED = C_QUIESCED + 8 * MAX_MEMBERS  # per slot: newest epoch it contributed for
-C_CONTRIB_IDENT = C_ACKED + 8 * MAX_MEMBERS  # per slot: identifier of its contribution
-C_END = C_CONTRIB_IDENT + IDENT_MAX * MAX_MEMBERS
 
-assert MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE <= COMPONENT_AREA
-assert C_END <= ROOT_SIZE
+# The area of the layer above (components): the core only reserves it and initialises one event
+# in it when it lays out a root; mcs.component_record lays out the rest.
+COMPONENT_AREA = 20480
+COMPONENT_EVENT = COMPONENT_AREA + 64
+
+
+def _check() -> None:
+    """The layout fits the root and the native mutex and event sizes: a real check (not an
+    ``assert``, which ``python -O`` strips), failing the import with what disagrees."""
+    if MUTEX_SIZE > EVENT_SLOT_MAX or EVENT_SIZE > EVENT_SLOT_MAX:
+        raise LayoutMismatchError(
+            f"mcs.layout: the native core's mutex ({MUTEX_SIZE} B) or event ({EVENT_SIZE} B) "
+            f"does not fit the {EVENT_SLOT_MAX} B the layout gives it: rebuild mcs._gsm from "
+            "this source tree")
+    if MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE > COMPONENT_AREA or COMPONENT_AREA >= ROOT_SIZE:
+        raise LayoutMismatchError("mcs.layout: the member table runs into the component area")
+
+
+_check()

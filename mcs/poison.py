@@ -8,20 +8,17 @@ section (a new identifier) during the recovery that follows.
 
 from __future__ import annotations
 
+from mcs import component_record as rec
 from mcs import layout
 from mcs._gsm import GlobalEvent
-from mcs.bootstrap import Bootstrap, component_domain, list_domains
+from mcs.bootstrap import Bootstrap, list_domains
+from mcs.component_record import ComponentRecord, component_domain
 from mcs.errors import DomainNotFoundError, InvalidIdentifier
 from mcs.section import Section
 
 __all__ = ["poison", "check_target"]
 
 POISON_BYTE = 0xDB
-
-
-def _ident_at(boot: Bootstrap, offset: int) -> str:
-    raw = bytes(boot.section.view(offset, layout.IDENT_MAX))
-    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
 def check_target(domain: str, component: str, slot: int | None) -> str:
@@ -53,11 +50,12 @@ def poison(domain: str, component: str, *, slot: int | None = None) -> str:
     ``component`` in ``domain``; returns the identifier of the poisoned section."""
     name = check_target(domain, component, slot)
     with _open(domain, component, name) as boot:
+        record = ComponentRecord.read(boot.section)
         if slot is None:
-            ident = _ident_at(boot, layout.C_MASTER_IDENT)
+            ident = record.master_ident
             what = "master area"
         else:
-            ident = _ident_at(boot, layout.C_CONTRIB_IDENT + layout.IDENT_MAX * slot)
+            ident = record.contributions[slot]
             what = f"contribution of slot {slot}"
         if not ident:
             raise InvalidIdentifier(f"{name}: no {what} published")
@@ -69,5 +67,5 @@ def poison(domain: str, component: str, *, slot: int | None = None) -> str:
             view = sec.view()
             view[:] = bytes([POISON_BYTE]) * len(view)
             view.release()
-        GlobalEvent.open(boot.section, layout.C_RECOVERY_EVENT).set()
+        GlobalEvent.open(boot.section, rec.C_RECOVERY_EVENT).set()
         return ident

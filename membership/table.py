@@ -99,8 +99,7 @@ class MemberTable:
             layout.NODE_NAME_MAX, b"\0")
         for field, value in ((layout.M_PID, pid), (layout.M_INCARNATION, incarnation),
                              (layout.M_HEARTBEAT_NS, now_ns), (layout.M_HEARTBEAT_COUNT, 0),
-                             (layout.M_JOINED_NS, time.time_ns()), (layout.M_FENCED, 0),
-                             (layout.M_PROGRESS, 0)):
+                             (layout.M_JOINED_NS, time.time_ns()), (layout.M_FENCED, 0)):
             self.set_field(slot, field, value)
         self.set_field(slot, layout.M_STATE, layout.SLOT_MEMBER)
 

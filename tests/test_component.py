@@ -76,7 +76,7 @@ def test_start_register_lookup_stop(domain):
         assert a.run(a.check_invariants) == 2
         assert a.stats.recoveries >= 1 and a.view.master is not None
         assert b.is_master != a.is_master
-    assert not Path(f"/dev/shm/mcs.{domain}.registry").exists()
+    assert not Path(f"/dev/shm/mcs.{mcs.component_domain(domain, 'registry')}").exists()
 
 
 def test_nested_blocks_and_threads_each_get_their_own_block(domain):

@@ -1,11 +1,19 @@
 """webcache._hit on real sections: the native chain walk and checked copy find what the layout
-says, and turn every corrupt ref, offset or length into a reason or a code, never a stray read."""
+says, and turn every corrupt ref, offset or length into a reason or a named outcome, never a stray
+read; and they refuse to load against a Python layout they disagree with."""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import mcs
+from mcs.errors import LayoutMismatchError
 from mcs import layout as mcs_layout
 from webcache import _hit
 from webcache import layout as L
@@ -94,13 +102,46 @@ def test_copy_out_into_a_buffer_or_bytes_and_every_refusal(sections):
     assert arena.load64(off + L.E_ACCESS) > 0
     assert _hit.copy_out(*args, None) == data
     assert _hit.copy_out(*args, bytearray(10)) == data  # too small: a new bytes
-    assert _hit.copy_out(arena, off, 2, len(data), 12, 22, 33, 44, into) == _hit.STALE
-    assert _hit.copy_out(arena, off, 2, len(data) + 1, 11, 22, 33, 44, into) == _hit.STALE
-    assert _hit.copy_out(arena, off, 2, len(data), 11, 22, 33, 45, into) == _hit.STALE  # ctime
-    assert _hit.copy_out(arena, off + 4, 2, len(data), 11, 22, 33, 44, into) == _hit.OUT_OF_RANGE
-    assert _hit.copy_out(arena, 1 << 20, 2, len(data), 11, 22, 33, 44, into) == _hit.OUT_OF_RANGE
-    assert _hit.copy_out(arena, off, 1 << 20, len(data), 11, 22, 33, 44, into) == _hit.OUT_OF_RANGE
+    stale, out_of_range = _hit.CopyOutcome.STALE, _hit.CopyOutcome.OUT_OF_RANGE
+    assert _hit.copy_out(arena, off, 2, len(data), 12, 22, 33, 44, into) is stale
+    assert _hit.copy_out(arena, off, 2, len(data) + 1, 11, 22, 33, 44, into) is stale
+    assert _hit.copy_out(arena, off, 2, len(data), 11, 22, 33, 45, into) is stale  # ctime
+    assert _hit.copy_out(arena, off + 4, 2, len(data), 11, 22, 33, 44, into) is out_of_range
+    assert _hit.copy_out(arena, 1 << 20, 2, len(data), 11, 22, 33, 44, into) is out_of_range
+    assert _hit.copy_out(arena, off, 1 << 20, len(data), 11, 22, 33, 44, into) is out_of_range
     arena.view(L.data_offset(off, 2) + 100, 1)[:] = b"\xdb"  # poisoned after it was summed
-    assert _hit.copy_out(*args, into) == _hit.CORRUPT
+    assert _hit.copy_out(*args, into) is _hit.CopyOutcome.CORRUPT
+    assert _hit.CopyOutcome.CORRUPT.name == "CORRUPT"  # outcomes have names, not bare ints
     with pytest.raises((TypeError, BufferError)):
         _hit.copy_out(*args, b"read-only")
+
+
+def test_the_native_layout_is_checked_against_the_python_one():
+    _hit.check_layout(L)  # the layout it was built with
+    wrong = type(L)("fake_layout")
+    wrong.__dict__.update({k: getattr(L, k) for k in _hit.LAYOUT})
+    wrong.E_SUM = L.E_SUM + 8
+    del wrong.E_CTIME
+    with pytest.raises(LayoutMismatchError,
+                       match=r"E_SUM is 56 here but 64 in fake_layout.*E_CTIME is 96 here but missing"):
+        _hit.check_layout(wrong)
+
+
+def test_a_layout_disagreement_fails_the_import_even_under_python_O(tmp_path):
+    """A real check, not an ``assert`` (which -O strips): the installed web cache with its
+    layout.py edited on the Python side only refuses to load, saying what disagrees."""
+    import webcache
+
+    copy = tmp_path / "webcache"
+    shutil.copytree(Path(webcache.__file__).parent, copy)
+    layout_py = copy / "layout.py"
+    fields = "E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC, E_MAGIC, E_CTIME, E_PINS = "
+    edited = layout_py.read_text().replace(fields + "56,", fields + "48,")
+    assert edited != layout_py.read_text()
+    layout_py.write_text(edited)
+    out = subprocess.run([sys.executable, "-P", "-O", "-c", "import webcache"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode != 0
+    assert "LayoutMismatchError: webcache._hit was built for another web cache layout" in out.stderr
+    assert "E_SUM is 56 here but 48 in webcache.layout" in out.stderr

@@ -156,8 +156,8 @@ def test_corrupted_master_table_and_arena_never_serve_wrong_bytes(served):
     """Garbage written into shared memory without any failure notification: chain walks are
     bounded and range-checked (a corrupt chain requests a recovery that rebuilds the table),
     checksums catch corrupt data (served from disk, entry dropped)."""
-    from mcs import layout as mcs_layout
     from mcs.bootstrap import Bootstrap
+    from mcs.component import ComponentRecord, component_domain
     from mcs.section import Section
 
     from webcache import layout as L
@@ -171,19 +171,16 @@ def test_corrupted_master_table_and_arena_never_serve_wrong_bytes(served):
             cache.get(name)
     rng = random.Random(5)
     buckets = [path_hash(str(root / n.lstrip("/"))) % L.BUCKETS for n in files]
-    with Bootstrap.open(f"{cache.domain}.webcache", create=False) as boot:
-        def ident(off):
-            return bytes(boot.section.view(off, 64)).split(b"\0", 1)[0].decode()
-
-        with Section.attach(ident(mcs_layout.C_MASTER_IDENT)) as area:
+    with Bootstrap.open(component_domain(cache.domain, "webcache"), create=False) as boot:
+        record = ComponentRecord.read(boot.section)
+        with Section.attach(record.master_ident) as area:
             arenas = {}
             for b in buckets:  # corrupt the data of every cached entry...
                 ref = area.load64(L.bucket_offset(b) + L.B_HEAD)
                 while ref:
                     slot, off = L.split_ref(ref)
                     if slot not in arenas:
-                        arenas[slot] = Section.attach(
-                            ident(mcs_layout.C_CONTRIB_IDENT + 64 * slot))
+                        arenas[slot] = Section.attach(record.contributions[slot])
                     arena = arenas[slot]
                     size = arena.load64(off + L.E_SIZE)
                     if size:

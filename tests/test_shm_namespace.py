@@ -19,6 +19,7 @@ import pytest
 
 import membership
 from mcs.bootstrap import Bootstrap
+from mcs.component_record import component_domain
 from mcs.shmname import owner_name
 from mcs.errors import (BootstrapError, DomainNotFoundError, DomainUnlinkedError,
                         ForeignObjectError, ShmFullError)
@@ -119,7 +120,7 @@ def test_a_name_squatted_by_another_user_is_refused_naming_the_owner(domain, oth
     finally:
         squat.unlink()
 
-    cache_name = shm_file(f"{domain}.webcache")
+    cache_name = shm_file(component_domain(domain, "webcache"))
     as_user(user, "touch", str(cache_name))
     try:
         served = cli("mcs-webcache", "serve", "--root", str(tmp_path), "--port", "0",
@@ -284,7 +285,7 @@ def test_a_full_tmpfs_is_a_clean_error_and_leaves_nothing(domain, small_tmpfs, m
 
 def test_a_joiner_refuses_to_start_a_second_domain_when_the_name_was_unlinked(domain, spawn,
                                                                               tmp_path):
-    name = f"{domain}.webcache"  # the domain a cache started with --domain <domain> runs
+    name = component_domain(domain, "webcache")  # the domain a cache started with --domain <domain> runs
     members = [spawn(MEMBER, name) for _ in range(2)]
     for m in members:
         assert m.readline().startswith("joined")

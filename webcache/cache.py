@@ -93,8 +93,6 @@ class Hit:
 
 
 _KEYS_MAX = 16384
-# The native hit path reads the same layout.
-assert all(getattr(L, name) == value for name, value in _hit.LAYOUT.items()), _hit.LAYOUT
 
 
 class McsWebCache(McsComponent):
@@ -271,9 +269,9 @@ class McsWebCache(McsComponent):
                 elif got.__class__ is bytes:
                     data = got
                 else:
-                    if got == _hit.CORRUPT:
+                    if got is _hit.CopyOutcome.CORRUPT:
                         stats.checksum_failures += 1  # corrupt: unlinked below, served from disk
-                    elif got == _hit.STALE:
+                    elif got is _hit.CopyOutcome.STALE:
                         stats.stale += 1
                     self._drop(bucket, ref, h, path)
                     return None

@@ -132,6 +132,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
          log=print) -> dict[str, Any]:
     """Run the soak; returns the summary (``violations`` lists what went wrong)."""
     from mcs.poison import poison
+    from webcache.cache import McsWebCache
     from webcache.check import check_domain
 
     rng = random.Random(seed)
@@ -249,9 +250,9 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
                 time.sleep(rng.uniform(0.0005, 0.005))
                 os.kill(b, signal.SIGKILL)
             elif kind == "poison-arena":
-                poison(domain, "webcache", slot=rng.choice(doc["members"])["slot"])
+                poison(domain, McsWebCache.name, slot=rng.choice(doc["members"])["slot"])
             else:
-                poison(domain, "webcache")
+                poison(domain, McsWebCache.name)
             return kind
 
         load.start()

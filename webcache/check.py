@@ -14,27 +14,29 @@ import os
 from mcs import layout as mcs_layout
 from mcs import GlobalMutex, checksum
 from mcs.bootstrap import Bootstrap
+from mcs.component import ComponentRecord, component_domain
 from mcs.errors import InvalidIdentifier, McsError
 from mcs.section import Section
 from mcs.types import LockStatus
 
 from webcache import layout as L
-from webcache.cache import path_hash
+from webcache.cache import McsWebCache, path_hash
 
 __all__ = ["check_domain"]
-
-
-def _ident(boot: Bootstrap, offset: int) -> str:
-    return bytes(boot.section.view(offset, mcs_layout.IDENT_MAX)).split(b"\0", 1)[0].decode()
 
 
 def check_domain(domain: str, *, verify_data: bool = True) -> list[str]:
     """Problems found in the shared structures of web cache domain ``domain``."""
     problems: list[str] = []
     sections: dict[int, Section] = {}
-    with Bootstrap.open(f"{domain}.webcache", create=False, wait=0.5) as boot:
+    with Bootstrap.open(component_domain(domain, McsWebCache.name), create=False,
+                        wait=0.5) as boot:
         try:
-            area = Section.attach(_ident(boot, mcs_layout.C_MASTER_IDENT))
+            record = ComponentRecord.read(boot.section)
+        except McsError as exc:
+            return [f"component record: {exc}"]
+        try:
+            area = Section.attach(record.master_ident)
         except InvalidIdentifier as exc:
             return [f"master area: {exc}"]
         try:
@@ -51,7 +53,7 @@ def check_domain(domain: str, *, verify_data: bool = True) -> list[str]:
                     problems.append(f"bucket {bucket}: mutex {status.name}")
                     continue
                 try:
-                    _check_chain(boot, area, bucket, sections, seen, problems, verify_data)
+                    _check_chain(record, area, bucket, sections, seen, problems, verify_data)
                 finally:
                     mutex.unlock()
         except McsError as exc:
@@ -63,7 +65,7 @@ def check_domain(domain: str, *, verify_data: bool = True) -> list[str]:
     return problems
 
 
-def _check_chain(boot: Bootstrap, area: Section, bucket: int, sections: dict[int, Section],
+def _check_chain(record: ComponentRecord, area: Section, bucket: int, sections: dict[int, Section],
                  seen: dict[bytes, int], problems: list[str], verify_data: bool) -> None:
     ref = area.load64(L.bucket_offset(bucket) + L.B_HEAD)
     steps = 0
@@ -76,8 +78,7 @@ def _check_chain(boot: Bootstrap, area: Section, bucket: int, sections: dict[int
         sec = sections.get(slot)
         if sec is None:
             try:
-                sec = Section.attach(_ident(boot, mcs_layout.C_CONTRIB_IDENT
-                                            + mcs_layout.IDENT_MAX * slot))
+                sec = Section.attach(record.contributions[slot])
             except InvalidIdentifier as exc:
                 problems.append(f"{where}: arena unavailable ({exc})")
                 return

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from mcs.bootstrap import component_domain
+from mcs.component_record import component_domain
 
 __all__ = ["main", "parse_size"]
 
@@ -162,8 +162,7 @@ class Supervisor:
         """Nodes that were killed leave their domain's root behind: remove it (never a live one)."""
         from mcs.gc import collect_domain
 
-        for name in (f"{self.args.domain}.webcache",):
-            collect_domain(name)
+        collect_domain(component_domain(self.args.domain, CACHE_COMPONENT))
 
 
 def _describe(status: int) -> str:
@@ -264,7 +263,7 @@ def _refuse_live_domain(domain: str) -> None:
     from mcs.errors import BootstrapError
 
     try:
-        boot = Bootstrap.open(f"{domain}.webcache", create=False, wait=0.2)
+        boot = Bootstrap.open(component_domain(domain, CACHE_COMPONENT), create=False, wait=0.2)
     except BootstrapError as exc:
         if "does not exist" in str(exc):
             return

@@ -20,6 +20,7 @@ A *ref* names an entry anywhere in the domain: ``(slot + 1) << 48 | offset``; 0 
 from __future__ import annotations
 
 from mcs import layout as mcs_layout
+from mcs.errors import LayoutMismatchError
 from mcs.layout import EVENT_SIZE, MUTEX_SIZE
 
 TABLE_MAGIC = int.from_bytes(b"MCSWCTB4", "little")
@@ -38,7 +39,8 @@ ARENA_HEADER = 4096
 
 E_NEXT, E_STATE, E_HASH, E_SIZE, E_MTIME, E_INODE, E_DEV = 0, 8, 16, 24, 32, 40, 48
 E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC, E_MAGIC, E_CTIME, E_PINS = 56, 64, 72, 80, 88, 96, 128
-ENTRY_HEADER = E_PINS + 8 * mcs_layout.MAX_MEMBERS
+WORD = 8  # every field is a 64-bit word, every entry 8-byte aligned
+ENTRY_HEADER = E_PINS + WORD * mcs_layout.MAX_MEMBERS
 PATH_MAX = 4096
 
 STATE_FREE, STATE_LINKED, STATE_UNLINKED = 0, 1, 2
@@ -47,7 +49,11 @@ SLOT_SHIFT = 48
 OFFSET_MASK = (1 << SLOT_SHIFT) - 1
 MAX_CHAIN = 100_000  # a longer walk means a corrupt (cyclic) chain
 
-assert MUTEX_SIZE <= 64 and EVENT_SIZE <= 64
+if MUTEX_SIZE > B_HEAD - B_MUTEX or EVENT_SIZE > TABLE_HEADER - T_FILL_EVENT:
+    # A real check (``python -O`` strips asserts): the native sizes must fit their slots.
+    raise LayoutMismatchError(
+        f"webcache.layout: the native mutex ({MUTEX_SIZE} B) or event ({EVENT_SIZE} B) does not "
+        "fit its slot in the master table: rebuild mcs._gsm from this source tree")
 
 
 def bucket_offset(bucket: int) -> int:
@@ -63,7 +69,7 @@ def split_ref(ref: int) -> tuple[int, int]:
 
 
 def align8(n: int) -> int:
-    return (n + 7) & ~7
+    return (n + WORD - 1) & ~(WORD - 1)
 
 
 def entry_size(path_len: int, size: int) -> int:

@@ -36,6 +36,9 @@ __all__ = ["Bootstrap", "domain_path", "validate_domain", "list_domains", "iter_
            "DOMAIN_MAX", "DOMAIN_NAME"]
 
 DOMAIN_MAX = 63  # characters in a domain name
+OPEN_ATTEMPTS = 100  # opens retried while a concurrent creator keeps removing its half-made root
+CREATOR_POLL = 0.001  # how often a waiting opener looks at a root being initialised
+PIDS_SHOWN = 10  # processes named in a DomainUnlinkedError
 #: what a domain name (and a component name, a part of one) may be
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (DOMAIN_MAX - 1))
 PREFIX = "mcs."
@@ -94,7 +97,7 @@ class Bootstrap:
         creator to finish initialising.
         """
         name = PREFIX + validate_domain(domain)
-        for _ in range(100):
+        for _ in range(OPEN_ATTEMPTS):
             opened = shmname.create(name, _TOTAL) if create else None
             created = opened is not None
             if created:
@@ -155,7 +158,7 @@ class Bootstrap:
         sec._init(0, int.from_bytes(os.urandom(8), "little"), layout.ROOT_VERSION)
         GlobalMutex.create(sec, layout.ROOT_MUTEX)
         GlobalEvent.create(sec, layout.VIEW_EVENT)
-        GlobalEvent.create(sec, layout.COMPONENT_EVENT)  # for the layer above (mcs.component_record)
+        GlobalEvent.create(sec, layout.COMPONENT_EVENT)  # the layer above's (component record)
         for slot in range(layout.MAX_MEMBERS):
             GlobalMutex.create(sec, layout.member_offset(slot, layout.M_LIFE_MUTEX))
         sec._publish(layout.ROOT_MAGIC)
@@ -267,7 +270,7 @@ def _wait_until(read: Callable[[], _T], done: Callable[[_T], bool], name: str, i
     deadline = time.monotonic() + wait
     value = read()
     while not done(value) and time.monotonic() < deadline and shmname.is_linked(name, inode):
-        time.sleep(0.001)
+        time.sleep(CREATOR_POLL)
         value = read()
     return value
 
@@ -277,7 +280,8 @@ def _refuse_second_domain(domain: str) -> None:
     name was unlinked: a new root would start a second domain beside theirs."""
     pids = shmname.mappers_of_unlinked(PREFIX + domain)
     if pids:
-        shown = ", ".join(map(str, pids[:10])) + (", ..." if len(pids) > 10 else "")
+        shown = ", ".join(map(str, pids[:PIDS_SHOWN])) + (
+            ", ..." if len(pids) > PIDS_SHOWN else "")
         raise DomainUnlinkedError(
             f"domain {domain!r}: its bootstrap object {_file(domain)} was unlinked while "
             f"{len(pids)} process(es) still run the domain (pid {shown}); systemd's "

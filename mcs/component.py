@@ -94,7 +94,7 @@ class RecoveryStats:
     generation: int = 0
     restarts: int = 0
     last_reason: str = ""  # why this member last asked for a new epoch
-    requests: list[tuple[int, str]] = field(default_factory=list)  # last REQUEST_HISTORY: (epoch, reason)
+    requests: list[tuple[int, str]] = field(default_factory=list)  # (epoch, reason), newest last
     covered: int = 0  # failures seen while a requested epoch was still to come (no new epoch)
     last_duration_ms: float = 0.0
     last_phases_ms: dict[str, float] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from mcs.errors import CorruptObjectError, InvalidIdentifier, LayoutMismatchErro
 from mcs.section import Section
 
 __all__ = ["ComponentRecord", "component_domain", "master_ident", "contribution_ident",
-           "set_master_ident", "set_contribution_ident"]
+           "set_master_ident", "set_contribution_ident", "quiesced_offset", "acked_offset"]
 
 WORD = 8  # every epoch, generation and mask is one 64-bit word
 AREA = layout.COMPONENT_AREA
@@ -40,7 +40,8 @@ C_CONTRIB_IDENT = C_ACKED + WORD * layout.MAX_MEMBERS  # per slot: identifier of
 C_END = C_CONTRIB_IDENT + IDENT_MAX * layout.MAX_MEMBERS
 
 if not (C_MASTER_DONE + WORD <= C_RECOVERY_EVENT
-        and C_RECOVERY_EVENT + layout.EVENT_SLOT_MAX <= C_MASTER_IDENT and C_END <= layout.ROOT_SIZE):
+        and C_RECOVERY_EVENT + layout.EVENT_SLOT_MAX <= C_MASTER_IDENT
+        and C_END <= layout.ROOT_SIZE):
     raise LayoutMismatchError("mcs.component_record: the component record overlaps itself or "
                               "runs past the root (a layout edit broke it)")
 

@@ -84,7 +84,8 @@ def _check() -> None:
             f"mcs.layout: the native core's mutex ({MUTEX_SIZE} B) or event ({EVENT_SIZE} B) "
             f"does not fit the {EVENT_SLOT_MAX} B the layout gives it: rebuild mcs._gsm from "
             "this source tree")
-    if MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE > COMPONENT_AREA or COMPONENT_AREA >= ROOT_SIZE:
+    if (MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE > COMPONENT_AREA
+            or COMPONENT_AREA >= ROOT_SIZE):
         raise LayoutMismatchError("mcs.layout: the member table runs into the component area")
 
 

@@ -19,6 +19,7 @@ from mcs.section import Section
 __all__ = ["poison", "check_target"]
 
 POISON_BYTE = 0xDB
+OPEN_WAIT = 0.5  # seconds to wait for a root being initialised
 
 
 def check_target(domain: str, component: str, slot: int | None) -> str:
@@ -33,7 +34,7 @@ def check_target(domain: str, component: str, slot: int | None) -> str:
 
 def _open(domain: str, component: str, name: str) -> Bootstrap:
     try:
-        return Bootstrap.open(name, create=False, wait=0.5)
+        return Bootstrap.open(name, create=False, wait=OPEN_WAIT)
     except DomainNotFoundError:
         running = [d[len(domain) + 1:] for d in list_domains() if d.startswith(domain + ".")]
         if running:

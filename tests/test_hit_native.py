@@ -122,8 +122,8 @@ def test_the_native_layout_is_checked_against_the_python_one():
     wrong.__dict__.update({k: getattr(L, k) for k in _hit.LAYOUT})
     wrong.E_SUM = L.E_SUM + 8
     del wrong.E_CTIME
-    with pytest.raises(LayoutMismatchError,
-                       match=r"E_SUM is 56 here but 64 in fake_layout.*E_CTIME is 96 here but missing"):
+    with pytest.raises(LayoutMismatchError, match=r"E_SUM is 56 here but 64 in fake_layout.*"
+                                                  r"E_CTIME is 96 here but missing"):
         _hit.check_layout(wrong)
 
 

@@ -24,13 +24,16 @@ from webcache.cache import McsWebCache, path_hash
 
 __all__ = ["check_domain"]
 
+OPEN_WAIT = 0.5  # seconds to wait for a root being initialised
+BUCKET_LOCK_TIMEOUT = 2.0  # a bucket mutex held longer is reported, not waited for
+
 
 def check_domain(domain: str, *, verify_data: bool = True) -> list[str]:
     """Problems found in the shared structures of web cache domain ``domain``."""
     problems: list[str] = []
     sections: dict[int, Section] = {}
     with Bootstrap.open(component_domain(domain, McsWebCache.name), create=False,
-                        wait=0.5) as boot:
+                        wait=OPEN_WAIT) as boot:
         try:
             record = ComponentRecord.read(boot.section)
         except McsError as exc:
@@ -46,7 +49,7 @@ def check_domain(domain: str, *, verify_data: bool = True) -> list[str]:
             for bucket in range(L.BUCKETS):
                 boff = L.bucket_offset(bucket)
                 mutex = GlobalMutex.open(area, boff + L.B_MUTEX)
-                status = mutex.lock(timeout=2.0)
+                status = mutex.lock(timeout=BUCKET_LOCK_TIMEOUT)
                 if status is not LockStatus.OK:
                     if status is LockStatus.ABANDONED:
                         mutex.unlock()

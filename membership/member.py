@@ -313,6 +313,8 @@ class Member:
         wait. Raises OSError or RuntimeError if not complete; what was done is kept."""
         current = {(m.slot, m.incarnation): m for m in view.members if m.slot != self.slot}
         with self._shared:
+            if self._closing.is_set():  # set under this lock: _stop_threads sees every watcher
+                return
             for key in current:
                 if key not in self._watchers or not self._watchers[key].is_alive():
                     t = threading.Thread(target=self._watch, args=key, daemon=True,
@@ -448,7 +450,7 @@ class Member:
             # The root mutex may be held by the frozen member itself: fence it without the lock;
             # its death releases the root mutex (ABANDONED) and the next locker republishes.
             if root.owner.tag == m.incarnation:
-                self._log_fence(m, self._fence(m), "while it held the root mutex")
+                self._fence(m, "it holds the root mutex")
             return
         with held(root, status):
             table = self.table
@@ -457,28 +459,29 @@ class Member:
                     or table.state(m.slot) != layout.SLOT_MEMBER
                     or age <= self.timing.evict_after_ns):
                 return  # somebody else already acted, or it woke up
-            killed = self._fence(m)
-            self._log_fence(m, killed, f"silent for {age / 1e6:.0f} ms")
+            killed = self._fence(m, f"silent for {age / 1e6:.0f} ms")
             self._republish_locked()
         if killed:  # an unsignalled one is not waited for: it may never exit
             self._peers.wait_exit((m.slot, m.incarnation), EXIT_WAIT)
         self._reap_pending()
 
-    def _fence(self, m: MemberInfo) -> bool:
+    def _fence(self, m: MemberInfo, why: str) -> bool:
         """Record the fence and SIGKILL the member through the pidfd taken when first seen;
-        whether it was signalled (False: no verified pidfd, the pid may be a stranger's)."""
-        self.table.set_field(m.slot, layout.M_FENCED, m.incarnation)
+        whether it was signalled (False: no verified pidfd, the pid may be a stranger's: the
+        fence stands, and the member stops itself if it ever runs again). Logged once."""
+        table = self.table
+        newly = table.field(m.slot, layout.M_FENCED) != m.incarnation
+        table.set_field(m.slot, layout.M_FENCED, m.incarnation)
         # Marked before the kill, so that watchers that see it die report "fenced", not "dead".
-        self.table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
-                             layout.SLOT_MEMBER, layout.SLOT_FENCED)
-        return self._peers.kill((m.slot, m.incarnation))
-
-    def _log_fence(self, m: MemberInfo, killed: bool, why: str) -> None:
-        if killed:
+        table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
+                        layout.SLOT_MEMBER, layout.SLOT_FENCED)
+        killed = self._peers.kill((m.slot, m.incarnation))
+        if newly and killed:
             log.warning("member %s evicted and fenced (%s)", m, why)
-        else:
-            log.warning("member %s fenced (%s) but not signalled: no verified pidfd on it; it "
-                        "stops itself when it sees the fence", m, why)
+        elif newly:
+            log.warning("member %s fenced (%s) but not signalled: no verified pidfd on it", m,
+                        why)
+        return killed
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -569,7 +572,8 @@ class Member:
         atexit.unregister(self.leave)
 
     def _stop_threads(self, release: bool) -> None:
-        self._closing.set()
+        with self._shared:  # under the lock: no watcher is added after the copy below
+            self._closing.set()
         if self._beat is not None:
             self._beat.stop()
         if release and self._life is not None:

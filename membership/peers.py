@@ -76,6 +76,7 @@ class Peers:
         self._reserve = reserve
         self._handles: dict[tuple[int, int], _Handles] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self.procfs_fallbacks = 0
         """Times a dying check had no /proc descriptor and no room to open one (pidfd used)."""
 
@@ -86,6 +87,8 @@ class Peers:
         current = {(m.slot, m.incarnation): m for m in members}
         per_node = collections.Counter(m.node for m in members)
         with self._lock:
+            if self._closed:  # a view handled while the member leaves: nothing to hold
+                return
             for key in [k for k in self._handles if k not in current]:
                 self._release(self._handles.pop(key))
             for key, m in current.items():
@@ -181,6 +184,7 @@ class Peers:
     def close(self) -> None:
         """Close every descriptor held on the others."""
         with self._lock:
+            self._closed = True
             for h in self._handles.values():
                 for fd in h.fds():
                     os.close(fd)

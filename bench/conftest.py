@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import mcs
+from mcs import procfs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,14 +46,7 @@ def own_sysv_segments() -> set[int]:
     runs on the same machine create and free their own segments.
     """
     me = os.getpid()
-    ids = set()
-    with open("/proc/sysvipc/shm") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[4]) == me:  # cpid
-                ids.add(int(fields[1]))
-    return ids
+    return {row.shmid for row in procfs.shm_segments() if row.cpid == me}
 
 
 def own_children() -> set[int]:
@@ -63,11 +57,9 @@ def own_children() -> set[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
+            ppid = procfs.read_stat(entry).ppid
         except OSError:
             continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
         if ppid == me:
             children.add(int(entry))
     return children

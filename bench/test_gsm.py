@@ -29,7 +29,7 @@ import pytest
 import sysv_ipc
 
 import mcs
-from mcs import LockStatus
+from mcs import LockStatus, procfs
 
 # -- 1. uncontended lock+unlock ---------------------------------------------------------------
 
@@ -229,8 +229,7 @@ def _blocked_on(tid: int, address: int) -> bool:
         with open(f"/proc/self/task/{tid}/syscall") as f:
             fields = f.read().split()
     except OSError:  # /proc/<tid>/syscall not readable here: fall back to the thread state
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "S"
+        return procfs.read_stat("self", tid).state == "S"
     return len(fields) > 1 and fields[0] != "running" and int(fields[1], 16) == address
 
 

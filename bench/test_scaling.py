@@ -66,6 +66,8 @@ from typing import Any
 
 import pytest
 
+from mcs import procfs
+
 HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -439,9 +441,8 @@ class Servers:
 
 
 def _proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    stat = procfs.read_stat(pid)
+    return (stat.utime + stat.stime) / CLK_TCK
 
 
 def _proc_rchar(pid: int) -> int:
@@ -453,14 +454,7 @@ def _proc_rchar(pid: int) -> int:
 
 
 def _sysv_segments_of(pids: list[int]) -> list[int]:
-    out = []
-    with open("/proc/sysvipc/shm") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[4]) in pids:  # cpid
-                out.append(int(fields[1]))
-    return out
+    return [row.shmid for row in procfs.shm_segments() if row.cpid in pids]
 
 
 def mcs_cluster(root: Path, nodes: int, domain: str, cache_size: int, max_entry: int,

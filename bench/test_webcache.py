@@ -54,6 +54,7 @@ from typing import Any, Callable
 
 import pytest
 
+from mcs import procfs
 from conftest import wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -150,21 +151,13 @@ def pinned(cmd: list[str], cpus: str | None) -> list[str]:
 
 def alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+        return procfs.read_stat(pid).state != "Z"
     except OSError:
         return False
 
 
 def sysv_created_by(pids: set[int]) -> set[int]:
-    ids = set()
-    with open("/proc/sysvipc/shm") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[4]) in pids:
-                ids.add(int(fields[1]))
-    return ids
+    return {row.shmid for row in procfs.shm_segments() if row.cpid in pids}
 
 
 class Server:

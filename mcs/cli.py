@@ -1,4 +1,7 @@
-"""The ``mcs`` command line: operator tools for domains on this host."""
+"""The ``mcs`` command line: operator tools for domains on this host.
+
+Every ``--domain`` takes the name the operator knows (the application's, e.g. ``webcache-8080``,
+or the full ``webcache-8080.webcache``), resolved in one place: :func:`mcs.names.resolve`."""
 
 from __future__ import annotations
 
@@ -8,15 +11,28 @@ import sys
 import time
 from typing import Sequence
 
+from mcs import names
 from mcs.errors import McsError
+from mcs.gc import GcResult, collect, collect_domain
+from mcs.poison import check_target, poison
+from mcs.status import domain_status, format_status
 
 __all__ = ["main"]
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from mcs.gc import collect
-
-    results = collect(dry_run=args.dry_run)
+    results: list[GcResult]
+    if args.domain is None:
+        if args.component is not None:
+            return _usage_error("gc", "--component needs --domain")
+        results = collect(dry_run=args.dry_run)
+    else:
+        try:
+            targets = names.resolve(args.domain, args.component)
+        except ValueError as exc:
+            return _usage_error("gc", str(exc))
+        found = (collect_domain(t.full_name, dry_run=args.dry_run) for t in targets)
+        results = [r for r in found if r is not None]
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     elif not results:
@@ -35,23 +51,20 @@ def _usage_error(command: str, message: str) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from mcs.bootstrap import validate_domain
-    from mcs.status import domain_status, format_status
-
-    try:
-        validate_domain(args.domain)
-    except ValueError as exc:
-        return _usage_error("status", str(exc))
     if not args.interval > 0:
         return _usage_error("status", "--interval must be a positive number of seconds")
+    try:
+        targets = names.resolve(args.domain, args.component)
+    except ValueError as exc:
+        return _usage_error("status", str(exc))
     while True:
-        status = domain_status(args.domain)
-        if args.json:
-            print(json.dumps(status, indent=2))
+        statuses = [domain_status(t) for t in targets]
+        if args.json:  # one object per bootstrap domain; a list when the name has several
+            print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
         else:
             if args.watch:
                 print("\033[H\033[2J", end="")
-            print(format_status(status))
+            print("\n\n".join(format_status(s) for s in statuses))
         if not args.watch:
             return 0
         sys.stdout.flush()
@@ -59,28 +72,34 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_fault_poison(args: argparse.Namespace) -> int:
-    from mcs.poison import check_target, poison
-
     if args.master == (args.slot is not None):
         return _usage_error("fault poison", "give exactly one of --master or --slot N")
     try:
-        check_target(args.domain, args.component, args.slot)
+        [target] = names.resolve(args.domain, args.component)  # one: a component is given
+        check_target(target.domain, args.component, args.slot)
     except ValueError as exc:
         return _usage_error("fault poison", str(exc))
-    ident = poison(args.domain, args.component, slot=args.slot)
+    ident = poison(target.domain, args.component, slot=args.slot)
     print(f"poisoned {ident}")
     return 0
+
+
+_DOMAIN_HELP = ("the domain as started (webcache-8080: each of its components) or a component's "
+                "full domain (webcache-8080.webcache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gc = sub.add_parser("gc", help="remove bootstrap objects of domains with no live member")
+    gc.add_argument("--domain", help="only this domain (as for status); default: every one")
+    gc.add_argument("--component", help="only this component of --domain")
     gc.add_argument("--dry-run", action="store_true", help="report, remove nothing")
     gc.add_argument("--json", action="store_true", help="machine-readable output")
     gc.set_defaults(func=_cmd_gc)
     st = sub.add_parser("status", help="generation, master and members of a domain")
-    st.add_argument("--domain", required=True, help="domain name")
+    st.add_argument("--domain", required=True, help=_DOMAIN_HELP)
+    st.add_argument("--component", help="only this component of the domain, e.g. webcache")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     st.add_argument("--interval", type=float, default=0.5, help="refresh period for --watch (s)")
@@ -88,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault = sub.add_parser("fault", help="fault injection into a live domain (tests, chaos)")
     fsub = fault.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
     po = fsub.add_parser("poison", help="poison a section: dummy bytes, failed flag, counter")
-    po.add_argument("--domain", required=True)
+    po.add_argument("--domain", required=True, help=_DOMAIN_HELP)
     po.add_argument("--component", required=True, help="component name, e.g. registry")
     po.add_argument("--master", action="store_true", help="poison the master area")
     po.add_argument("--slot", type=int, help="poison the contribution of member SLOT")

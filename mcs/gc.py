@@ -15,11 +15,12 @@ from __future__ import annotations
 import enum
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from mcs import shmname
 from mcs.bootstrap import PREFIX, Bootstrap, iter_objects
 from mcs.locking import held
+from mcs.names import target_of
 from mcs.errors import BootstrapError, UninitialisedError
 from mcs.types import LockStatus
 
@@ -42,12 +43,16 @@ class GcAction(enum.StrEnum):
 class GcResult:
     """What gc did with one bootstrap name."""
 
-    domain: str
+    domain: str  # the bootstrap domain (its full name: ``webcache-8080.webcache``)
     action: GcAction
     reason: str
 
-    def as_dict(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
+    def as_dict(self) -> dict[str, str | None]:
+        """As ``mcs status --json`` names it: the application's domain, the component, the
+        full name; then the action and its reason."""
+        target = target_of(self.domain)
+        return {"domain": target.domain, "component": target.component,
+                "full_name": self.domain, "action": str(self.action), "reason": self.reason}
 
 
 def collect(*, dry_run: bool = False, lock_timeout: float = 2.0) -> list[GcResult]:

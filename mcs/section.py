@@ -26,7 +26,7 @@ import os
 import re
 from typing import Iterable
 
-from mcs import faults
+from mcs import faults, procfs
 from mcs._gsm import Section as _NativeSection
 from mcs._gsm import shm_new, shm_remove, shm_remove_orphan
 from mcs.errors import InvalidIdentifier, NativeError
@@ -35,7 +35,6 @@ log = logging.getLogger("mcs.section")
 
 __all__ = ["Section", "reap_orphans", "section_key", "is_section_key"]
 
-SYSV_TABLE = "/proc/sysvipc/shm"
 KEY_TAG = 0xC5  # top byte of the key of every segment mcs creates (not a printable ftok id)
 KEY_ATTEMPTS = 32  # random keys tried before giving up (a collision needs a held key)
 
@@ -133,19 +132,14 @@ def reap_orphans(creators: Iterable[tuple[int, int]]) -> list[int]:
     uid = os.geteuid()
     reaped = []
     try:
-        with open(SYSV_TABLE) as table:
-            next(table, None)
-            rows = [line.split() for line in table]
+        rows = procfs.shm_segments()
     except OSError as exc:  # EMFILE: the caller's next chance (a later death, mcs gc) retries
         log.warning("could not read %s (%s): segments left by dead pids %s not reclaimed now",
-                    SYSV_TABLE, exc, sorted(not_before))
+                    procfs.SYSV_SHM, exc, sorted(not_before))
         return []
-    for fields in rows:
-        # key shmid perms size cpid lpid nattch uid ...
-        if len(fields) < 8 or int(fields[7]) != uid:
-            continue
-        key, shmid, cpid = int(fields[0]), int(fields[1]), int(fields[4])
-        if cpid in not_before and is_section_key(key, cpid) and shm_remove_orphan(
-                shmid, cpid, not_before[cpid], key):
-            reaped.append(shmid)
+    for row in rows:
+        if row.uid == uid and row.cpid in not_before and is_section_key(
+                row.key, row.cpid) and shm_remove_orphan(
+                    row.shmid, row.cpid, not_before[row.cpid], row.key):
+            reaped.append(row.shmid)
     return reaped

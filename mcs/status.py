@@ -1,4 +1,7 @@
-"""``mcs status``: the operator's view of a domain, read from its bootstrap without joining."""
+"""``mcs status``: the operator's view of a domain, read from its bootstrap without joining.
+
+The name the operator gives is resolved by :mod:`mcs.names`: an application's domain shows each
+of its components (``webcache-8080`` shows ``webcache-8080.webcache``)."""
 
 from __future__ import annotations
 
@@ -7,15 +10,18 @@ from typing import Any
 
 from mcs import layout
 from mcs.bootstrap import Bootstrap
+from mcs.names import Target, target_of
+
+from membership.table import MemberTable
 
 __all__ = ["domain_status", "format_status"]
 
 
-def domain_status(domain: str) -> dict[str, Any]:
-    """Generation, master and every occupied member slot of ``domain``, as plain data."""
-    from membership.table import MemberTable  # membership builds on mcs: import lazily
-
-    with Bootstrap.open(domain, create=False, wait=0.5) as boot:
+def domain_status(domain: str | Target) -> dict[str, Any]:
+    """Generation, master and every occupied member slot of ``domain`` (a bootstrap domain's
+    full name, or a :class:`Target` that :func:`mcs.names.resolve` found), as plain data."""
+    target = target_of(domain) if isinstance(domain, str) else domain
+    with Bootstrap.open(target.full_name, create=False, wait=0.5) as boot:
         table = MemberTable(boot)
         view = table.read_view()
         heartbeat, suspect, evict = table.timing_ns()
@@ -39,7 +45,9 @@ def domain_status(domain: str) -> dict[str, Any]:
                 "heartbeats": rec.heartbeat_count,
             })
         return {
-            "domain": domain,
+            "domain": target.domain,
+            "component": target.component,
+            "full_name": target.full_name,
             "generation": view.generation,
             "master": None if view.master is None else {
                 "slot": view.master.slot, "pid": view.master.pid, "node": view.master.node,
@@ -54,8 +62,11 @@ def domain_status(domain: str) -> dict[str, Any]:
 def format_status(status: dict[str, Any]) -> str:
     """A human-readable table of :func:`domain_status`."""
     master = status["master"]
+    name = f"domain {status['domain']}"
+    if status["component"] is not None:
+        name += f"  component {status['component']} ({status['full_name']})"
     lines = [
-        f"domain {status['domain']}  generation {status['generation']}  master "
+        f"{name}  generation {status['generation']}  master "
         + (f"slot {master['slot']} (pid {master['pid']}, {master['node']})" if master else "none"),
         "slot  pid      node                      incarnation  state      heartbeat age",
     ]

@@ -42,7 +42,8 @@ class FdReserve:
     @property
     def held(self) -> int:
         """How many descriptors are in reserve now."""
-        return len(self._fds)
+        with self._lock:
+            return len(self._fds)
 
     def open(self, opener: Callable[[], int]) -> int:
         """``opener()`` (it returns a new descriptor); at EMFILE/ENFILE, free one reserve
@@ -71,8 +72,6 @@ class FdReserve:
     def replenish(self) -> int:
         """Top the reserve up while the process has descriptors to spare; returns how many are
         held. Cheap when full; one failing open when there is no room."""
-        if len(self._fds) >= self.size:
-            return len(self._fds)
         with self._lock:
             while len(self._fds) < self.size and not self._closed:
                 try:

@@ -22,6 +22,11 @@ retried every monitor round (counted in :attr:`Member.stats`, logged at most eve
 Every membership change goes through :meth:`Member._republish` under the root mutex, which
 recomputes the view from the slot states (so concurrent detectors of one death agree and only
 one new generation results).
+
+State these threads share (the local view, the watcher map, the suspected set, the crashed
+members waiting to be reaped, the callbacks, the counters) is guarded by ``Member._shared``, a
+plain lock held only for a dictionary or list operation, never across a wait: a watcher that
+just saw a death never waits on it for long.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from typing import Callable
 
 from mcs import layout
-from mcs._gsm import GlobalEvent, Heartbeat
+from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat
 from mcs.bootstrap import Bootstrap
 from mcs.locking import held
 from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
@@ -70,6 +75,7 @@ def _node_name(node: str | None) -> bytes:
 NODE_GRACE = 0.005  # a node's other members are given this long to be seen dying too
 RESERVE_FDS = 8  # descriptors each member keeps in reserve for its failure detector
 DEFER_LOG_EVERY = 10.0  # seconds between two warnings about views not handled yet
+EXIT_WAIT = 1.0  # seconds an evicting member waits for the one it killed to exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,8 @@ class MemberStats:
     """Reserve descriptors given back to the kernel to let one of the detector's opens through."""
     procfs_fallbacks: int
     """Dying checks of a node peer that had no /proc descriptor and no room to open one."""
+    watcher_errors: int = 0
+    """Watchers stopped by an error on a life mutex (logged; the heartbeat still evicts)."""
 
 
 def _dying_soon(pids: list[int], grace: float,
@@ -107,30 +115,47 @@ class Member:
         self.domain = domain
         self._node = _node_name(node)
         self._requested_timing = timing
+        self._refresh_lock = threading.RLock()  # one view handled at a time, callbacks in order
+        self._shared = threading.Lock()  # guards what the threads share (module doc)
         self._callbacks: list[ViewCallback] = []
-        self._lock = threading.RLock()
-        self._refresh_lock = threading.RLock()
-        self._closing = threading.Event()
-        self._fenced = False
-        self._reserve = FdReserve(RESERVE_FDS)  # before anything else takes the last descriptors
-        self._deferred = 0
-        self._next_defer_log = 0.0
-        self._handled = threading.Event()  # set once a view has been handled
-        self._to_reap: list[tuple[int, int]] = []  # (pid, joined_ns) of crashed members
         self._watchers: dict[tuple[int, int], threading.Thread] = {}
         self._suspected: set[tuple[int, int]] = set()
+        self._to_reap: list[tuple[int, int]] = []  # (pid, joined_ns) of crashed members
         self._view: View | None = None
+        self._fenced = threading.Event()
+        self._deferred = 0  # counters, under _shared
+        self._watcher_errors = 0
+        self._next_defer_log = 0.0
+        self._closing = threading.Event()
+        self._handled = threading.Event()  # set once a view has been handled
+        self._leave_event = threading.Event()  # tells the life thread to unlock and end
+        self._life: threading.Thread | None = None
+        self._monitor: threading.Thread | None = None
+        self._beat: Heartbeat | None = None
         self.slot = -1
         self.incarnation = 0
+        self.timing = timing or Timing()  # until the join adopts the domain's own
+        self._reserve = FdReserve(RESERVE_FDS)  # before anything else takes the last descriptors
         try:
-            self._join()
+            self.boot, root, status = self._lock_root()
         except BaseException:
             self._reserve.close()
             raise
+        try:
+            with held(root, status):
+                self.table = MemberTable(self.boot)
+                self._peers = Peers(self.boot, self._reserve)
+                self._view_event = GlobalEvent.open(self.boot.section, layout.VIEW_EVENT)
+                self._join_locked()
+        except BaseException:
+            self._reserve.close()
+            raise
+        self._join_finish()
 
     # -- joining ------------------------------------------------------------------------
 
-    def _join(self) -> None:
+    def _lock_root(self) -> tuple[Bootstrap, GlobalMutex, LockStatus]:
+        """Open the domain and lock its root mutex (a root gc retired meanwhile is reopened)."""
         while True:
             boot = Bootstrap.open(self.domain)
             root = boot.root_mutex()
@@ -144,9 +169,10 @@ class Member:
                 root.unlock()
                 boot.close()
                 continue
-            with held(root, status):
-                self._join_locked(boot)
-            break
+            return boot, root, status
+
+    def _join_finish(self) -> None:
+        """Start the monitor and wait until the first view is handled (or leave again)."""
         self._monitor = threading.Thread(target=self._monitor_main, name=f"mcs-monitor-{self.slot}",
                                          daemon=True)
         self._monitor.start()
@@ -156,10 +182,8 @@ class Member:
             raise McsError(f"domain {self.domain!r}: could not take a descriptor on every member "
                            "(out of file descriptors?); left the domain again")
 
-    def _join_locked(self, boot: Bootstrap) -> None:
-        self.boot = boot
-        self._peers = Peers(boot, self._reserve)
-        self.table = table = MemberTable(boot)
+    def _join_locked(self) -> None:
+        boot, table = self.boot, self.table
         occupied = table.occupied()
         if occupied and not boot.live_slots():
             log.info("domain %s: no live member left, re-initialising its member table", self.domain)
@@ -186,13 +210,11 @@ class Member:
                                layout.member_offset(self.slot, layout.M_HEARTBEAT_NS),
                                layout.member_offset(self.slot, layout.M_HEARTBEAT_COUNT),
                                self.timing.heartbeat)
-        self._view_event = GlobalEvent.open(boot.section, layout.VIEW_EVENT)
         self._republish_locked()
         self._refresh_view()
 
     def _start_life_thread(self) -> None:
         acquired = threading.Event()
-        self._leave_event = threading.Event()
         result: list[object] = []
 
         def life() -> None:
@@ -221,20 +243,24 @@ class Member:
     @property
     def view(self) -> View:
         """The latest view this member has seen."""
-        if self._fenced:
+        if self._fenced.is_set():
             raise FencedError(f"member slot {self.slot} incarnation {self.incarnation} was fenced")
-        assert self._view is not None
-        return self._view
+        with self._shared:
+            view = self._view
+        assert view is not None
+        return view
 
     @property
     def fenced(self) -> bool:
-        return self._fenced
+        return self._fenced.is_set()
 
     @property
     def stats(self) -> MemberStats:
-        """The failure detector's counters (descriptor reserve, deferred views)."""
-        return MemberStats(self._deferred, self._reserve.held, self._reserve.spent,
-                           self._peers.procfs_fallbacks)
+        """The failure detector's counters (descriptor reserve, deferred views, watchers)."""
+        with self._shared:
+            deferred, watcher_errors = self._deferred, self._watcher_errors
+        return MemberStats(deferred, self._reserve.held, self._reserve.spent,
+                           self._peers.procfs_fallbacks, watcher_errors)
 
     @property
     def info(self) -> MemberInfo:
@@ -242,7 +268,8 @@ class Member:
 
     def on_view_change(self, callback: ViewCallback) -> None:
         """Call ``callback(view)`` (in the monitor thread) on every new generation."""
-        self._callbacks.append(callback)
+        with self._shared:
+            self._callbacks.append(callback)
 
     def _refresh_view(self) -> View | None:
         """Read the published view; if it is new, handle it (watchers, descriptors), then make it
@@ -254,24 +281,26 @@ class Member:
 
     def _refresh_view_locked(self) -> View | None:
         view = self.table.read_view()
-        with self._lock:
+        with self._shared:
             previous = self._view
-            if previous is not None and view.generation == previous.generation:
-                return None
-            if previous is not None:
-                gone = [m for m in previous.members if m not in view.members]
-                view = dataclasses.replace(view, departed=tuple(
-                    (m, self.table.exit_reason(m.slot, m.incarnation)) for m in gone))
-            try:
-                self._track(view)
-            except (OSError, RuntimeError) as exc:  # no descriptor / thread left, even in reserve
-                self._defer(view, exc)
-                return None
+        if previous is not None and view.generation == previous.generation:
+            return None
+        if previous is not None:
+            gone = [m for m in previous.members if m not in view.members]
+            view = dataclasses.replace(view, departed=tuple(
+                (m, self.table.exit_reason(m.slot, m.incarnation)) for m in gone))
+        try:
+            self._track(view)
+        except (OSError, RuntimeError) as exc:  # no descriptor / thread left, even in reserve
+            self._defer(view, exc)
+            return None
+        with self._shared:
             self._view = view
+            callbacks = list(self._callbacks)
         self._handled.set()
         if view.member(self.slot) is None or view.member(self.slot).incarnation != self.incarnation:
             self._check_fenced()
-        for cb in list(self._callbacks):
+        for cb in callbacks:
             try:
                 cb(view)
             except Exception:  # a component's bug must not kill membership
@@ -283,27 +312,35 @@ class Member:
         Watchers first: they need no descriptor, so deaths are seen even while the descriptors
         wait. Raises OSError or RuntimeError if not complete; what was done is kept."""
         current = {(m.slot, m.incarnation): m for m in view.members if m.slot != self.slot}
-        for key in current:
-            if key not in self._watchers or not self._watchers[key].is_alive():
-                t = threading.Thread(target=self._watch, args=key, daemon=True,
-                                     name=f"mcs-watch-{key[0]}.{key[1]}")
-                self._watchers[key] = t
-                t.start()
-        for key in [k for k, t in self._watchers.items() if k not in current and not t.is_alive()]:
-            del self._watchers[key]
+        with self._shared:
+            if self._closing.is_set():  # set under this lock: _stop_threads sees every watcher
+                return
+            for key in current:
+                if key not in self._watchers or not self._watchers[key].is_alive():
+                    t = threading.Thread(target=self._watch, args=key, daemon=True,
+                                         name=f"mcs-watch-{key[0]}.{key[1]}")
+                    t.start()  # a RuntimeError (no thread left) leaves the map as it was
+                    self._watchers[key] = t
+            for key in [k for k, t in self._watchers.items()
+                        if k not in current and not t.is_alive()]:
+                del self._watchers[key]
         self._peers.update(current.values())
 
     def _defer(self, view: View, exc: Exception) -> None:
         """``view`` could not be handled: it is neither the local view nor given to the
         callbacks; the monitor retries it (or a newer one) next round. Counted; logged at
         most every DEFER_LOG_EVERY seconds."""
-        self._deferred += 1
         now = time.monotonic()
-        if now >= self._next_defer_log:
-            self._next_defer_log = now + DEFER_LOG_EVERY
+        with self._shared:
+            self._deferred += 1
+            deferred = self._deferred
+            due = now >= self._next_defer_log
+            if due:
+                self._next_defer_log = now + DEFER_LOG_EVERY
+        if due:
             log.warning("domain %s: generation %d not handled yet (%s); retrying every %.0f ms "
                         "(%d time(s) so far)", self.domain, view.generation, exc,
-                        self.timing.check_interval * 1e3, self._deferred)
+                        self.timing.check_interval * 1e3, deferred)
 
     # -- detection ----------------------------------------------------------------------
 
@@ -313,7 +350,13 @@ class Member:
         while not self._closing.is_set():
             try:
                 status = mutex.lock(timeout=0.25)
-            except McsError:
+            except McsError as exc:
+                if not self._closing.is_set():
+                    with self._shared:
+                        self._watcher_errors += 1
+                    log.warning("domain %s: the watcher of slot %d incarnation %d stopped (%s); "
+                                "that member is still evicted if its heartbeat stops",
+                                self.domain, slot, incarnation, exc)
                 return
             if status is LockStatus.TIMEOUT:
                 continue
@@ -363,16 +406,21 @@ class Member:
         table = self.table
         if (table.field(self.slot, layout.M_INCARNATION) != self.incarnation
                 or table.field(self.slot, layout.M_FENCED) == self.incarnation):
-            if not self._fenced:
+            with self._shared:  # the monitor and a watcher may both see it: one stops
+                first = not self._fenced.is_set()
+                self._fenced.set()
+            if first:
                 log.error("member slot %d incarnation %d was fenced; stopping", self.slot,
                           self.incarnation)
-                self._fenced = True
                 self._stop_threads(release=False)
             return True
         return False
 
     def _check_heartbeats(self) -> None:
-        view = self._view
+        """Suspect the members silent for ``suspect_after``, evict those silent for
+        ``evict_after`` (the monitor, and a republisher blocked on a frozen holder)."""
+        with self._shared:
+            view = self._view
         if view is None:
             return
         now = time.monotonic_ns()
@@ -384,12 +432,15 @@ class Member:
             key = (m.slot, m.incarnation)
             if age > self.timing.evict_after_ns:
                 self._evict(m)
-            elif age > self.timing.suspect_after_ns:
-                if key not in self._suspected:
-                    log.warning("member %s suspected (silent for %.0f ms)", m, age / 1e6)
+                continue
+            with self._shared:
+                newly = age > self.timing.suspect_after_ns and key not in self._suspected
+                if age > self.timing.suspect_after_ns:
                     self._suspected.add(key)
-            else:
-                self._suspected.discard(key)
+                else:
+                    self._suspected.discard(key)
+            if newly:
+                log.warning("member %s suspected (silent for %.0f ms)", m, age / 1e6)
 
     def _evict(self, m: MemberInfo) -> None:
         """Fence a frozen member: mark it, SIGKILL it through its pidfd, publish the view."""
@@ -399,7 +450,7 @@ class Member:
             # The root mutex may be held by the frozen member itself: fence it without the lock;
             # its death releases the root mutex (ABANDONED) and the next locker republishes.
             if root.owner.tag == m.incarnation:
-                self._fence(m)
+                self._fence(m, "it holds the root mutex")
             return
         with held(root, status):
             table = self.table
@@ -408,24 +459,29 @@ class Member:
                     or table.state(m.slot) != layout.SLOT_MEMBER
                     or age <= self.timing.evict_after_ns):
                 return  # somebody else already acted, or it woke up
-            if self._fence(m):
-                log.warning("member %s evicted and fenced (silent for %.0f ms)", m, age / 1e6)
+            killed = self._fence(m, f"silent for {age / 1e6:.0f} ms")
             self._republish_locked()
-        self._wait_gone(m)
+        if killed:  # an unsignalled one is not waited for: it may never exit
+            self._peers.wait_exit((m.slot, m.incarnation), EXIT_WAIT)
         self._reap_pending()
 
-    def _fence(self, m: MemberInfo) -> bool:
-        """Record the fence and SIGKILL the member through the pidfd taken when first seen."""
-        self.table.set_field(m.slot, layout.M_FENCED, m.incarnation)
+    def _fence(self, m: MemberInfo, why: str) -> bool:
+        """Record the fence and SIGKILL the member through the pidfd taken when first seen;
+        whether it was signalled (False: no verified pidfd, the pid may be a stranger's: the
+        fence stands, and the member stops itself if it ever runs again). Logged once."""
+        table = self.table
+        newly = table.field(m.slot, layout.M_FENCED) != m.incarnation
+        table.set_field(m.slot, layout.M_FENCED, m.incarnation)
         # Marked before the kill, so that watchers that see it die report "fenced", not "dead".
-        self.table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
-                             layout.SLOT_MEMBER, layout.SLOT_FENCED)
-        # Without a verified pidfd the pid may be a stranger's: not signalled, the fence stands.
-        self._peers.kill((m.slot, m.incarnation))
-        return True
-
-    def _wait_gone(self, m: MemberInfo, timeout: float = 1.0) -> None:
-        self._peers.wait_exit((m.slot, m.incarnation), timeout)
+        table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
+                        layout.SLOT_MEMBER, layout.SLOT_FENCED)
+        killed = self._peers.kill((m.slot, m.incarnation))
+        if newly and killed:
+            log.warning("member %s evicted and fenced (%s)", m, why)
+        elif newly:
+            log.warning("member %s fenced (%s) but not signalled: no verified pidfd on it", m,
+                        why)
+        return killed
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -480,15 +536,13 @@ class Member:
         # A member killed while creating a section (before marking it for removal) left the
         # segment behind; the survivor that publishes its death reclaims it, once the view
         # and the callbacks are out (not on the detection path): see _reap_pending().
-        self._to_reap.extend(crashed)
+        if crashed:
+            with self._shared:
+                self._to_reap.extend(crashed)
 
     def _reap_pending(self) -> None:
-        crashed = []
-        while self._to_reap:  # pop() is atomic: a watcher may be adding meanwhile
-            try:
-                crashed.append(self._to_reap.pop())
-            except IndexError:
-                break
+        with self._shared:
+            crashed, self._to_reap = self._to_reap, []
         if crashed:
             reap_orphans(crashed)
 
@@ -496,11 +550,11 @@ class Member:
 
     def leave(self) -> None:
         """Leave cleanly: others see a leave (a new generation without us), not a failure."""
-        with self._lock:
+        with self._shared:
             if self._closing.is_set():
                 return
             self._closing.set()
-        if not self._fenced:
+        if not self._fenced.is_set():
             try:
                 root = self.boot.root_mutex(tag=self.incarnation)
                 status = root.lock(timeout=self.timing.evict_after)
@@ -513,26 +567,26 @@ class Member:
                             self.boot.retire()  # the last one out removes the domain's root
             except McsError:
                 log.exception("leave: could not publish the view")
-        self._stop_threads(release=not self._fenced)
+        self._stop_threads(release=not self._fenced.is_set())
         self.boot.close()
         atexit.unregister(self.leave)
 
     def _stop_threads(self, release: bool) -> None:
-        self._closing.set()
-        beat = getattr(self, "_beat", None)
-        if beat is not None:
-            beat.stop()
-        if release:
+        with self._shared:  # under the lock: no watcher is added after the copy below
+            self._closing.set()
+        if self._beat is not None:
+            self._beat.stop()
+        if release and self._life is not None:
             self._leave_event.set()
             self._life.join(5)
-        if threading.current_thread() is not self._monitor:
+        if self._monitor is not None and threading.current_thread() is not self._monitor:
             self._monitor.join(5)
-        for t in list(self._watchers.values()):
+        with self._shared:
+            watchers = list(self._watchers.values())
+        for t in watchers:
             if t is not threading.current_thread():
                 t.join(1)
-        peers = getattr(self, "_peers", None)
-        if peers is not None:
-            peers.close()
+        self._peers.close()
         self._reserve.close()
 
     def __enter__(self) -> "Member":
@@ -543,7 +597,7 @@ class Member:
 
     def __repr__(self) -> str:
         return (f"<Member domain={self.domain!r} slot={self.slot} "
-                f"incarnation={self.incarnation}{' fenced' if self._fenced else ''}>")
+                f"incarnation={self.incarnation}{' fenced' if self._fenced.is_set() else ''}>")
 
 
 def join(domain: str, *, node: str | None = None, **timing: float) -> Member:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Collection
 
+from mcs import procfs
 from mcs.bootstrap import Bootstrap
 
 from membership.fdreserve import SHORTAGE_ERRNOS, FdReserve
@@ -30,35 +31,30 @@ from membership.view import MemberInfo
 
 __all__ = ["Peers", "dying_by_path", "stat_says_dying"]
 
-PF_EXITING = 0x4  # task flag: the process is in its exit path
-_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+EXIT_POLL = 0.001  # seconds between two checks of wait_exit
 _STAT_MAX = 4096  # /proc/PID/stat is one line of about 52 numbers and a 16-byte name
 
 
-def stat_says_dying(stat: bytes) -> bool:
-    """Whether a /proc/PID/stat line shows a process that has exited, is exiting, or has a
-    SIGKILL pending (a fatal signal is added to every thread's own pending set, which is the
-    ``signal`` field, 31st of the line)."""
-    fields = stat.rsplit(b")", 1)[1].split()
-    return (fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
-            or bool(int(fields[28]) & _SIGKILL_BIT))
+def stat_says_dying(stat: procfs.ProcStat) -> bool:
+    """Whether a process's stat shows it has exited, is exiting, or has a SIGKILL pending (a
+    fatal signal is added to every thread's own pending set, the ``signal`` field)."""
+    return stat.exited or stat.exiting or stat.signal_pending(signal.SIGKILL)
 
 
 def dying_by_path(pid: int) -> bool:
     """:func:`stat_says_dying` for ``pid``, opening /proc/PID/stat (needs a free descriptor)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return stat_says_dying(f.read())
+        return stat_says_dying(procfs.read_stat(pid))
     except (FileNotFoundError, ProcessLookupError):
         return True
 
 
-def _exited(pidfd: int, timeout: float = 0.0) -> bool:
-    """Whether the process of ``pidfd`` has exited (waiting up to ``timeout`` s). poll, not
-    select: descriptor numbers of a process with many files exceed select's 1024."""
+def _exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (never blocks). poll, not select:
+    descriptor numbers of a process with many files exceed select's 1024."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000))))
+    return bool(poller.poll(0))
 
 
 @dataclass
@@ -80,6 +76,7 @@ class Peers:
         self._reserve = reserve
         self._handles: dict[tuple[int, int], _Handles] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self.procfs_fallbacks = 0
         """Times a dying check had no /proc descriptor and no room to open one (pidfd used)."""
 
@@ -90,6 +87,8 @@ class Peers:
         current = {(m.slot, m.incarnation): m for m in members}
         per_node = collections.Counter(m.node for m in members)
         with self._lock:
+            if self._closed:  # a view handled while the member leaves: nothing to hold
+                return
             for key in [k for k in self._handles if k not in current]:
                 self._release(self._handles.pop(key))
             for key, m in current.items():
@@ -118,7 +117,7 @@ class Peers:
         assert h.pidfd is not None
         try:
             fd = self._reserve.open(
-                lambda: os.open(f"/proc/{h.pid}/stat", os.O_RDONLY | os.O_CLOEXEC))
+                lambda: os.open(procfs.stat_path(h.pid), os.O_RDONLY | os.O_CLOEXEC))
         except OSError:
             return None
         if _exited(h.pidfd):  # it may have died before the open: the pid may be another's
@@ -133,21 +132,27 @@ class Peers:
     def dying(self, pid: int) -> bool:
         """Whether ``pid`` has exited, is exiting or has a SIGKILL pending, without opening a
         descriptor when one is held for it. With none held and no room to open /proc, the
-        pidfd says whether it has exited (a pending SIGKILL is then not seen)."""
+        pidfd says whether it has exited (a pending SIGKILL is then not seen). The lock is held
+        only while a held descriptor is read (it must not be closed meanwhile)."""
         with self._lock:
-            h = next((h for h in self._handles.values() if h.pid == pid), None)
+            h = self._find(pid)
             if h is not None and h.statfd is not None:
                 try:
-                    return stat_says_dying(os.pread(h.statfd, _STAT_MAX, 0))
+                    return stat_says_dying(procfs.parse_stat(os.pread(h.statfd, _STAT_MAX, 0)))
                 except ProcessLookupError:
                     return True  # reaped
-            try:
-                return dying_by_path(pid)
-            except OSError as exc:
-                if exc.errno not in SHORTAGE_ERRNOS:
-                    raise
-                self.procfs_fallbacks += 1
-                return h is not None and h.pidfd is not None and _exited(h.pidfd)
+        try:
+            return dying_by_path(pid)
+        except OSError as exc:
+            if exc.errno not in SHORTAGE_ERRNOS:
+                raise
+        with self._lock:
+            self.procfs_fallbacks += 1
+            h = self._find(pid)
+            return h is not None and h.pidfd is not None and _exited(h.pidfd)
+
+    def _find(self, pid: int) -> _Handles | None:
+        return next((h for h in self._handles.values() if h.pid == pid), None)
 
     def kill(self, key: tuple[int, int]) -> bool:
         """SIGKILL member ``key`` (slot, incarnation) through its pidfd; False if it has no
@@ -164,21 +169,22 @@ class Peers:
 
     def wait_exit(self, key: tuple[int, int], timeout: float) -> None:
         """Wait up to ``timeout`` s for member ``key`` to exit (returns early if its handles are
-        released meanwhile); in short slices, so updates are not held up."""
+        released meanwhile). The lock is held only for a poll that does not block, so neither
+        updates nor a watcher's dying checks wait behind it."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
                 h = self._handles.get(key)
-                if h is None or h.pidfd is None:
-                    return
-                if _exited(h.pidfd, min(0.01, max(0.0, deadline - time.monotonic()))):
+                if h is None or h.pidfd is None or _exited(h.pidfd):
                     return
             if time.monotonic() >= deadline:
                 return
+            time.sleep(EXIT_POLL)
 
     def close(self) -> None:
         """Close every descriptor held on the others."""
         with self._lock:
+            self._closed = True
             for h in self._handles.values():
                 for fd in h.fds():
                     os.close(fd)

@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 
 import mcs
+from mcs import procfs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,25 +35,17 @@ def pytest_configure(config: pytest.Config) -> None:
 # -- leak checks ------------------------------------------------------------------------------
 
 
-def _shm_rows() -> list[list[str]]:
-    with open("/proc/sysvipc/shm") as f:
-        next(f)
-        return [line.split() for line in f]
-
-
 def sysv_segments() -> dict[int, int]:
     """Id -> creator pid of the SysV segments owned by this user."""
     uid = os.geteuid()
-    return {int(r[1]): int(r[4]) for r in _shm_rows() if int(r[7]) == uid}
+    return {r.shmid: r.cpid for r in procfs.shm_segments() if r.uid == uid}
 
 
 def _parent(pid: int) -> int:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        return procfs.read_stat(pid).ppid
     except OSError:
         return 0
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
 def created_by_us(creator: int) -> bool:
@@ -79,16 +72,11 @@ def new_segments(before: dict[int, int]) -> set[int]:
 def describe_segments(ids: set[int]) -> str:
     """Creator, last user and attach count of each segment in ``ids`` (for a leak report)."""
     out = []
-    with open("/proc/sysvipc/shm") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if int(fields[1]) in ids:
-                cpid, lpid, nattch = int(fields[4]), int(fields[5]), int(fields[6])
-                alive = [pid for pid in (cpid, lpid) if os.path.exists(f"/proc/{pid}")]
-                removed = int(fields[2], 8) & 0o1000 != 0  # SHM_DEST: marked for removal
-                out.append(f"{fields[1]}: size {fields[3]} creator {cpid} last {lpid} "
-                           f"attached {nattch} marked-removed {removed} alive {alive}")
+    for r in procfs.shm_segments():
+        if r.shmid in ids:
+            alive = [pid for pid in (r.cpid, r.lpid) if os.path.exists(f"/proc/{pid}")]
+            out.append(f"{r.shmid}: size {r.size} creator {r.cpid} last {r.lpid} attached "
+                       f"{r.nattch} marked-removed {r.marked_removed} alive {alive}")
     return "; ".join(out)
 
 

@@ -144,7 +144,8 @@ def test_gc_keeps_live_domain_and_removes_dead_one(domain, spawn):
     result = mcs_cli("gc", "--json")
     assert result.returncode == 0, result.stderr
     mine = [r for r in json.loads(result.stdout) if r["domain"] == domain]
-    assert mine == [{"domain": domain, "action": "kept", "reason": "live: 1 member(s)"}]
+    assert mine == [{"domain": domain, "component": None, "full_name": domain, "action": "kept",
+                     "reason": "live: 1 member(s)"}]
     assert shm_file(domain).exists()
 
     holder.signal(signal.SIGSTOP)  # frozen still counts as live

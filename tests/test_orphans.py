@@ -10,7 +10,8 @@ import time
 import membership
 from conftest import wait_for
 from mcs import gc
-from mcs.section import SYSV_TABLE, Section, reap_orphans
+from mcs import procfs
+from mcs.section import Section, reap_orphans
 
 FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
 
@@ -30,9 +31,7 @@ print("survived", flush=True)
 
 def segments_of(pid: int) -> list[tuple[int, int]]:
     """(shmid, perms) of the segments process ``pid`` created."""
-    with open(SYSV_TABLE) as table:
-        next(table)
-        return [(int(f[1]), int(f[2], 8)) for f in map(str.split, table) if int(f[4]) == pid]
+    return [(r.shmid, r.perms) for r in procfs.shm_segments() if r.cpid == pid]
 
 
 def orphan_of(spawn, domain: str):
@@ -159,6 +158,5 @@ def test_the_mcs_key_mark():
     assert sum(is_section_key(k, pid + 1) for k in keys) < len(keys) // 8  # tied to the creator
     assert not is_section_key(0, pid)  # IPC_PRIVATE
     with Section.create(64) as sec:  # its key was private again once marked for removal
-        with open(SYSV_TABLE) as table:
-            [row] = [f for f in map(str.split, table) if f[1] == str(sec.shmid)]
-        assert row[0] == "0"
+        row = procfs.shm_segment(sec.shmid)
+        assert row is not None and row.key == 0

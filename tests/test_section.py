@@ -9,16 +9,10 @@ import pytest
 import sysv_ipc
 
 import mcs
+from mcs import procfs
 from conftest import wait_for
 
 
-def segment_line(shmid: int) -> list[str]:
-    with open("/proc/sysvipc/shm") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == str(shmid):
-                return fields
-    return []
 
 
 def mapped_by_me(shmid: int) -> bool:
@@ -30,11 +24,11 @@ def test_create_is_zeroed_private_and_owned_by_me():
     with mcs.Section.create(10_000) as sec:
         assert sec.size == 10_000
         assert bytes(sec.view()) == bytes(10_000)
-        fields = segment_line(sec.shmid)
-        assert fields, "segment not listed in /proc/sysvipc/shm"
-        assert int(fields[2], 8) & 0o777 == 0o600  # printed in octal
-        assert int(fields[7]) == os.geteuid()  # uid
-        assert int(fields[3]) == 10_000 + 64  # header + user area
+        row = procfs.shm_segment(sec.shmid)
+        assert row is not None, "segment not listed in /proc/sysvipc/shm"
+        assert row.mode == 0o600
+        assert row.uid == os.geteuid()
+        assert row.size == 10_000 + 64  # header + user area
         assert sec.ident.startswith(f"sysv:{sec.shmid}:")
 
 
@@ -82,10 +76,10 @@ def test_section_reclaimed_when_every_holder_is_killed(spawn):
         )
         holder.expect("attached")
         holders.append(holder)
-    assert segment_line(shmid), "segment should exist while holders live"
+    assert procfs.shm_segment(shmid), "segment should exist while holders live"
     for child in [creator, *holders]:
         child.kill()
-    assert wait_for(lambda: not segment_line(shmid)), "kernel did not reclaim the segment"
+    assert wait_for(lambda: not procfs.shm_segment(shmid)), "kernel did not reclaim the segment"
     with pytest.raises(mcs.InvalidIdentifier, match="no longer exists"):
         mcs.Section.attach(ident)
 
@@ -95,7 +89,7 @@ def test_closing_last_local_holder_frees_segment():
     ident, shmid = sec.ident, sec.shmid
     sec.close()
     sec.close()  # idempotent
-    assert not segment_line(shmid)
+    assert not procfs.shm_segment(shmid)
     with pytest.raises(mcs.InvalidIdentifier):
         mcs.Section.attach(ident)
 
@@ -203,7 +197,7 @@ def test_views_outlive_close_and_then_release_the_mapping():
     del view
     gc.collect()
     assert not mapped_by_me(shmid)
-    assert not segment_line(shmid)
+    assert not procfs.shm_segment(shmid)
 
 
 def test_atomics():

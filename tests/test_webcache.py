@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from mcs import procfs
+
 from conftest import wait_for
 
 FAST = json.dumps({"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4})
@@ -321,7 +323,7 @@ def test_sigstop_node_is_evicted_and_survivors_serve(cache, site):
         time.sleep(0.5)
         os.kill(victim, signal.SIGSTOP)
         assert wait_for(lambda: not Path(f"/proc/{victim}").exists()
-                        or Path(f"/proc/{victim}/stat").read_text().split()[2] == "Z", 10)
+                        or procfs.read_stat(victim).exited, 10)
         time.sleep(0.5)
     assert load.wrong == []
     assert load.failures_on_survivors({victim}) == []

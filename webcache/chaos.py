@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mcs import procfs
+
 __all__ = ["main", "soak"]
 
 TIMING = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4}
@@ -43,16 +45,13 @@ class Violation(Exception):
 
 def _segments(creators: set[int]) -> set[int]:
     """SysV segments created by one of the ``creators`` pids (our nodes) that still exist."""
-    with open("/proc/sysvipc/shm") as f:
-        next(f)
-        return {int(fields[1]) for fields in map(str.split, f) if int(fields[4]) in creators}
+    return {row.shmid for row in procfs.shm_segments() if row.cpid in creators}
 
 
 def _gone(pid: int) -> bool:
     """True once ``pid`` has exited (a zombie counts: the launcher reaps it soon)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        return procfs.read_stat(pid).exited
     except (FileNotFoundError, ProcessLookupError):
         return True
 

@@ -104,9 +104,12 @@ class Supervisor:
             for i in range(a.nodes):
                 self.start_node(i)
             host = f"[{a.host}]" if ":" in a.host else a.host
+            cache_domain = component_domain(a.domain, CACHE_COMPONENT)
             self.log(f"{a.nodes} node(s) serving {a.root} at http://{host}:{a.port}/ "
-                     f"(domain {a.domain}; status at /_mcs/status, metrics at /metrics)")
+                     f"(domain {a.domain}, cache domain {cache_domain}: mcs status --domain "
+                     f"{a.domain}; status at /_mcs/status, metrics at /metrics)")
             print(json.dumps({"url": f"http://{host}:{a.port}/", "domain": a.domain,
+                              "cache_domain": cache_domain,
                               "pids": [p.pid for p in self.nodes.values()]}), flush=True)
             while not self.stopping:
                 self._reap_and_restart()

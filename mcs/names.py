@@ -2,7 +2,7 @@
 
 An application (a web cache started with ``--domain webcache-8080``, a registry in domain
 ``shop``) runs each of its components in a domain of its own, ``<domain>.<component>``
-(:func:`mcs.bootstrap.component_domain`): the cache's real domain is ``webcache-8080.webcache``.
+(:func:`mcs.component_record.component_domain`): the cache's real domain is ``webcache-8080.webcache``.
 The tools (``mcs status``, ``mcs gc``, ``mcs fault poison``) accept either name: the
 application's (all its components), the full one, or the application's with ``--component``.
 A name that matches nothing is an error that lists the domains of this host.
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mcs.bootstrap import Bootstrap, component_domain, list_domains, validate_domain
+from mcs.bootstrap import Bootstrap, list_domains, validate_domain
+from mcs.component_record import component_domain
 from mcs.errors import DomainNotFoundError
 
 __all__ = ["Target", "resolve", "target_of", "describe_domains"]

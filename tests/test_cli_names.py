@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mcs import layout
 from mcs.bootstrap import Bootstrap
+from mcs.component_record import ComponentRecord
 
 from conftest import wait_for
 
@@ -126,8 +126,8 @@ def test_fault_poison_takes_the_same_names(domain, app):
 
     def recovered() -> bool:  # poisoning triggers a recovery; the next poison waits for it
         with Bootstrap.open(f"{domain}.registry", create=False) as boot:
-            return boot.section.load64(layout.C_STABLE) == boot.section.load64(
-                layout.C_REQUESTED)
+            record = ComponentRecord.read(boot.section)
+            return record.stable == record.requested
 
     for n, name in enumerate((domain, f"{domain}.registry"), start=1):
         assert wait_for(recovered, 30)

@@ -1,11 +1,23 @@
-"""Turn a pytest-benchmark JSON file into ``docs/benchmarks.md`` with PNG plots.
+"""Turn a pytest-benchmark JSON file into ``docs/benchmarks.md`` with PNG plots, and keep the
+raw JSON it was computed from next to it (``docs/benchmarks.json``).
 
     .venv/bin/python bench/report.py [RUN.json ...] [--out docs/benchmarks.md] [--img docs/img]
+                                     [--no-plots]
+
+Run the benchmarks and publish, in one command (what the report itself says to run)::
+
+    ./dev bench && .venv/bin/pip install matplotlib && .venv/bin/python bench/report.py
 
 Default input: ``.benchmarks/latest.json`` (what ``./dev bench`` writes). Several files may be
 given: each *group* of benchmarks is taken whole from the last file that has it, so every ratio
-is computed between rows of the same run. Needs matplotlib (``.venv/bin/pip install
-matplotlib``; it is not a dependency of mcs).
+is computed between rows of the same run. The kept JSON is an input like any other: re-render
+the page from it with ``bench/report.py docs/benchmarks.json``. Plots need matplotlib
+(``.venv/bin/pip install matplotlib``; it is not a dependency of mcs); ``--no-plots`` does
+without.
+
+Every sentence that states a result is computed from the run's numbers (the comparison word,
+"faster" or "slower", "met" or "missed", is chosen by them), and every workload description
+from what each benchmark recorded in ``extra_info``.
 
 Every figure is shown next to its ratio against the group's baseline row of the same run:
 
@@ -288,7 +300,8 @@ def plot_scaling(plt, rows: list[dict], path: Path) -> None:
                    [f"{n} node{'s' if n > 1 else ''}" + ("\n(> cores)" if any(
                        by.get((i, n), {}).get("oversubscribed") for i in impls) else "")
                     for n in nodes])
-    ax1.set_ylabel("requests/s (4 KiB hits)")
+    size = xi(rows[0]).get("file_bytes")
+    ax1.set_ylabel("requests/s" + (f" ({fmt_bytes(size)} hits)" if _num(size) else " (hits)"))
     ax1.set_title("Hit throughput (label: × its 1-node run)")
     ax1.legend(fontsize=8)
     ax2.plot(nodes, nodes, "k--", label="ideal N×", linewidth=1)
@@ -372,6 +385,316 @@ def plot_generic(plt, group: str, rows: list[dict], key: str | None, base_of: di
     plt.close(fig)
 
 
+# -- result sentences ----------------------------------------------------------------------------
+# Every sentence that states a result is built from the run's numbers: the comparison word
+# ("faster", "slower", "met", "missed", ...) is chosen by the data, never written in advance.
+
+SAME_WITHIN = 0.03  # a relative difference under 3 % is reported as "about the same"
+SCALING_TARGET = 0.9  # the scaling target: N nodes serve at least 0.9 x N the req/s of one
+
+
+def compared(value: Any, base: Any, more: str, less: str, same: str) -> str:
+    """``more`` when ``value`` exceeds ``base`` by more than :data:`SAME_WITHIN` (relative),
+    ``less`` when it falls short by as much, ``same`` in between; "not comparable" when either
+    number is missing."""
+    if not _num(value) or not _num(base):
+        return "not comparable"
+    if base == 0:
+        return same if value == 0 else more if value > 0 else less
+    r = value / base
+    return more if r > 1 + SAME_WITHIN else less if r < 1 - SAME_WITHIN else same
+
+
+def met(value: Any, target: float, *, at_least: bool = True) -> str:
+    """"met" or "missed": ``value`` against its ``target`` (a floor, or a ceiling when
+    ``at_least`` is false); "not measured" when the value is missing."""
+    if not _num(value):
+        return "not measured"
+    return "met" if (value >= target if at_least else value <= target) else "missed"
+
+
+def met_flag(flag: Any) -> str:
+    """The word for a target verdict the benchmark recorded itself (a boolean)."""
+    return "met" if flag is True else "**missed**" if flag is False else "not measured"
+
+
+def _and(items: Iterable[Any]) -> str:
+    words = [str(i) for i in items]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def machine_sentence(docs: list[dict], groups: dict[str, list[dict]]) -> str:
+    """How many CPUs the run had, and whether its benchmarks shared them with a load generator
+    (as each recorded)."""
+    cpu = ((docs[-1].get("machine_info") or {}).get("cpu") or {}).get("count", "?")
+    shared = any(xi(b).get("load_generator_shares_cores") for rows in groups.values()
+                 for b in rows)
+    if shared:
+        return (f"The run had {cpu} logical CPUs, and its multi-process benchmarks shared them "
+                "with their load generator (each records it, and says so next to its numbers).")
+    return f"The run had {cpu} logical CPUs."
+
+
+def summary_line(doc: dict) -> str | None:
+    """The headline ratios the run recorded, each with its target's verdict when recorded."""
+    summary = doc.get("mcs_summary") or {}
+    ratios, targets = summary.get("ratios") or {}, summary.get("targets") or {}
+    if not ratios:
+        return None
+    parts = []
+    for k, v in ratios.items():
+        t = targets.get(k) or {}
+        if "at_most" in t:
+            parts.append(f"{k} = {fmt(v)} (target ≤ {t['at_most']:g}: "
+                         f"{met(v, t['at_most'], at_least=False)})")
+        elif "at_least" in t:
+            parts.append(f"{k} = {fmt(v)} (target ≥ {t['at_least']:g}: "
+                         f"{met(v, t['at_least'])})")
+        else:
+            parts.append(f"{k} = {fmt(v)}")
+    return "Headline ratios recorded by the run: " + "; ".join(parts)
+
+
+SERIES = {  # webcache-scaling series -> what it is
+    "mcs-shared": "the nodes as shipped, hits on the fast path",
+    "mcs-shared-aiohttp": "the same nodes with `--no-fast-path`: every request through aiohttp, "
+                          "like the baseline",
+    "shared-nothing-lru": "the baseline: an aiohttp node with a private dict, no shared memory, "
+                          "no locks — what the HTTP stack alone costs",
+}
+
+
+def _impl(b: dict) -> str:
+    return xi(b).get("impl", "mcs-shared")
+
+
+def scaling_intro(rows: list[dict]) -> str:
+    """The workload of webcache-scaling, from what the run recorded."""
+    e0 = xi(rows[0])
+    cores = e0.get("cores", "?")
+    impls = list(dict.fromkeys(_impl(b) for b in rows))
+    nodes = sorted({xi(b)["nodes"] for b in rows})
+    files, size = e0.get("files"), e0.get("file_bytes")
+    what = f"{files} files of {fmt_bytes(size)}" if _num(files) and _num(size) else "its files"
+    ratios = [xi(b)["hit_ratio"] for b in rows
+              if _impl(b).startswith("mcs-shared") and _num(xi(b).get("hit_ratio"))]
+    hits = ("every request of the mcs series a hit" if ratios and min(ratios) >= 1 else
+            f"mcs hit ratio at least {fmt(min(ratios))}" if ratios else "hit ratio not recorded")
+    text = (f"Throughput of cache **hits** ({what}, {hits}) with {_and(nodes)} node processes "
+            "on one port: " + "; ".join(f"**{i}** ({SERIES[i]})" if i in SERIES else f"**{i}**"
+                                        for i in impls) + ". ")
+    gen = f"the load generator (`{e0.get('loadgen')}`, `{e0.get('generator', '')}`)"
+    if e0.get("load_generator_shares_cores"):
+        text += (f"**The run had {cores} logical CPUs and {gen} ran on them too**, so N nodes "
+                 "never get N cores: the wall-clock scaling factor is bounded by the CPU left "
+                 "to the nodes (column *node cores used*). ")
+    else:
+        text += f"The run had {cores} logical CPUs, {gen} on cores of its own. "
+    text += ("*CPU scaling* divides that out: N × (requests per node-CPU-second) relative to 1 "
+             "node; it stays near N when the cache itself adds no contention.")
+    if any(xi(b).get("oversubscribed") for b in rows):
+        text += " Rows with more nodes than cores are oversubscribed on purpose."
+    return text
+
+
+def scaling_findings(rows: list[dict]) -> list[str]:
+    """What the webcache-scaling run found, each verdict computed from its numbers."""
+    cores = xi(rows[0]).get("cores", "?")
+    series = {i: {xi(b)["nodes"]: xi(b) for b in rows if _impl(b) == i}
+              for i in dict.fromkeys(_impl(b) for b in rows)}
+    mcs, sn = series.get("mcs-shared", {}), series.get("shared-nothing-lru", {})
+    out: list[str] = []
+    if 1 in mcs and 2 in mcs:
+        two = mcs[2]
+        f, cpu = two.get("scaling_factor"), two.get("cpu_scaling_factor")
+        target = SCALING_TARGET * 2
+        wall, per_cpu = met(f, target), met(cpu, target)
+        text = (f"From 1 to 2 mcs nodes: **{fmt_ratio(f)}** req/s, the ≥ {SCALING_TARGET:g} × N "
+                f"= {target:g}× target **{wall}** (the MCS paper measured 2.0× with a CPU per "
+                f"node); the 2 nodes got {fmt(two.get('node_cores_used'))} of {cores} cores, "
+                f"the generator {fmt(two.get('generator_cores_used'))}. Per node-CPU-second the "
+                f"2 nodes did {fmt_ratio(cpu)} the work of 1 node: target **{per_cpu}**")
+        if per_cpu == "met":
+            text += ", the shared cache adds no measurable contention"
+            if wall == "missed":
+                text += (", and what limits the wall-clock factor here is the cores left to "
+                         "the nodes")
+        if 1 in sn and 2 in sn:
+            text += (f". The shared-nothing series, in the same run on the same cores: "
+                     f"{fmt_ratio(sn[2].get('scaling_factor'))} req/s, "
+                     f"{fmt_ratio(sn[2].get('cpu_scaling_factor'))} per node-CPU-second")
+        out += [text + ".", ""]
+    if 1 in mcs and 1 in sn:
+        base = sn[1].get("req_per_node_cpu_s")
+        cost = ratio(base, mcs[1].get("req_per_node_cpu_s"))
+        word = compared(base, mcs[1].get("req_per_node_cpu_s"), "more", "less", "about as much")
+        text = (f"At 1 node a hit served by mcs-shared costs {fmt_ratio(cost)} the CPU of one "
+                f"served from a private dict: {word}")
+        if word == "less":
+            text += (" (its fast path saves the aiohttp request object the baseline pays for, "
+                     "more than the bucket lock, pin, revalidation and checksum cost)")
+        elif word == "more":
+            text += " (the bucket lock, pin, revalidation and checksum of the entry)"
+        aio = series.get("mcs-shared-aiohttp", {}).get(1)
+        if aio is not None:
+            cost = ratio(base, aio.get("req_per_node_cpu_s"))
+            text += (f"; through aiohttp like the baseline (mcs-shared-aiohttp) it costs "
+                     f"{fmt_ratio(cost)}: " + compared(base, aio.get("req_per_node_cpu_s"),
+                                                       "more", "less", "about as much"))
+        out += [text + ".", ""]
+    measured = [e for s in series.values() for e in s.values()]
+    mcs_rows = [e for i, s in series.items() if i.startswith("mcs-shared") for e in s.values()]
+    warn = [w for e in mcs_rows for w in e.get("supervisor_warnings", [])]
+    rec = sum(e.get("recoveries", 0) or 0 for e in mcs_rows)
+    out += [f"During the measured runs: {rec} recoveries, {len(warn)} node warnings "
+            "(suspicions, restarts)" + (f": `{warn[0]}`" if warn else "") + ", "
+            f"{sum(e.get('failed_requests', 0) or 0 for e in measured)} failed requests.", ""]
+    return out
+
+
+VARIANTS = {  # cache-comparison variants -> what they are
+    "mcs-shared": "one cache in shared memory, each file stored once in the domain",
+    "shared-nothing-lru": "a private in-process LRU per node",
+    "redis": "nodes GET from one Redis server and SET it on a miss, `allkeys-lru`",
+}
+
+
+def comparison_intro(rows: list[dict], base: dict) -> str:
+    """The workload of cache-comparison, from what the run recorded."""
+    b0 = xi(base)
+    per_node, total = b0.get("cache_bytes_per_node", 0), b0.get("cache_bytes_total", 0)
+    fileset = b0.get("file_set_bytes", 0)
+
+    def variant(b: dict) -> str:
+        name = xi(b)["variant"]
+        text = VARIANTS.get(name, "")
+        if b is base:
+            text += "; the baseline" if text else "the baseline"
+        if _num(xi(b).get("redis_maxmemory")):
+            text += (f"; `maxmemory` {fmt_bytes(xi(b)['redis_maxmemory'])}"
+                     + (" = the total" if xi(b)["redis_maxmemory"] == total else ""))
+        return f"**{name}**" + (f" ({text})" if text else "")
+
+    sizes = (f"{fmt_bytes(b0['file_bytes_min'])}–{fmt_bytes(b0['file_bytes_max'])}"
+             if _num(b0.get("file_bytes_min")) and _num(b0.get("file_bytes_max")) else
+             f"{fmt_bytes(fileset / b0['files'])} on average" if _num(b0.get("files")) else "")
+    fit_one = compared(fileset, per_node, "larger than", "smaller than", "about the size of")
+    fit_all = compared(fileset, total, "larger than", "smaller than", "about the size of")
+    warm = (f"a {fmt(b0['warmup_s'])} s warm-up first" if _num(b0.get("warmup_s"))
+            else "a warm-up first")
+    return (f"The same {b0.get('nodes')} nodes with the same memory each "
+            f"({fmt_bytes(per_node)} per node, {fmt_bytes(total)} in all), {len(rows)} caches: "
+            + "; ".join(variant(b) for b in rows) + ". Workload: a seeded Zipf distribution "
+            f"(s = {b0.get('zipf_s')}, seed {b0.get('seed')}) over {b0.get('files')} files"
+            + (f" of {sizes}" if sizes else "") + f" ({fmt_bytes(fileset)}: {fit_one} one node's "
+            f"cache, {fit_all} all of them together), {warm}, then the measured run "
+            f"(`{b0.get('generator', '')}`). A cache holding the hottest files that fit one node "
+            f"would hit {fmt(b0.get('ideal_hit_ratio_one_node'))} of the requests; one holding "
+            f"what fits all nodes {fmt(b0.get('ideal_hit_ratio_all_nodes'))}. Ratios are against "
+            f"**{b0.get('variant')}**, same run.")
+
+
+def comparison_findings(rows: list[dict], base: dict) -> list[str]:
+    """What the cache-comparison run found, each comparison word chosen from its numbers."""
+    b0 = xi(base)
+    by = {xi(b)["variant"]: xi(b) for b in rows}
+    m, s = by.get("mcs-shared"), by.get("shared-nothing-lru")
+    out: list[str] = []
+    if m and s:
+        distinct = compared(m.get("cached_distinct_files"), s.get("cached_distinct_files"),
+                            "more than", "fewer than", "about as many as")
+        head = ("No duplication → a larger effective cache" if distinct == "more than" else
+                "No duplication, and yet no larger effective cache in this run")
+        hit = compared(m.get("hit_ratio"), s.get("hit_ratio"), "higher", "lower", "about the same")
+        disk = compared(m.get("disk_bytes"), s.get("disk_bytes"), "more", "less", "about as much")
+        out += [f"**{head}.** The private LRUs hold {fmt(s.get('cached_entries'))} entries but "
+                f"only {fmt(s.get('cached_distinct_files'))} distinct files (each hot file once "
+                f"per node: {fmt_ratio(s.get('duplication_factor'))}); the shared cache holds "
+                f"{fmt(m.get('cached_distinct_files'))} distinct files in the same memory "
+                f"({distinct} the private LRUs' {fmt(s.get('cached_distinct_files'))}). Hit "
+                f"ratio {fmt(m.get('hit_ratio'))} against {fmt(s.get('hit_ratio'))}: {hit}. {fmt_bytes(m.get('disk_bytes', 0))} read "
+                f"from disk against {fmt_bytes(s.get('disk_bytes', 0))}: {disk} "
+                f"({fmt(m.get('disk_reads_per_1000_requests'))} against "
+                f"{fmt(s.get('disk_reads_per_1000_requests'))} file reads per 1000 requests).", ""]
+        speed = compared(m.get("req_per_s"), s.get("req_per_s"), "faster", "slower",
+                         "about as fast")
+        times = fmt_ratio(ratio(m.get("req_per_s"), s.get("req_per_s")))
+        text = (f"Requests/s: mcs-shared {fmt(m.get('req_per_s'))} against "
+                f"{fmt(s.get('req_per_s'))}, {times} the baseline: **{speed}**")
+        if speed == "faster":
+            why = ["it hit more often"] if hit == "higher" else []
+            if m.get("fast_path"):
+                why.append("its nodes answer hits on the fast path, without the aiohttp "
+                           "request object the baseline builds for every request")
+            if why:
+                text += " (" + ", and ".join(why) + ")"
+        elif speed == "slower":
+            text += (". The files are in the page cache, so a baseline miss costs only a "
+                     "`read()` and a copy here; an mcs hit costs a bucket lock, a pin and a "
+                     "checksum of the entry (no corrupt byte is ever served)")
+            if hit == "higher":
+                text += (": the hit-ratio gain pays off when a miss is expensive (a real disk, "
+                         "a slow backend)")
+        out += [text + ".", ""]
+    if "redis" in by:
+        e = by["redis"]
+        speed = compared(e.get("req_per_s"), b0.get("req_per_s"), "faster", "slower",
+                         "about as fast")
+        than = "as" if speed == "about as fast" else "than"
+        text = (f"Redis, one shared cache too, hit {fmt(e.get('hit_ratio'))} (it stored "
+                f"{fmt(e.get('cached_entries'))} files: `maxmemory` also counts Redis's own memory "
+                f"and allocator rounding, used_memory {fmt_bytes(e.get('redis_used_memory', 0))}) "
+                f"at {fmt(e.get('req_per_s'))} req/s "
+                f"({fmt_ratio(ratio(e.get('req_per_s'), b0.get('req_per_s')))}): **{speed}** "
+                f"{than} the baseline")
+        if speed == "slower":
+            text += ("; every hit crosses a socket and is copied twice, and Redis takes CPU "
+                     "from the same cores")
+        out += [text + ".", ""]
+    method = {xi(b)["variant"]: xi(b).get("disk_bytes_method") for b in rows}
+    checked = b0.get("disk_bytes_rchar_validated")
+    agree = ("agree within the recorded error bound" if checked is True else
+             "do **not** agree within the recorded error bound" if checked is False else
+             "were not compared")
+    errors = (m or {}).get("logged_request_errors", 0) or 0
+    out += [
+        "Bytes read from disk: counted by the baseline servers; for mcs-shared derived from the "
+        "nodes' `/proc/PID/io` `rchar` (mcs-webcache counts file reads, not bytes; methods: "
+        + ", ".join(f"{k}: {v}" for k, v in method.items()) + "). The derivation is checked in "
+        "the same run on the shared-nothing row: "
+        f"{fmt_bytes(b0.get('disk_bytes_rchar', 0))} derived and "
+        f"{fmt_bytes(b0.get('disk_bytes', 0))} counted {agree} "
+        f"({fmt_bytes(b0.get('disk_bytes_rchar_error_bound', 0) or 0)}). `rchar` is an upper "
+        "bound: it also counts any other file a node reads, e.g. the Python sources `linecache` "
+        "reads to format a logged traceback (mcs-shared nodes logged "
+        f"{fmt(errors)} 'Error handling request' tracebacks in the measured run), so read it "
+        "together with the exact count of file reads. \"Disk\" means a `read()` of the file; "
+        "the files were in the page cache.", ""]
+    return out
+
+
+def hits_intro(rows: list[dict]) -> str:
+    """Which servers webcache-hits measured (a server that did not run is said so)."""
+    known = {"mcs": None, "mcs-aiohttp": "`mcs` with its fast path off",
+             "memory": "an aiohttp handler returning the file from a `bytes` in memory",
+             "file": "aiohttp `web.FileResponse`"}
+    e0 = xi(rows[0])
+    ran, missing = [], []
+    for name, sizes in e0["rps"].items():
+        if name == "mcs":
+            continue
+        desc = known.get(name) or name
+        label = f"`{name}`" if desc == name else f"{desc} (`{name}`)"
+        (ran if any(_num(v) for v in sizes.values()) else missing).append(label)
+    text = ("Requests/s of cache **hits** (every measured request checked to be a hit from "
+            "shared memory by the nodes' counters) against, in the same run on the same files: "
+            + _and(ran) + ". Ratios are mcs ÷ that server.")
+    if missing:
+        text += " Not run: " + _and(missing) + (f" ({e0['nginx']})" if "nginx" in str(missing)
+                                                and e0.get("nginx") else "") + "."
+    return text
+
+
 # -- sections ------------------------------------------------------------------------------------
 
 
@@ -380,31 +703,24 @@ def img_link(img_dir: Path, out: Path, name: str) -> str:
     return f"![{name}]({rel})"
 
 
+def _figure(plt, draw, img_dir: Path, out: Path, name: str) -> list[str]:
+    """Draw a plot (when plots are on) and link it: ``draw(plt, path)``."""
+    if plt is None:
+        return []
+    draw(plt, img_dir / name)
+    return [img_link(img_dir, out, name), ""]
+
+
 def section_scaling(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
-    name = "webcache-scaling.png"
-    plot_scaling(plt, rows, img_dir / name)
-    e0 = xi(rows[0])
-    cores = e0.get("cores", "?")
-    mcs = {xi(b)["nodes"]: xi(b) for b in rows if xi(b).get("impl", "mcs-shared") == "mcs-shared"}
-    sn = {xi(b)["nodes"]: xi(b) for b in rows if xi(b).get("impl") == "shared-nothing-lru"}
-    out_lines = [
-        "Throughput of cache **hits** (64 files of 4 KiB, all cached) with 1, 2 and 4 node "
-        "processes on one port: **mcs-shared** (the nodes as shipped, hits on the fast path), "
-        "**mcs-shared-aiohttp** (the same nodes with `--no-fast-path`: every request through "
-        "aiohttp, like the baseline) and the shared-nothing baseline (an aiohttp node with a "
-        "private dict: no shared memory, no locks — what the HTTP stack alone costs). "
-        f"**This machine has {cores} logical CPUs and the load generator (`{e0.get('loadgen')}`, "
-        f"`{e0.get('generator', '')}`) runs on them too**, so N nodes never get N cores: the "
-        "wall-clock scaling factor is bounded by the CPU left to the nodes (column *node "
-        "cores used*). *CPU scaling* divides that out: N × (requests per node-CPU-second) "
-        "relative to 1 node; it stays near N when the cache itself adds no contention. "
-        "Rows with more nodes than cores are oversubscribed on purpose, to show what happens.",
+    sn = {xi(b)["nodes"]: xi(b) for b in rows if _impl(b) == "shared-nothing-lru"}
+    return [
+        scaling_intro(rows),
         "",
         md_table(
             ["series", "nodes", "req/s", "× 1 node (scaling)", "efficiency (÷N)",
              "CPU scaling", "node cores used", "generator cores used", "p99 µs",
              "mcs ÷ shared-nothing"],
-            [[xi(b).get("impl", "mcs-shared"),
+            [[_impl(b),
               f"{xi(b)['nodes']}" + (" (> cores)" if xi(b).get("oversubscribed") else ""),
               fmt(xi(b).get("req_per_s")), fmt_ratio(xi(b).get("scaling_factor")),
               fmt(xi(b).get("scaling_efficiency")), fmt_ratio(xi(b).get("cpu_scaling_factor")),
@@ -412,77 +728,25 @@ def section_scaling(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str
               fmt(xi(b).get("latency_us_p99")),
               fmt_ratio(ratio(xi(b).get("req_per_s"),
                               sn.get(xi(b)["nodes"], {}).get("req_per_s")))
-              if xi(b).get("impl", "mcs-shared").startswith("mcs-shared") else "—"]
+              if _impl(b).startswith("mcs-shared") else "—"]
              for b in rows]),
         "",
-        img_link(img_dir, out, name),
-        "",
+        *_figure(plt, lambda p, path: plot_scaling(p, rows, path), img_dir, out,
+                 "webcache-scaling.png"),
+        *scaling_findings(rows),
     ]
-    if 1 in mcs and 2 in mcs:
-        two = mcs[2]
-        f, cpu = two.get("scaling_factor") or 0, two.get("cpu_scaling_factor") or 0
-        verdict = "meets" if f >= 1.8 else "misses"
-        text = (f"From 1 to 2 mcs nodes: **{fmt_ratio(f)}** req/s, which {verdict} the "
-                "≥ 0.9 × N = 1.8× target (the MCS paper measured 2.0× with a CPU per node); "
-                f"the 2 nodes got {fmt(two.get('node_cores_used'))} of {cores} cores, the "
-                f"generator {fmt(two.get('generator_cores_used'))}. Per node-CPU-second the 2 "
-                "nodes did "
-                f"{fmt_ratio(cpu)} the work of 1 node")
-        if cpu >= 1.8:
-            text += (" (≥ 0.9 × N): the shared cache adds no measurable contention, and what "
-                     "limits the wall-clock factor here is the number of cores")
-        else:
-            text += " (< 0.9 × N)"
-        if 2 in sn:
-            per_cpu = ratio(sn.get(1, {}).get("req_per_node_cpu_s"),
-                            mcs[1].get("req_per_node_cpu_s"))
-            text += (f". The shared-nothing series, in the same run on the same cores: "
-                     f"{fmt_ratio(sn[2].get('scaling_factor'))} req/s, "
-                     f"{fmt_ratio(sn[2].get('cpu_scaling_factor'))} per node-CPU-second. At 1 "
-                     f"node a request served from the shared cache costs {fmt_ratio(per_cpu)}"
-                     " the CPU of one served from a private dict (bucket lock, pin, "
-                     "revalidation, checksum of the entry; the mcs node's fast path saves the "
-                     "aiohttp request object the baseline pays for)"
-                     if 1 in sn else "")
-        out_lines.append(text + ".")
-        warn = [w for e in mcs.values() for w in e.get("supervisor_warnings", [])]
-        rec = sum(e.get("recoveries", 0) or 0 for e in mcs.values())
-        out_lines.append("")
-        out_lines.append(
-            f"During the measured runs: {rec} recoveries, {len(warn)} node warnings "
-            "(suspicions, restarts)" + (f": `{warn[0]}`" if warn else "") + ", "
-            f"{sum(e.get('failed_requests', 0) for e in mcs.values())} failed requests.")
-        out_lines.append("")
-    return out_lines
 
 
-def section_comparison(plt, rows: list[dict], base_of: dict[str, dict], img_dir: Path,
-                       out: Path) -> list[str]:
-    name = "cache-comparison.png"
+def section_comparison(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
     base = next((b for b in rows if xi(b).get("baseline")), rows[0])
     order = [base] + [b for b in rows if b is not base]
-    plot_comparison(plt, order, base, img_dir / name)
     b0 = xi(base)
-    by = {xi(b)["variant"]: xi(b) for b in rows}
 
     def r(e: dict, key: str) -> str:
         return f"{fmt(e.get(key))} ({fmt_ratio(ratio(e.get(key), b0.get(key)))})"
 
-    lines = [
-        f"The same {b0.get('nodes')} nodes with the same memory each "
-        f"({fmt_bytes(b0.get('cache_bytes_per_node', 0))} per node, "
-        f"{fmt_bytes(b0.get('cache_bytes_total', 0))} in all), three caches: **mcs-shared** "
-        "(one cache in shared memory, each file stored once in the domain), "
-        "**shared-nothing-lru** (a private in-process LRU per node: the baseline) and "
-        "**redis** (nodes GET from one Redis server and SET it on a miss; `maxmemory` = the "
-        "total, `allkeys-lru`). Workload: a seeded Zipf distribution "
-        f"(s = {b0.get('zipf_s')}) over {b0.get('files')} files of 16–48 KiB "
-        f"({fmt_bytes(b0.get('file_set_bytes', 0))}: larger than one node's cache, smaller "
-        "than all of them together), warm-up first, then the measured run "
-        f"(`{b0.get('generator', '')}`). A cache holding the hottest files that fit one node "
-        f"would hit {fmt(b0.get('ideal_hit_ratio_one_node'))} of the requests; one holding "
-        f"what fits all nodes {fmt(b0.get('ideal_hit_ratio_all_nodes'))}. Ratios are against "
-        f"**{b0.get('variant')}**, same run.",
+    return [
+        comparison_intro(order, base),
         "",
         md_table(
             ["cache", "hit ratio", "disk reads / 1000 req", "bytes read from disk",
@@ -496,57 +760,10 @@ def section_comparison(plt, rows: list[dict], base_of: dict[str, dict], img_dir:
               fmt_ratio(e.get("duplication_factor")), fmt(e.get("latency_us_p99"))]
              for e in (xi(b) for b in order)]),
         "",
-        img_link(img_dir, out, name),
-        "",
+        *_figure(plt, lambda p, path: plot_comparison(p, order, base, path), img_dir, out,
+                 "cache-comparison.png"),
+        *comparison_findings(order, base),
     ]
-    m, s = by.get("mcs-shared"), by.get("shared-nothing-lru")
-    if m and s:
-        lines.append(
-            f"**No duplication → a larger effective cache.** The private LRUs hold "
-            f"{fmt(s.get('cached_entries'))} entries but only {fmt(s.get('cached_distinct_files'))}"
-            f" distinct files (each hot file once per node: ×{fmt(s.get('duplication_factor'))});"
-            f" the shared cache holds {fmt(m.get('cached_distinct_files'))} distinct files in the "
-            f"same memory. Hit ratio {fmt(m.get('hit_ratio'))} against "
-            f"{fmt(s.get('hit_ratio'))}; {fmt_bytes(m.get('disk_bytes', 0))} read from disk "
-            f"against {fmt_bytes(s.get('disk_bytes', 0))}"
-            f" ({fmt(m.get('disk_reads_per_1000_requests'))} against "
-            f"{fmt(s.get('disk_reads_per_1000_requests'))} file reads per 1000 requests).")
-        lines.append("")
-        lines.append(
-            f"Requests/s: mcs-shared {fmt(m.get('req_per_s'))} = "
-            f"{fmt_ratio(ratio(m.get('req_per_s'), s.get('req_per_s')))} the baseline. The files "
-            "are in the page cache, so a baseline miss costs only a `read()` and a copy here; "
-            "an mcs hit costs a bucket lock, a pin and a checksum of the entry (no corrupt "
-            "byte is ever served). The hit-ratio gain pays off when a miss is expensive (a real "
-            "disk, a slow backend), not on this machine's page cache.")
-        lines.append("")
-    if "redis" in by:
-        e = by["redis"]
-        lines.append(
-            f"Redis, one shared cache too, hit {fmt(e.get('hit_ratio'))} (it stored "
-            f"{fmt(e.get('cached_entries'))} files: `maxmemory` also counts Redis's own memory "
-            f"and allocator rounding, used_memory {fmt_bytes(e.get('redis_used_memory', 0))}) at "
-            f"{fmt(e.get('req_per_s'))} req/s "
-            f"({fmt_ratio(ratio(e.get('req_per_s'), b0.get('req_per_s')))}): every hit crosses "
-            "a socket and is copied twice, and Redis takes CPU from the same cores.")
-        lines.append("")
-    method = {xi(b)["variant"]: xi(b).get("disk_bytes_method") for b in rows}
-    lines.append(
-        "Bytes read from disk: counted by the baseline servers; for mcs-shared derived from the "
-        "nodes' `/proc/PID/io` `rchar` (mcs-webcache counts file reads, not bytes; methods: "
-        + ", ".join(f"{k}: {v}" for k, v in method.items()) + "). The derivation is checked in "
-        "the same run on the shared-nothing row: "
-        f"{fmt_bytes(b0.get('disk_bytes_rchar', 0))} derived vs "
-        f"{fmt_bytes(b0.get('disk_bytes', 0))} counted "
-        f"(validated: {fmt(b0.get('disk_bytes_rchar_validated'))}). `rchar` is an upper bound: "
-        "it also counts any other file a node reads, e.g. the Python sources `linecache` reads "
-        "to format a logged traceback (mcs-shared nodes logged "
-        f"{fmt((m or {}).get('logged_request_errors', 0))} 'Error handling request' tracebacks"
-        " in the measured run, for clients gone mid-response), so read it together with the "
-        "exact count of file reads. \"Disk\" means a `read()` of the file; the files were in "
-        "the page cache.")
-    lines.append("")
-    return lines
 
 
 def headline_keys(rows: list[dict]) -> list[str]:
@@ -569,7 +786,8 @@ def section_generic(plt, group: str, rows: list[dict], base_of: dict[str, dict],
     keys = headline_keys(rows)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", group).strip("-") or "group"
     name = f"{slug}.png"
-    plot_generic(plt, group, rows, keys[0] if keys else None, base_of, img_dir / name)
+    if plt is not None:
+        plot_generic(plt, group, rows, keys[0] if keys else None, base_of, img_dir / name)
     header = ["row", "median time / round", "×"] + keys
     table = []
     for b in rows:
@@ -584,7 +802,7 @@ def section_generic(plt, group: str, rows: list[dict], base_of: dict[str, dict],
     lines = [f"{how}. Columns: the median time of one benchmark round and the headline "
              "numbers the benchmark recorded in `extra_info`, each with its ratio to the "
              "baseline row.", "", md_table(header, table), ""]
-    if (img_dir / name).exists():
+    if plt is not None and (img_dir / name).exists():
         lines += [img_link(img_dir, out, name), ""]
     details = []
     for b in rows:
@@ -603,12 +821,8 @@ def section_generic(plt, group: str, rows: list[dict], base_of: dict[str, dict],
 
 def section_hits(rows: list[dict]) -> list[str]:
     """Cache hits against the plain servers: one table per process count, ratios of mcs to each
-    server of the same run (issue targets: >= 1.0x the in-memory handler, >= 5x FileResponse)."""
-    out = ["Requests/s of cache **hits** (every measured request checked to be a hit from shared "
-           "memory by the nodes' counters) against, in the same run on the same files: `mcs` "
-           "with its fast path off (`mcs-aiohttp`), an aiohttp handler returning the file from "
-           "a `bytes` in memory (`memory`), aiohttp `web.FileResponse` (`file`) and nginx. "
-           "Ratios are mcs ÷ that server.", ""]
+    server of the same run, and the targets' verdicts the benchmark recorded."""
+    out = [hits_intro(rows), ""]
     for b in sorted(rows, key=lambda b: xi(b).get("processes", 0)):
         e = xi(b)
         sizes = list(next(iter(e["rps"].values())).keys())
@@ -622,11 +836,11 @@ def section_hits(rows: list[dict]) -> list[str]:
             table.append([name] + [fmt(row.get(s)) for s in sizes]
                          + ["—" if name == "mcs" else fmt_ratio(ratios.get(s)) for s in sizes])
         out += [md_table(header, table), ""]
-        met = e.get("targets_met") or {}
-        if met:
+        targets = e.get("targets_met") or {}
+        if targets:
             out += ["Targets: " + "; ".join(
-                f"{s}: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in t.items())
-                for s, t in met.items()), ""]
+                f"{s}: " + ", ".join(f"{k} {met_flag(v)}" for k, v in t.items())
+                for s, t in targets.items()), ""]
     return out
 
 
@@ -641,30 +855,62 @@ def fmt_time(s: float | None) -> str:
 
 # -- main ----------------------------------------------------------------------------------------
 
-CUSTOM = {"webcache-scaling", "cache-comparison"}
 ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison"]
+# ./dev bench makes .venv; matplotlib draws the plots (not an mcs dependency)
+REGENERATE = "./dev bench && .venv/bin/pip install matplotlib && .venv/bin/python bench/report.py"
 
 
-def build(paths: list[Path], out: Path, img_dir: Path) -> str:
-    plt = need_matplotlib()
+def raw_path(out: Path) -> Path:
+    """Where the raw JSON of the reported run is kept: next to the report, same stem."""
+    return out.with_suffix(".json")
+
+
+def kept_run(docs: list[dict], groups: dict[str, list[dict]],
+             source: dict[str, Path]) -> dict:
+    """The raw pytest-benchmark document the report was computed from: the input itself when
+    there is one; else the last input with exactly the reported rows and where each group came
+    from (``mcs_report_sources``)."""
+    if len(docs) == 1:
+        return docs[0]["doc"]
+    doc = dict(docs[-1]["doc"])
+    doc["benchmarks"] = [b for rows in groups.values() for b in rows]
+    doc["mcs_report_sources"] = {g: os.path.relpath(p, REPO) for g, p in source.items()}
+    return doc
+
+
+def _shown(path: Path) -> str:
+    try:
+        return os.path.relpath(path, REPO) if path.is_relative_to(REPO) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) -> str:
+    """Write the report ``out`` (and its plots in ``img_dir`` when ``plots``) and keep the raw
+    JSON it was computed from next to it (:func:`raw_path`). Returns the report's text."""
+    plt = need_matplotlib() if plots else None
     groups, source, docs = load_runs(paths)
-    img_dir.mkdir(parents=True, exist_ok=True)
+    raw = raw_path(out)
+    inputs = [d["path"] for d in docs]
+    taken = "" if inputs == [raw] else (" (taken from " + ", ".join(
+        f"`{_shown(p)}`" for p in inputs) + ")")
     last = docs[-1]["doc"]
     lines = [
         "# mcs benchmarks",
         "",
-        "Generated by `bench/report.py` from "
-        + ", ".join(f"`{os.path.relpath(d['path'], REPO)}`" for d in docs)
-        + f" on {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. "
-        "Every figure is given with its ratio (×) to the baseline of its group, measured in "
-        "the same run. Regenerate with:",
+        f"Generated by `bench/report.py` from [`{raw.name}`]({raw.name}), the raw "
+        f"pytest-benchmark JSON of the run, kept next to this page{taken}, on "
+        f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Every figure is "
+        "given with its ratio (×) to the baseline of its group, measured in the same run, and "
+        "every sentence stating a result is computed from those numbers. Run the benchmarks "
+        "and regenerate this page (and the JSON) with:",
         "",
         "```",
-        "./dev bench                                      # or: .venv/bin/pytest bench -p "
-        "no:cacheprovider --benchmark-json=.benchmarks/latest.json",
-        ".venv/bin/pip install matplotlib                  # once; not an mcs dependency",
-        ".venv/bin/python bench/report.py .benchmarks/latest.json",
+        REGENERATE,
         "```",
+        "",
+        f"or re-render it from the kept data: `.venv/bin/python bench/report.py "
+        f"{_shown(raw)}`.",
         "",
         "## The machine",
         "",
@@ -674,17 +920,19 @@ def build(paths: list[Path], out: Path, img_dir: Path) -> str:
         md_table(["", "this host (where the report was generated)"],
                  [[k, v] for k, v in host_description().items()]),
         "",
-        "A small machine: every multi-process benchmark shares these cores with its load "
-        "generator and the other processes, and says so next to its numbers.",
+        machine_sentence([d["doc"] for d in docs], groups),
         "",
     ]
-    summary = (last.get("mcs_summary") or {}).get("ratios") or {}
-    if summary:
-        lines += ["Headline ratios recorded by the run: " +
-                  "; ".join(f"{k} = {fmt(v)}" for k, v in summary.items()), ""]
+    headline = summary_line(last)
+    if headline:
+        lines += [headline, ""]
     names = [g for g in ORDER if g in groups] + sorted(g for g in groups if g not in ORDER)
-    lines += ["## Groups", ""] + [f"- [{g}](#{_anchor(g)}) ({len(groups[g])} rows, "
-                                   f"`{os.path.relpath(source[g], REPO)}`)" for g in names] + [""]
+    several = len(docs) > 1  # then say which file each group was taken from
+    lines += ["## Groups", ""] + [f"- [{g}](#{_anchor(g)}) ({len(groups[g])} rows"
+                                   + (f", `{_shown(source[g])}`" if several else "") + ")"
+                                   for g in names] + [""]
+    if plt is not None:
+        img_dir.mkdir(parents=True, exist_ok=True)
     for g in names:
         rows = groups[g]
         base_of, how = baselines(g, rows)
@@ -697,13 +945,14 @@ def build(paths: list[Path], out: Path, img_dir: Path) -> str:
                 lines += section_hits(rows)
                 continue
             if g == "cache-comparison" and all("variant" in xi(b) for b in rows):
-                lines += section_comparison(plt, rows, base_of, img_dir, out)
+                lines += section_comparison(plt, rows, img_dir, out)
                 continue
         except (KeyError, TypeError, ValueError) as exc:  # an older/newer layout: go generic
             lines += [f"(custom rendering failed: {exc!r}; generic table below)", ""]
         lines += section_generic(plt, g, rows, base_of, how, img_dir, out)
     text = "\n".join(lines).rstrip() + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(kept_run(docs, groups, source), indent=2) + "\n")
     out.write_text(text)
     return text
 
@@ -716,16 +965,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/report.py", description=__doc__.split("\n")[0])
     p.add_argument("json", nargs="*", type=Path,
                    help="pytest-benchmark JSON file(s) (default .benchmarks/latest.json)")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
+                   help="the report; the raw JSON is kept next to it (same name, .json)")
     p.add_argument("--img", type=Path, default=REPO / "docs" / "img")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots (no matplotlib needed)")
     a = p.parse_args(argv)
     paths = [x.resolve() for x in (a.json or [REPO / ".benchmarks" / "latest.json"])]
+    out = a.out.resolve()
     try:
-        build(paths, a.out.resolve(), a.img.resolve())
+        build(paths, out, a.img.resolve(), plots=not a.no_plots)
     except ReportError as exc:
         print(f"report.py: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {a.out} and plots in {a.img}")
+    print(f"wrote {a.out}, {raw_path(a.out)}" + ("" if a.no_plots else f" and plots in {a.img}"))
     return 0
 
 

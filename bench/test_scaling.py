@@ -567,7 +567,7 @@ def test_hit_throughput_scaling(benchmark, report, tmp_path, impl, nodes):
         "baseline": nodes == 1,  # of its own series; the mcs/shared-nothing ratio is derived
         **_machine(),
         "generator": load.generator,
-        "files": SCALE_FILES, "file_bytes": SCALE_SIZE,
+        "files": SCALE_FILES, "file_bytes": SCALE_SIZE, "warmup_s": SCALE_WARMUP_S,
         "requests": load.requests, "duration_s": round(load.duration_s, 3),
         "req_per_s": round(load.rps, 1),
         "failed_requests": load.failed,
@@ -686,6 +686,8 @@ def test_shared_vs_shared_nothing(benchmark, report, zipf_site, variant):
         "cache_bytes_total": CMP_NODES * CMP_CACHE,
         "files": CMP_FILES,
         "file_set_bytes": sum(sizes.values()),
+        "file_bytes_min": min(sizes.values()), "file_bytes_max": max(sizes.values()),
+        "warmup_s": CMP_WARMUP_S,
         "zipf_s": CMP_ZIPF_S,
         "seed": CMP_SEED,
         **{f"{k}_one_node": v for k, v in
@@ -709,7 +711,7 @@ def test_shared_vs_shared_nothing(benchmark, report, zipf_site, variant):
     if variant == "mcs-shared":
         doc = after[pids[0]]["cache"]
         info.update(recoveries=max(after[p]["recoveries"] - before[p]["recoveries"] for p in pids),
-                    supervisor_warnings=_warnings(servers),
+                    fast_path=True, supervisor_warnings=_warnings(servers),
                     logged_request_errors=_tracebacks(servers))
         info.update(disk_bytes=disk_bytes_rchar, disk_bytes_method="rchar",
                     cached_entries=doc["entries"], cached_distinct_files=doc["entries"],

@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(seed, args.failures, args.members)
     except Violation as exc:
-        print(f"VIOLATION (seed {seed}): {exc}")
+        print(f"VIOLATION (seed {seed}; replay: python examples/registry_chaos.py --seed {seed} "
+              f"--failures {args.failures} --members {args.members}): {exc}")
         return 1
     print(json.dumps(summary, indent=2))
     return 0

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import random
+import pytest
 
 from webcache.chaos import soak
 
 
-def test_short_chaos_soak():
-    seed = random.SystemRandom().randrange(1 << 32)
+@pytest.mark.slow
+def test_short_chaos_soak(seed):
     summary = soak(seconds=45, faults=12, seed=seed, nodes=3, clients=3, log=lambda *a: None)
-    assert summary["violations"] == [], f"replay with: mcs-chaos --seed {seed} --faults 12: {summary}"
+    assert summary["violations"] == [], (
+        f"replay with: MCS_TEST_SEED={seed}, or mcs-chaos --seed {seed} --faults 12: {summary}")
     assert summary["faults"] >= 5, summary
     assert summary["requests_ok"] > 0 and summary["wrong_bytes"] == 0
     assert summary["leaks"] == []

@@ -151,6 +151,7 @@ def test_kill_master_during_master_phase(domain, spawn):
 @pytest.mark.parametrize("point", ["recovery.quiesce", "recovery.agree", "recovery.master",
                                    "recovery.master.done", "recovery.contribute",
                                    "recovery.stable"])
+@pytest.mark.slow
 def test_kill_member_during_each_recovery_phase(domain, spawn, point):
     # The victim is the first member, hence the master: every point is on its path.
     victim = Worker(spawn, domain, "v", env_faults=f"{point}=kill@2")
@@ -172,6 +173,7 @@ def test_two_failures_at_once(domain, spawn):
     settle([workers[0], workers[2]], 10)
 
 
+@pytest.mark.slow
 def test_poisoned_master_area_and_contribution(domain, spawn):
     workers = [Worker(spawn, domain, f"p{i}") for i in range(3)]
     for w in workers:
@@ -244,21 +246,20 @@ def test_invariant_checker_catches_a_corrupt_bucket(domain):
         assert reg.run(reg.check_invariants) == 1
 
 
-def test_seeded_randomized_faults_short_run():
+@pytest.mark.slow
+def test_seeded_randomized_faults_short_run(seed):
     """A short seeded chaos run (the 300-fault run is `python examples/registry_chaos.py`)."""
-    import random
-
     import registry_chaos
 
-    seed = random.SystemRandom().randrange(1 << 32)
     try:
         summary = registry_chaos.run(seed, failures=20, members=3, log=lambda *a: None)
     except registry_chaos.Violation as exc:
-        pytest.fail(f"invariant violation with seed {seed} (replay: python "
-                    f"examples/registry_chaos.py --seed {seed} --failures 20 --members 3): {exc}")
+        pytest.fail(f"invariant violation with seed {seed} (replay: MCS_TEST_SEED={seed}, or "
+                    f"python examples/registry_chaos.py --seed {seed} --failures 20 --members 3): {exc}")
     assert summary["faults"] == 20 and summary["violations"] == 0
 
 
+@pytest.mark.slow
 def test_one_failure_starts_one_global_recovery(domain, spawn):
     # Every survivor sees the death and asks for a recovery; they must agree on ONE epoch, not
     # start one each (a late survivor used to ask for "its epoch + 1" after the first ended).

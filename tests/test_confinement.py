@@ -215,6 +215,7 @@ def swap_site(tmp_path: Path) -> tuple[Path, Path, dict[str, bytes]]:
     return root, secret, files
 
 
+@pytest.mark.slow
 def test_symlink_swap_never_serves_a_byte_from_outside(swap_site, domain, spawn):
     root, secret, files = swap_site
     cache = Cache(root, domain, nodes=2)
@@ -268,6 +269,7 @@ def test_symlink_swap_never_serves_a_byte_from_outside(swap_site, domain, spawn)
         assert cache.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_fifo_swapped_in_is_never_opened_for_reading(tmp_path, domain, spawn):
     root, _ = new_site(tmp_path)
     data = (b"regular file " * BIG)[:BIG]  # streamed: read from disk on every request
@@ -298,6 +300,7 @@ def test_a_fifo_swapped_in_is_never_opened_for_reading(tmp_path, domain, spawn):
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp"])
+@pytest.mark.slow
 def test_rewrite_in_place_with_the_mtime_put_back_is_not_served_stale(tmp_path, domain,
                                                                        fast_path):
     root, files = new_site(tmp_path)
@@ -329,6 +332,7 @@ def test_rewrite_in_place_with_the_mtime_put_back_is_not_served_stale(tmp_path, 
         assert cache.stop() == 0
 
 
+@pytest.mark.slow
 def test_atomic_replace_in_a_loop_is_always_served_whole(tmp_path, domain, spawn):
     root, _ = new_site(tmp_path)
     versions_dir = tmp_path / "versions"
@@ -405,6 +409,7 @@ def test_every_strategy_keeps_the_path_rules(tree, proc_fd, openat2):
 
 
 @pytest.mark.parametrize("proc_fd, openat2", STRATEGIES, ids=STRATEGY_IDS)
+@pytest.mark.slow
 def test_every_strategy_reads_only_what_it_confined(swap_site, spawn, proc_fd, openat2):
     root_dir, secret, files = swap_site
     swapper = spawn(SWAPPER, str(root_dir / "dir"), str(root_dir / "link"))

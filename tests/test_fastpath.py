@@ -69,6 +69,7 @@ def test_hits_are_served_by_the_fast_path_with_the_same_headers(one_node):
     assert status == 200 and body == b"" and head["Content-Length"] == "4096"
 
 
+@pytest.mark.slow
 def test_pipelined_requests_cross_the_hand_over_in_order(one_node):
     cache, root, files = one_node
     for name in ("/f4096.bin", "/f65536.bin"):
@@ -89,6 +90,7 @@ def test_pipelined_requests_cross_the_hand_over_in_order(one_node):
     assert got[3][2] == files["/f4096.bin"]
 
 
+@pytest.mark.slow
 def test_connection_semantics(one_node):
     cache, root, files = one_node
     cache.get("/f100.bin")
@@ -112,6 +114,7 @@ def test_connection_semantics(one_node):
                 assert headers["connection"].lower() == "keep-alive"
 
 
+@pytest.mark.slow
 def test_a_client_that_does_not_read_is_not_buffered_without_bound(one_node):
     cache, root, files = one_node
     cache.get("/f65536.bin")
@@ -153,6 +156,7 @@ def test_status_and_metrics_are_not_files(one_node):
         assert cache.status()["fast_path"] is not None
 
 
+@pytest.mark.slow
 def test_no_fast_path_option_serves_everything_through_aiohttp(tmp_path, domain):
     root = tmp_path / "site"
     root.mkdir()
@@ -169,6 +173,7 @@ def test_no_fast_path_option_serves_everything_through_aiohttp(tmp_path, domain)
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "aiohttp"])
+@pytest.mark.slow
 def test_poison_after_verification_never_reaches_a_client(tmp_path, domain, fast_path):
     # The arena is poisoned while a hit, already verified, waits to be sent (a fault point
     # sleeps there). What is sent must be the verified bytes: a copy, not shared memory.

@@ -130,6 +130,7 @@ def test_huge_headers_are_refused_and_the_node_lives(served):
     assert_alive(cache)
 
 
+@pytest.mark.slow
 def test_slowloris_partial_requests_do_not_starve_others(served):
     cache, _ = served
     socks = []
@@ -152,6 +153,7 @@ def test_slowloris_partial_requests_do_not_starve_others(served):
             s.close()
 
 
+@pytest.mark.slow
 def test_corrupted_master_table_and_arena_never_serve_wrong_bytes(served):
     """Garbage written into shared memory without any failure notification: chain walks are
     bounded and range-checked (a corrupt chain requests a recovery that rebuilds the table),

@@ -45,6 +45,7 @@ def test_contracts_hold(lint_available: None) -> None:
     ("mcs/section.py", "from membership import view as _upward\n"),  # core above membership
     ("mcs/component.py", "import webcache.cache\n"),  # the component layer above webcache
 ])
+@pytest.mark.slow
 def test_an_upward_import_breaks_the_build(lint_available: None, tmp_path: Path, module: str,
                                            line: str) -> None:
     _copy_tree(tmp_path)

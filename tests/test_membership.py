@@ -214,6 +214,7 @@ def test_two_domains_never_see_each_other(domain, spawn):
                 os.unlink(path)
 
 
+@pytest.mark.slow
 def test_gil_holding_member_is_not_evicted(domain, spawn):
     timing = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.5}
     nodes = start(spawn, domain, 2, timing=timing)

@@ -129,6 +129,7 @@ def cache(site, domain):
     assert c.stop() == 0
 
 
+@pytest.mark.slow
 def test_bodies_and_headers_byte_exact(cache, site):
     root, files = site
     for _ in range(2):  # a miss (disk), then hits from shared memory
@@ -154,6 +155,7 @@ def test_bodies_and_headers_byte_exact(cache, site):
     assert doc["cache"]["entries"] >= len([s for s in SIZES if s <= MAX_ENTRY])
 
 
+@pytest.mark.slow
 def test_conditional_and_range_requests(cache, site):
     root, files = site
     data = files["/f65536.bin"]
@@ -180,6 +182,7 @@ def test_conditional_and_range_requests(cache, site):
     assert status == 206 and body == big[1000:3000]  # streamed from disk
 
 
+@pytest.mark.slow
 def test_changed_and_deleted_files_are_never_stale(cache, site):
     root, files = site
     path = root / "page.txt"
@@ -211,6 +214,7 @@ def raw_request(port: int, target: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
+@pytest.mark.slow
 def test_no_path_escapes_the_root(cache, site):
     root, _ = site
     (root / "escape").symlink_to("/etc")
@@ -221,12 +225,14 @@ def test_no_path_escapes_the_root(cache, site):
         assert secret[:20] not in body, target
 
 
+@pytest.mark.slow
 def test_methods_and_missing(cache):
     assert cache.get("/nope.html")[0] == 404
     assert cache.get("/page.txt", method="POST")[0] == 405
     assert cache.get("/page.txt", method="DELETE")[0] == 405
 
 
+@pytest.mark.slow
 def test_status_and_metrics(cache):
     doc = cache.status()
     for key in ("node", "pid", "slot", "generation", "master", "members", "cache", "hits",
@@ -301,6 +307,7 @@ def wait_members(cache: Cache, count: int, exclude: set[int] = frozenset(), time
     return cache.status()
 
 
+@pytest.mark.slow
 def test_kill9_node_under_load(cache, site):
     _, files = site
     victim = cache.pids[1]
@@ -316,6 +323,7 @@ def test_kill9_node_under_load(cache, site):
     assert doc["generation"] >= generation + 2  # its death, then its replacement's join
 
 
+@pytest.mark.slow
 def test_sigstop_node_is_evicted_and_survivors_serve(cache, site):
     _, files = site
     victim = cache.pids[2]
@@ -330,6 +338,7 @@ def test_sigstop_node_is_evicted_and_survivors_serve(cache, site):
     wait_members(cache, 3, exclude={victim})
 
 
+@pytest.mark.slow
 def test_kill_master_rebuilds_the_table(cache, site):
     _, files = site
     for name in files:
@@ -342,6 +351,7 @@ def test_kill_master_rebuilds_the_table(cache, site):
         assert cache.get(name)[2] == data
 
 
+@pytest.mark.slow
 def test_poisoned_arena_serves_nothing_corrupt(cache, site):
     _, files = site
     for _ in range(3):
@@ -367,6 +377,7 @@ def test_poisoned_arena_serves_nothing_corrupt(cache, site):
         assert cache.get(name)[2] == data
 
 
+@pytest.mark.slow
 def test_shutdown_leaves_no_shared_memory(site, domain):
     c = Cache(site[0], domain, nodes=2)
     assert c.get("/page.txt")[0] == 200

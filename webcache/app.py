@@ -27,6 +27,9 @@ __all__ = ["make_app", "CACHE", "ROOT", "FAST"]
 CACHE = web.AppKey("cache", McsWebCache)
 ROOT = web.AppKey("root", DocumentRoot)
 FAST = web.AppKey("fast_path", FastPathStats)  # set by the node when its fast path is in front
+# A file above max_entry is sent in chunks of this size: large enough that the per-chunk cost
+# (a worker-thread hop, an open and an fstat) stays small next to the copy, small enough that a
+# slow client holds at most this much per response in memory.
 STREAM_CHUNK = 256 * 1024
 
 

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from enum import Enum
 from hashlib import blake2b
 from typing import Any, Callable
 
@@ -38,13 +39,39 @@ from webcache import _hit, layout as L
 from webcache.arena import Allocator
 from webcache.paths import ResolvedFile
 
-__all__ = ["McsWebCache", "CacheStats", "Hit"]
+__all__ = ["McsWebCache", "CacheStats", "Hit", "Lease", "UNAVAILABLE"]
 
 log = logging.getLogger("mcs.webcache")
 
 LEASE_NS = 2_000_000_000  # a filler that has not finished in 2 s loses its lease
+# A waiter gives up on someone else's fill (and reads the disk itself) this long after the
+# lease would have expired: one more second covers a lease taken just before we started.
+WAIT_BEYOND_LEASE_S = 1.0
+# How often a waiting miss looks at the bucket again: 2 ms is well under a disk read of a
+# cached-size file, and a few hundred wake-ups a second per waiter at most.
 COALESCE_POLL = 0.002
 SETTLE_NS = 20_000_000  # a file changed more recently than this is served, not cached (fill)
+MIN_ARENA_DATA = 4096  # an arena smaller than its header, one entry header and a page is useless
+DEFAULT_CACHE_SIZE = 64 << 20  # bytes of arena per node
+DEFAULT_MAX_ENTRY = 1 << 20  # larger files are streamed from disk, never cached
+# Memoized (encoded path, hash) pairs; cleared when full. 16384 paths are a few MiB at most and
+# cover the hot set of any site a node of this size caches.
+KEYS_MAX = 16384
+
+# What a cache operation can meet while a recovery rebuilds the shared state (or the cache is
+# closing, or a mutex was left unrecoverable): the request is then served from disk and the
+# operation is dropped, never retried against a table being rebuilt.
+UNAVAILABLE: tuple[type[McsError], ...] = (Recovering, ClosedError, CorruptObjectError,
+                                           NotRecoverableError)
+
+
+class Lease(Enum):
+    """What a miss does about the fill lease of its path (:meth:`McsWebCache._take_lease`)."""
+
+    MINE = "mine"  # we hold the lease: this node reads the file and caches it
+    WAIT = "wait"  # another live member is reading it: poll until it is cached
+    CACHED = "cached"  # someone cached it meanwhile: read it once more (the next request hits)
+    DISK = "disk"  # no lease possible (recovery): read from disk, cache nothing
 
 
 def path_hash(path: str) -> int:
@@ -92,7 +119,6 @@ class Hit:
             self.data.release()
 
 
-_KEYS_MAX = 16384
 
 
 class McsWebCache(McsComponent):
@@ -102,10 +128,12 @@ class McsWebCache(McsComponent):
     name = "webcache"
     master_area_size = L.TABLE_SIZE
 
-    def __init__(self, domain: str, *, cache_size: int = 64 << 20, max_entry: int = 1 << 20,
-                 node: str | None = None, **options: Any) -> None:
-        if cache_size < L.ARENA_HEADER + L.ENTRY_HEADER + 4096:
-            raise ValueError(f"cache_size {cache_size} is too small (at least 16 KiB)")
+    def __init__(self, domain: str, *, cache_size: int = DEFAULT_CACHE_SIZE,
+                 max_entry: int = DEFAULT_MAX_ENTRY, node: str | None = None,
+                 **options: Any) -> None:
+        smallest = L.ARENA_HEADER + L.ENTRY_HEADER + MIN_ARENA_DATA
+        if cache_size < smallest:
+            raise ValueError(f"cache_size {cache_size} is too small (at least {smallest} bytes)")
         if not 0 <= max_entry <= cache_size - L.ARENA_HEADER - L.ENTRY_HEADER - L.PATH_MAX:
             raise ValueError(f"max_entry {max_entry} must fit in the arena ({cache_size} bytes)")
         self.contribution_size = cache_size
@@ -227,7 +255,7 @@ class McsWebCache(McsComponent):
         """(encoded path, path hash), memoized: both are per-request costs on the hit path."""
         key = self._keys.get(path)
         if key is None:
-            if len(self._keys) >= _KEYS_MAX:
+            if len(self._keys) >= KEYS_MAX:
                 self._keys.clear()
             key = self._keys[path] = (os.fsencode(path), path_hash(path))
         return key
@@ -275,7 +303,7 @@ class McsWebCache(McsComponent):
                         stats.stale += 1
                     self._drop(bucket, ref, h, path)
                     return None
-        except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+        except UNAVAILABLE:
             stats.served_during_recovery += 1
             return None
         faults.point("webcache.hit.verified")  # verified, not yet sent: tests poison here
@@ -309,19 +337,19 @@ class McsWebCache(McsComponent):
         path, h = self._key(f.path)
         bucket = h % L.BUCKETS
         waited = False
-        deadline = time.monotonic() + LEASE_NS / 1e9 + 1
+        deadline = time.monotonic() + LEASE_NS / 1e9 + WAIT_BEYOND_LEASE_S
         while True:
             if h in self._filling:
-                decision = "wait"  # this node reads it already (the lease is ours)
+                decision = Lease.WAIT  # this node reads it already (the lease is ours)
             else:
                 try:
                     decision = self._take_lease(bucket, h, path)
-                except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
-                    decision = "disk"
-            if decision == "mine":
+                except UNAVAILABLE:
+                    decision = Lease.DISK
+            if decision is Lease.MINE:
                 break
-            if decision in ("cached", "disk") or time.monotonic() > deadline:
-                if decision == "cached" and waited:
+            if decision is not Lease.WAIT or time.monotonic() > deadline:
+                if decision is Lease.CACHED and waited:
                     self.cache_stats.coalesced += 1
                 self.cache_stats.disk_reads += 1
                 # a cached copy exists now: the caller's next request hits it
@@ -339,26 +367,27 @@ class McsWebCache(McsComponent):
             self._filling.discard(h)
             self._clear_lease(bucket, h)
 
-    def _take_lease(self, bucket: int, h: int, path: bytes) -> str:
-        """"mine" (we fill), "wait" (another live member fills), "cached" or "disk"."""
+    def _take_lease(self, bucket: int, h: int, path: bytes) -> Lease:
+        """Take the fill lease of ``path`` in its bucket, unless it is cached already or a
+        live member other than us holds an unexpired lease on it (see :class:`Lease`)."""
         if self._gate_closed:
-            return "disk"
+            return Lease.DISK
         area = self.master_area
         boff = L.bucket_offset(bucket)
         with self.consistent() as view:
             with self.lock(self._mutexes[bucket]):
                 if self._walk(bucket, h, path) is not None:
-                    return "cached"
+                    return Lease.CACHED
                 now = time.monotonic_ns()
                 owner = area.load64(boff + L.B_LEASE_OWNER)
                 if (area.load64(boff + L.B_LEASE_HASH) == h and owner
                         and area.load64(boff + L.B_LEASE_EXPIRY) > now
                         and view.member(owner - 1) is not None and owner - 1 != self.member.slot):
-                    return "wait"
+                    return Lease.WAIT
                 area.store64(boff + L.B_LEASE_HASH, h)
                 area.store64(boff + L.B_LEASE_OWNER, self.member.slot + 1)
                 area.store64(boff + L.B_LEASE_EXPIRY, now + LEASE_NS)
-                return "mine"
+                return Lease.MINE
 
     def _clear_lease(self, bucket: int, h: int) -> None:
         try:
@@ -370,7 +399,7 @@ class McsWebCache(McsComponent):
                             and area.load64(boff + L.B_LEASE_OWNER) == self.member.slot + 1):
                         area.store64(boff + L.B_LEASE_OWNER, 0)
                         area.store64(boff + L.B_LEASE_HASH, 0)
-        except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+        except UNAVAILABLE:
             pass  # the table is being rebuilt: leases go with it
 
     def _store(self, f: ResolvedFile, h: int, path: bytes, bucket: int, data: bytes) -> None:
@@ -405,7 +434,7 @@ class McsWebCache(McsComponent):
                 arena.store64(L.A_ENTRIES, len(self._entries))
                 arena.store64(L.A_BYTES, self._alloc.used)
             self._fill_event.set()
-        except (Recovering, ClosedError, CorruptObjectError, NotRecoverableError):
+        except UNAVAILABLE:
             pass  # recovery rebuilds from self._entries; an unlinked entry is reclaimed later
 
     def _allocate(self, size: int) -> int | None:
@@ -452,7 +481,7 @@ class McsWebCache(McsComponent):
         for m in view.members:
             try:
                 sec = self.contribution_of(m.slot)
-            except (Recovering, ClosedError):
+            except UNAVAILABLE:  # its arena is gone (a recovery runs): not counted
                 continue
             entries += sec.load64(L.A_ENTRIES)
             used += sec.load64(L.A_BYTES)

@@ -78,6 +78,9 @@ MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
 INDEX = "index.html"
 RESOLVE_ATTEMPTS = 8  # lookups of one request while its file is being replaced
+# UTF-8 takes at most 4 bytes per character: a string of at most limit // 4 characters is within
+# a byte limit without being encoded (the hot path skips the encode).
+_UTF8_MAX = 4
 
 # C0 controls, DEL, C1 controls, backslash and lone surrogates (what a decoded URL never holds).
 _BAD_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\\\\\ud800-\udfff]")
@@ -315,7 +318,7 @@ class DocumentRoot(_Closing):
                 raise Forbidden("'..' in path")
             if not self.allow_hidden and seg not in _ALLOWED_HIDDEN:
                 raise Forbidden("hidden file")
-        if len(seg) > MAX_SEGMENT_BYTES // 4 and _utf8_len(seg) > MAX_SEGMENT_BYTES:
+        if len(seg) > MAX_SEGMENT_BYTES // _UTF8_MAX and _utf8_len(seg) > MAX_SEGMENT_BYTES:
             raise Forbidden("path too long")
 
     def _check_raw(self, raw_path: str) -> None:
@@ -338,14 +341,15 @@ class DocumentRoot(_Closing):
         """The checked path relative to the root (``""`` for the root; a trailing ``/`` kept)."""
         if not url_path.startswith("/"):
             raise Forbidden("not an absolute path")
-        if len(url_path) > MAX_PATH_BYTES // 4 and _utf8_len(url_path) > MAX_PATH_BYTES:
+        if len(url_path) > MAX_PATH_BYTES // _UTF8_MAX and _utf8_len(url_path) > MAX_PATH_BYTES:
             raise Forbidden("path too long")
         bad = _BAD_CHAR.search(url_path)
         if bad is not None:
             raise Forbidden(_bad_char_reason(bad.group()))
         if raw_path is not None and "%" in raw_path:
             self._check_raw(raw_path)
-        if "//" not in url_path and "/." not in url_path and len(url_path) <= MAX_SEGMENT_BYTES // 4:
+        if ("//" not in url_path and "/." not in url_path
+                and len(url_path) <= MAX_SEGMENT_BYTES // _UTF8_MAX):
             return url_path[1:]  # the common case: nothing to drop, nothing to refuse
         segs = [s for s in url_path.split("/") if s and s != "."]
         for seg in segs:
@@ -366,7 +370,7 @@ class DocumentRoot(_Closing):
         :class:`NotFound` or :class:`FileChanged`; other ``OSError`` (EIO...) propagate.
         """
         rel = self.relative(url_path, raw_path)
-        if len(rel) + len(self._prefix) >= MAX_PATH_BYTES // 4 \
+        if len(rel) + len(self._prefix) >= MAX_PATH_BYTES // _UTF8_MAX \
                 and _utf8_len(self._prefix + rel) >= MAX_PATH_BYTES:
             raise Forbidden("path too long")  # root + path: over the kernel's PATH_MAX
         error: PathError = NotFound("no such file")

@@ -40,6 +40,10 @@ MAX_RANGE_DIGITS = 19  # larger positions exceed every file size: treated as "in
 _HUGE = 1 << 64
 _U64 = (1 << 64) - 1
 _OWS = " \t"
+# Memo sizes: distinct extensions a site serves are a few dozen; distinct Last-Modified seconds
+# are one per file at most, so 4096 covers the hot set of a cache-sized site.
+_EXTENSIONS_MEMO = 512
+_DATES_MEMO = 4096
 
 
 class RangeNotSatisfiable(McsError):
@@ -87,7 +91,7 @@ def _is_textual(ctype: str) -> bool:
             or ctype.endswith("+json") or ctype.endswith("+xml"))
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=_EXTENSIONS_MEMO)
 def _type_of_extension(ext: str) -> str:
     ctype = (_COMPRESSED.get(ext) or _OVERRIDES.get(ext) or _DB.types_map[True].get(ext)
              or _DB.types_map[False].get(ext))
@@ -124,7 +128,7 @@ def etag(size: int, mtime_ns: int, inode: int, ctime_ns: int) -> str:
     return f'"{size:x}-{mtime_ns & _U64:x}-{inode:x}-{ctime_ns & _U64:x}"'
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=_DATES_MEMO)
 def _format_seconds(seconds: int) -> str:
     return formatdate(seconds, usegmt=True)
 

@@ -1,0 +1,173 @@
+"""The benchmark report's sentences follow its data: a synthetic pytest-benchmark JSON (the shape
+bench/test_scaling.py and bench/conftest.py write) turned into docs the way the published run
+is, with the numbers changed to flip each verdict. bench/report.py is imported by path (bench/
+is not a package, and not collected by ./dev test)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPORT = Path(__file__).resolve().parent.parent / "bench" / "report.py"
+
+
+@pytest.fixture(scope="module")
+def report() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def _row(group: str, name: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {"group": group, "name": name, "fullname": f"bench/x.py::{name}", "params": None,
+            "param": None, "extra_info": info, "stats": {"median": 1.0}}
+
+
+def _scaling(impl: str, nodes: int, rps: float, cpu_per_req: float) -> dict[str, Any]:
+    return {"impl": impl, "nodes": nodes, "oversubscribed": nodes > 2, "baseline": nodes == 1,
+            "cores": 2, "load_generator_shares_cores": True, "loadgen": "wrk",
+            "generator": "wrk -t1 -c32 -d3s", "files": 64, "file_bytes": 4096,
+            "req_per_s": rps, "hit_ratio": 1.0, "failed_requests": 0, "recoveries": 0,
+            "node_cores_used": 1.5, "generator_cores_used": 0.3,
+            "req_per_node_cpu_s": cpu_per_req, "latency_us_p99": 1000.0}
+
+
+def _variant(name: str, rps: float, hit: float, distinct: int, entries: int,
+             disk: int) -> dict[str, Any]:
+    info = {"variant": name, "baseline": name == "shared-nothing-lru", "nodes": 3,
+            "cache_bytes_per_node": 4 << 20, "cache_bytes_total": 12 << 20, "files": 300,
+            "file_set_bytes": 10_000_000, "file_bytes_min": 16 << 10, "file_bytes_max": 48 << 10,
+            "warmup_s": 3, "zipf_s": 0.9, "seed": 20260611, "generator": "wrk -t1 -c24 -d4s",
+            "ideal_hit_ratio_one_node": 0.8, "ideal_hit_ratio_all_nodes": 1.0,
+            "req_per_s": rps, "hit_ratio": hit, "cached_entries": entries,
+            "cached_distinct_files": distinct, "duplication_factor": entries / distinct,
+            "disk_bytes": disk, "disk_bytes_method": "counted",
+            "disk_reads_per_1000_requests": 100.0, "disk_bytes_per_request": 10.0,
+            "latency_us_p99": 5000.0, "failed_requests": 0}
+    if name == "mcs-shared":
+        info.update(fast_path=True, recoveries=0, supervisor_warnings=[],
+                    logged_request_errors=0, disk_bytes_method="rchar")
+    if name == "shared-nothing-lru":
+        info.update(disk_bytes_rchar=disk, disk_bytes_rchar_error_bound=0,
+                    disk_bytes_rchar_validated=True)
+    return info
+
+
+def run_doc(*, mcs_rps: float = 28232.0, two_nodes_rps: float = 38000.0,
+            mutex_ratio: float = 0.579) -> dict[str, Any]:
+    """A run shaped like the published one (the numbers of docs/benchmarks.md by default)."""
+    rows = [_row("webcache-scaling", f"scale[{impl}-{n}]", _scaling(impl, n, rps, cpu))
+            for impl, n, rps, cpu in [("mcs-shared", 1, 26269.0, 26300.0),
+                                      ("mcs-shared", 2, two_nodes_rps, 24000.0),
+                                      ("shared-nothing-lru", 1, 9652.0, 9660.0),
+                                      ("shared-nothing-lru", 2, 14935.0, 8600.0)]]
+    by_impl: dict[str, dict[int, dict]] = {}
+    for r in rows:  # the derived numbers bench/test_scaling.py adds against the 1-node row
+        e = r["extra_info"]
+        by_impl.setdefault(e["impl"], {})[e["nodes"]] = e
+    for series in by_impl.values():
+        for n, e in series.items():
+            e["scaling_factor"] = e["req_per_s"] / series[1]["req_per_s"]
+            e["cpu_scaling_factor"] = n * e["req_per_node_cpu_s"] / series[1]["req_per_node_cpu_s"]
+    rows += [_row("cache-comparison", f"cmp[{v['variant']}]", v) for v in (
+        _variant("shared-nothing-lru", 12703.0, 0.744, 216, 366, 440_000_000),
+        _variant("mcs-shared", mcs_rps, 1.0, 300, 300, 0))]
+    rps = {"mcs": {"4KiB": 27328.0}, "memory": {"4KiB": 16667.0}, "nginx": {"4KiB": None}}
+    rows.append(_row("webcache-hits", "hits[1]", {
+        "processes": 1, "pinning": "none", "load_generator": "wrk", "duration_s": 5,
+        "connections": 32, "event_loop": "asyncio", "nginx": "nginx unavailable", "rps": rps,
+        "ratios": {"mcs/memory": {"4KiB": 1.64}, "mcs/nginx": {"4KiB": None}},
+        "targets_met": {"4KiB": {"hits>=1.0x memory": mcs_rps > 12703.0}}}))
+    ratios = {"GlobalMutex/threading.Lock (ns_per_pair)": mutex_ratio}
+    return {"machine_info": {"cpu": {"count": 2}}, "commit_info": {}, "datetime": "2026-01-01",
+            "version": "5.1.0", "benchmarks": rows,
+            "mcs_summary": {"results": {}, "ratios": ratios,
+                            "targets": {k: {"at_most": 0.7} for k in ratios}}}
+
+
+def build(report: ModuleType, tmp_path: Path, doc: dict[str, Any]) -> str:
+    src = tmp_path / "latest.json"
+    src.write_text(json.dumps(doc))
+    return report.build([src], tmp_path / "out" / "benchmarks.md", tmp_path / "img", plots=False)
+
+
+# (numbers of the run, sentences the page must say, sentences it must not): each verdict flips
+# with the numbers. The published page said x2.22 next to a fixed sentence that mcs loses on
+# this machine ("not on this machine's page cache"); the word now comes from the numbers.
+VERDICTS = [
+    ({"mcs_rps": 28232.0}, ["×2.22 the baseline: **faster**",
+                            "Targets: 4KiB: hits>=1.0x memory met"],
+     ["not on this machine's page cache", "**slower**"]),
+    ({"mcs_rps": 9000.0}, ["×0.71 the baseline: **slower**",
+                           "the hit-ratio gain pays off when a miss is expensive",
+                           "Targets: 4KiB: hits>=1.0x memory **missed**"], ["**faster**"]),
+    ({"mcs_rps": 12800.0}, ["×1.01 the baseline: **about as fast**"], ["**faster**"]),
+    ({"two_nodes_rps": 38000.0, "mutex_ratio": 0.9},  # x1.45 from 1 to 2 nodes
+     ["1.8× target **missed**", "(target ≤ 0.7: missed)"], ["target **met** (the MCS"]),
+    ({"two_nodes_rps": 50000.0, "mutex_ratio": 0.579},  # x1.90
+     ["1.8× target **met**", "(target ≤ 0.7: met)"], ["target **missed**"]),
+]
+
+
+@pytest.mark.parametrize("numbers, said, not_said", VERDICTS)
+def test_result_sentences_follow_the_numbers(report, tmp_path, numbers, said, not_said):
+    text = build(report, tmp_path, run_doc(**numbers))
+    for sentence in said:
+        assert sentence in text
+    for sentence in not_said:
+        assert sentence not in text
+
+
+def test_workload_descriptions_come_from_the_run(report, tmp_path):
+    doc = run_doc()
+    text = build(report, tmp_path, doc)
+    assert "Not run: `nginx` (nginx unavailable)." in text
+    assert "(64 files of 4.0 KiB, every request of the mcs series a hit) with 1 and 2 node" in text
+    assert "over 300 files of 16.0 KiB–48.0 KiB (9.5 MiB: larger than one node's cache, " \
+           "smaller than all of them together), a 3 s warm-up first" in text
+    other = copy.deepcopy(doc)
+    for b in other["benchmarks"]:
+        e = b["extra_info"]
+        if b["group"] == "webcache-scaling":
+            e.update(files=17, file_bytes=8192)
+        else:
+            e.update(file_set_bytes=20 << 20, file_bytes_min=1024, file_bytes_max=2048)
+    text = build(report, tmp_path, other)
+    assert "(17 files of 8.0 KiB," in text
+    assert "of 1.0 KiB–2.0 KiB (20.0 MiB: larger than one node's cache, larger than all" in text
+
+
+def test_the_raw_json_is_kept_with_the_report_and_renders_it_again(report, tmp_path):
+    doc = run_doc()
+    text = build(report, tmp_path, doc)
+    kept = tmp_path / "out" / "benchmarks.json"
+    assert json.loads(kept.read_text()) == doc
+    assert "from [`benchmarks.json`](benchmarks.json), the raw pytest-benchmark JSON" in text
+    again = report.build([kept], tmp_path / "out" / "benchmarks.md", tmp_path / "img",
+                         plots=False)
+
+    def body(t: str) -> list[str]:
+        return t.split("## The machine", 1)[1].splitlines()
+
+    assert body(again) == body(text)  # the same page from the kept data alone
+    assert json.loads(kept.read_text()) == doc
+
+
+@pytest.mark.parametrize("value, base, word", [(110, 100, "more"), (90, 100, "less"),
+                                               (101, 100, "same"), (0, 0, "same"),
+                                               (None, 100, "not comparable")])
+def test_compared_words(report, value, base, word):
+    assert report.compared(value, base, "more", "less", "same") == word

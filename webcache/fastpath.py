@@ -1,4 +1,5 @@
-"""The hit fast path of a node: a small asyncio protocol in front of the aiohttp application.
+"""The front of a node: a small asyncio protocol that owns every connection, with the hit fast
+path in it and the aiohttp application behind it.
 
 Most requests to a cache are plain ``GET``/``HEAD`` of a cached file. For those the protocol
 does what nginx does: it reads the request head itself, finds the file with one confined
@@ -7,31 +8,42 @@ does what nginx does: it reads the request head itself, finds the file with one 
 block and the data with one ``writev`` — no request object, no router, no new Python object
 for the body.
 
-Everything else is handed to aiohttp *with the bytes received so far*, and the connection
-stays with aiohttp from then on: a miss (the fill and its coalescing), directories, conditional
-and range requests, encoded or unusual paths, symlinks, large files, ``/_mcs/status`` and
-``/metrics``, partial or malformed request heads, request bodies, and every request while a
-recovery runs. The fast path never answers with an error itself, so every error, limit and
-timeout is aiohttp's; it only ever answers 200 with the file's exact bytes and headers.
+Everything else is handed to aiohttp *with the bytes received so far*, and aiohttp answers
+every later request of that connection: a miss (the fill and its coalescing), directories,
+conditional and range requests, encoded or unusual paths, symlinks, large files,
+``/_mcs/status`` and ``/metrics``, partial or malformed request heads, request bodies, and
+every request while a recovery runs. The fast path only ever answers 200 with the file's exact
+bytes and headers.
+
+The protocol stays the transport's protocol after the hand-over (it passes the events on to
+aiohttp's), because aiohttp has no deadline for a request head: every connection lives under
+the deadlines of webcache/limits.py, checked by one sweep per node (see :class:`Phase`). The
+front itself writes only two answers: 408 when a head is not complete in time, and 505 to a
+request line of an HTTP version other than 1.x.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import math
 import os
 import re
 import stat
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Callable
 
 from webcache._fs import stat_beneath
 from webcache.cache import McsWebCache
+from webcache.limits import ConnectionLimits, ConnectionStats, Expiry
 from webcache.paths import DocumentRoot, ResolvedFile
 from webcache.semantics import file_headers, http_date
 
-__all__ = ["FastPath", "FastPathStats", "SERVER", "NODE_PID"]
+__all__ = ["FastPath", "FastPathStats", "Connection", "Phase", "HttpVersion", "http_version",
+           "SERVER", "NODE_PID"]
 
 log = logging.getLogger("mcs.webcache.fastpath")
 
@@ -39,7 +51,7 @@ SERVER = "mcs-webcache"
 NODE_PID = str(os.getpid())  # which node answered (X-Mcs-Node; a node is one process)
 MAX_HEAD = 8192  # a longer head is aiohttp's to refuse (431)
 MAX_TARGET = 1024
-IDLE_TIMEOUT = 75.0  # aiohttp's keep-alive default
+MAX_LINE = 8192  # a longer request line is aiohttp's to refuse
 _HEADER_CACHE_MAX = 4096
 _TARGETS_MAX = 16384
 
@@ -53,6 +65,45 @@ _NOT_PLAIN = frozenset({
     b"transfer-encoding", b"range", b"if-match", b"if-none-match", b"if-modified-since",
     b"if-unmodified-since", b"if-range", b"expect", b"upgrade", b"content-type",
 })
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_SPOKEN = (b" HTTP/1.1\r", b" HTTP/1.0\r", b" HTTP/1.1", b" HTTP/1.0")
+_ERROR_BODIES = {
+    HTTPStatus.REQUEST_TIMEOUT: b"408 request timeout: the request head was not complete in time\n",
+    HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+        b"505 HTTP version not supported: this server speaks HTTP/1.0 and HTTP/1.1 only\n",
+}
+
+
+class HttpVersion(enum.Enum):
+    """What a request line's version says to an HTTP/1.1 server (RFC 9110 2.5, 15.6.6)."""
+
+    SUPPORTED = "1.0 or 1.1"
+    NEWER_MINOR = "1.2 to 1.9: processed as HTTP/1.1, answered in HTTP/1.1"
+    UNSUPPORTED = "another major version (0.9, 2.0, 3.0, ...): 505"
+    MALFORMED = "not HTTP/DIGIT.DIGIT: the parser's 400"
+
+
+def http_version(token: bytes) -> HttpVersion:
+    """Classify the version token of a request line."""
+    match = _VERSION.fullmatch(token)
+    if match is None:
+        return HttpVersion.MALFORMED
+    if match.group(1) != b"1":
+        return HttpVersion.UNSUPPORTED
+    return HttpVersion.SUPPORTED if match.group(2) in (b"0", b"1") else HttpVersion.NEWER_MINOR
+
+
+class Phase(enum.Enum):
+    """Where a connection is; each phase but BUSY has its deadline (webcache/limits.py)."""
+
+    IDLE = "no request and no byte of the next: keepalive_timeout (header_timeout at first)"
+    HEAD = "bytes of a head received: header_timeout from its first byte, never extended"
+    BODY = "a request whose body is not complete: body_timeout from the end of its head"
+    BUSY = "a request being answered: only send_timeout, if the client stops reading"
+    CLOSED = "closed or closing"
+
+
+_IDLE, _HEAD, _BODY, _BUSY, _CLOSED = Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.CLOSED
 
 
 @dataclass
@@ -65,17 +116,25 @@ class FastPathStats:
 
 
 class FastPath:
-    """The per-node front: ``loop.create_server(front.protocol, ...)``. ``aiohttp_factory`` makes
-    aiohttp's protocol for a connection handed over (``AppRunner.server``)."""
+    """The per-node front: ``protocol`` is the factory of every connection's protocol.
+    ``aiohttp_factory`` makes aiohttp's protocol for a connection handed over
+    (``AppRunner.server``); with ``enabled`` false every connection is handed over at once and
+    the front only keeps the deadlines."""
 
     def __init__(self, cache: McsWebCache, root: DocumentRoot,
                  aiohttp_factory: Callable[[], asyncio.Protocol], *, enabled: bool = True,
-                 stats: FastPathStats | None = None) -> None:
+                 stats: FastPathStats | None = None, limits: ConnectionLimits | None = None,
+                 conn_stats: ConnectionStats | None = None) -> None:
         self.cache = cache
         self.root = root
         self.aiohttp_factory = aiohttp_factory
         self.stats = stats if stats is not None else FastPathStats()
-        self.connections: set[_Connection] = set()
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.conn_stats = conn_stats if conn_stats is not None else ConnectionStats()
+        self.header_timeout = self.limits.header_timeout
+        self.keepalive_timeout = self.limits.keepalive_timeout
+        self.on_release: Callable[[], None] | None = None  # a connection closed (the acceptor)
+        self.connections: set[Connection] = set()
         self._root_fd = os.open(root.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._prefix = root.root.rstrip("/") + "/"
         self._headers: dict[tuple[str, int, int, int, int], bytes] = {}
@@ -97,21 +156,23 @@ class FastPath:
             return False
 
     def protocol(self) -> asyncio.Protocol:
-        """Protocol factory for ``create_server``."""
-        if not self.enabled:
-            return self.aiohttp_factory()
-        self.stats.connections += 1
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(IDLE_TIMEOUT / 5, self._sweep)
-        return _Connection(self)
+        """Protocol factory (``connect_accepted_socket``, ``create_server``)."""
+        if self.enabled:
+            self.stats.connections += 1
+        if self._sweeper is None and self._root_fd >= 0:  # not once closed
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.limits.sweep_interval, self._sweep)
+        return Connection(self)
 
     def close(self) -> None:
-        """Close every connection still on the fast path (aiohttp closes its own)."""
+        """Stop the deadlines; close every connection still on the fast path (aiohttp shuts
+        down its own, letting requests in progress finish)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         for conn in list(self.connections):
-            conn.close()
+            if conn.inner is None:
+                conn.close()
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
@@ -119,9 +180,17 @@ class FastPath:
     def _sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.connections):
-            if now - conn.last_active > IDLE_TIMEOUT:
-                conn.close()
-        self._sweeper = asyncio.get_running_loop().call_later(IDLE_TIMEOUT / 5, self._sweep)
+            conn.check(now)
+        self._sweeper = asyncio.get_running_loop().call_later(
+            self.limits.sweep_interval, self._sweep)
+
+    def connection_status(self) -> dict[str, Any]:
+        """The ``connections`` part of /_mcs/status."""
+        s = self.conn_stats
+        return {"open": len(self.connections), "accepted": s.accepted,
+                "refused_at_cap": s.refused_at_cap, "accept_errors": s.accept_errors,
+                "shed": s.shed, "version_refused": s.version_refused,
+                "timed_out": dict(s.timed_out), "limits": self.limits.describe()}
 
     # -- the parts of a response ------------------------------------------------------------
 
@@ -131,6 +200,14 @@ class FastPath:
             self._date_second = now
             self._date = http_date(now * 1_000_000_000).encode()
         return self._date
+
+    def error_response(self, status: HTTPStatus) -> bytes:
+        """A complete response with ``Connection: close`` (408 or 505), in HTTP/1.1."""
+        body = _ERROR_BODIES[status]
+        return (f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\nX-Mcs-Node: {NODE_PID}\r\nServer: {SERVER}\r\n"
+                "Date: ").encode() + self.date() + b"\r\n\r\n" + body
 
     def header_block(self, f: ResolvedFile) -> bytes:
         """Status line and the file's headers, up to (not including) Date and Connection."""
@@ -175,10 +252,13 @@ class _Handover(Exception):
     """This request (and the rest of the connection) is aiohttp's."""
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection while it is on the fast path."""
+class Connection(asyncio.Protocol):
+    """One client connection, from accept to close: the fast path while ``inner`` is None, then
+    a pass-through to aiohttp's protocol (``inner``); the deadlines in both cases."""
 
-    __slots__ = ("front", "transport", "fd", "buffer", "paused", "last_active")
+    __slots__ = ("front", "transport", "fd", "buffer", "paused", "inner", "phase", "deadline",
+                 "fresh", "pending", "in_request", "payload", "line_pending", "unsent",
+                 "stalled_since")
 
     def __init__(self, front: FastPath) -> None:
         self.front = front
@@ -186,7 +266,16 @@ class _Connection(asyncio.Protocol):
         self.fd = -1
         self.buffer = b""
         self.paused = False
-        self.last_active = time.monotonic()
+        self.inner: Any = None  # aiohttp's RequestHandler once handed over
+        self.phase = _IDLE
+        self.deadline = time.monotonic() + front.header_timeout  # the first head, from accept
+        self.fresh = True  # no byte received yet
+        self.pending = False  # bytes arrived while a request was being answered (pipelined)
+        self.in_request = False  # aiohttp runs a request of this connection
+        self.payload: Any = None  # that request's body stream, while it is not complete
+        self.line_pending = True  # aiohttp gets no byte of a request before its request line
+        self.unsent = 0  # the write buffer's size at the last sweep
+        self.stalled_since = 0.0  # since when it has not changed
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -195,23 +284,49 @@ class _Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
         self.front.connections.add(self)
+        if not self.front.enabled:
+            self._attach_inner()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
         self.transport = None
+        self.phase = _CLOSED
+        self.payload = None
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+        if self.front.on_release is not None:
+            self.front.on_release()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        phase = self.phase
+        if phase is _IDLE:
+            self.phase = _HEAD
+            self.deadline = time.monotonic() + self.front.header_timeout
+            self.fresh = False
+            self.line_pending = True
+        elif phase is _BUSY:
+            self.pending = True
+        if self.inner is not None:
+            self._feed_inner(data)
+            return
         self.buffer = self.buffer + data if self.buffer else data
         self._process()
 
     def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            return self.inner.eof_received()
         return None  # close; a partial head at EOF gets no answer (as aiohttp does)
 
     def pause_writing(self) -> None:
-        self.paused = True
+        if self.inner is not None:
+            self.inner.pause_writing()
+        else:
+            self.paused = True
 
     def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+            return
         self.paused = False
         if self.transport is not None:
             self.transport.resume_reading()
@@ -221,7 +336,148 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- requests -----------------------------------------------------------------------------
+    # -- deadlines ----------------------------------------------------------------------------
+
+    def check(self, now: float) -> None:
+        """The sweep: close this connection if its phase's deadline has passed, or if its
+        client has read nothing of a response for ``send_timeout``."""
+        transport = self.transport
+        if transport is None or self.phase is _CLOSED:
+            return
+        unsent = transport.get_write_buffer_size()
+        if unsent:  # a response is on its way: the client's reading is what counts now
+            if unsent != self.unsent:
+                self.unsent, self.stalled_since = unsent, now
+            elif now - self.stalled_since >= self.front.limits.send_timeout:
+                self._expired(Expiry.SEND)
+                transport.abort()
+            return
+        self.unsent = 0
+        if now < self.deadline:
+            return
+        phase = self.phase
+        if phase is _BODY and (self.payload is None or self.payload.is_eof()):
+            self.payload = None  # the body came in time
+            if self.in_request:
+                self._set(_BUSY, math.inf)
+            else:
+                self._between_requests(now)
+        elif phase is _HEAD:
+            self._expired(Expiry.HEADER)
+            self._answer_and_close(HTTPStatus.REQUEST_TIMEOUT)
+        elif phase is _IDLE:
+            self._expired(Expiry.HEADER if self.fresh else Expiry.IDLE)
+            self.close()
+        elif phase is _BODY:
+            self._expired(Expiry.BODY)
+            self.close()
+
+    def _expired(self, why: Expiry) -> None:
+        self.front.conn_stats.timed_out[why.value] += 1
+        self.phase = _CLOSED
+
+    def _set(self, phase: Phase, deadline: float) -> None:
+        self.phase, self.deadline = phase, deadline
+
+    def _between_requests(self, now: float) -> None:
+        if self.pending:  # the next head is (partly) there already, its line unseen by us
+            self._set(_HEAD, now + self.front.header_timeout)
+            self.line_pending = False
+        else:
+            self._set(_IDLE, now + self.front.keepalive_timeout)
+        self.pending = False
+
+    def request_started(self, payload: Any) -> None:
+        """aiohttp dispatched a request of this connection (its head is complete); ``payload``
+        is its body stream (webcache/tracking.py)."""
+        if self.phase is _CLOSED:
+            return
+        self.in_request = True
+        self.pending = False
+        if payload.is_eof():
+            self.payload = None
+            self._set(_BUSY, math.inf)
+        else:
+            self.payload = payload
+            self._set(_BODY, time.monotonic() + self.front.limits.body_timeout)
+
+    def request_finished(self) -> None:
+        """aiohttp's answer to that request is written (or failed)."""
+        self.in_request = False
+        if self.phase is _CLOSED or (self.phase is _BODY and not self.payload.is_eof()):
+            return  # an unread body keeps its deadline while aiohttp drains it
+        self.payload = None
+        self._between_requests(time.monotonic())
+
+    def refuse_version(self) -> None:
+        """505 and close: the request line names an HTTP version this server does not speak."""
+        self.front.conn_stats.version_refused += 1
+        self._answer_and_close(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED)
+
+    def _answer_and_close(self, status: HTTPStatus) -> None:
+        self.phase = _CLOSED
+        self.buffer = b""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.front.error_response(status))
+            self.transport.close()
+
+    # -- handing over ---------------------------------------------------------------------------
+
+    def _attach_inner(self) -> None:
+        self.inner = self.front.aiohttp_factory()
+        self.inner.connection_made(self.transport)
+
+    def _feed_inner(self, data: bytes) -> None:
+        if self.line_pending:
+            data = self._request_line(data)
+            if not data:
+                return
+        self.inner.data_received(data)
+
+    def _request_line(self, data: bytes) -> bytes:
+        """Hold the bytes of a request until its request line is complete, then check its
+        version: 505 for a major version other than 1, HTTP/1.x (x > 1) rewritten to HTTP/1.1
+        (RFC 9110 2.5: processed as the highest minor version this server speaks). Returns the
+        bytes to pass on (none while held or once refused)."""
+        buf = self.buffer + data if self.buffer else data
+        start = 0
+        while buf.startswith(b"\r\n", start):  # empty lines before a request are ignored
+            start += 2
+        eol = buf.find(b"\n", start, start + MAX_LINE)
+        if eol < 0 and len(buf) - start < MAX_LINE:
+            self.buffer = buf
+            return b""
+        self.buffer = b""
+        self.line_pending = False
+        if eol < 0 or buf.endswith(_SPOKEN, start, eol):
+            return buf  # too long (aiohttp's parser refuses it), or HTTP/1.1 or 1.0
+        line = buf[start:eol].rstrip(b"\r")
+        space = line.rfind(b" ")
+        # Not a request line if its first word is not a method (a header line, when the front
+        # could not see where the previous request ended): never judged here.
+        first = line.find(b" ")
+        verdict = http_version(line[space + 1:]) if 0 < first < space \
+            and b":" not in line[:first] else HttpVersion.MALFORMED
+        if verdict is HttpVersion.UNSUPPORTED:
+            self.refuse_version()
+            return b""
+        if verdict is HttpVersion.NEWER_MINOR:
+            at = start + space + 1
+            buf = buf[:at] + b"HTTP/1.1" + buf[at + 8:]
+        return buf
+
+    def _handover(self) -> None:
+        transport, data = self.transport, self.buffer
+        self.buffer = b""
+        if transport is None or transport.is_closing():
+            return
+        self.front.stats.handed_over += 1
+        self.line_pending = True  # the buffer starts with a request
+        self._attach_inner()
+        if data:
+            self._feed_inner(data)
+
+    # -- requests on the fast path ------------------------------------------------------------
 
     def _process(self) -> None:
         while self.buffer and self.transport is not None:
@@ -230,7 +486,7 @@ class _Connection(asyncio.Protocol):
                 return
             end = self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
             if end < 0:
-                self._handover()  # a partial (or too long) head: aiohttp waits, limits, times out
+                self._handover()  # a partial (or too long) head: aiohttp's, under our deadline
                 return
             try:
                 self._serve(self.buffer[:end])
@@ -243,6 +499,9 @@ class _Connection(asyncio.Protocol):
                 continue
             self._handover()  # outside the except: aiohttp's own errors carry no context of ours
             return
+        if self.phase is _HEAD and self.transport is not None:
+            self.phase = _IDLE
+            self.deadline = time.monotonic() + self.front.keepalive_timeout
 
     def _serve(self, head: bytes) -> None:
         """Answer one complete request head, or raise _Handover before writing anything."""
@@ -331,16 +590,3 @@ class _Connection(asyncio.Protocol):
             transport.write(head[n:] + bytes(data))
         elif n < len(head) + len(data):
             transport.write(bytes(data[n - len(head):]))
-
-    def _handover(self) -> None:
-        transport, data = self.transport, self.buffer
-        self.transport, self.buffer = None, b""
-        self.front.connections.discard(self)
-        if transport is None or transport.is_closing():
-            return
-        self.front.stats.handed_over += 1
-        handler = self.front.aiohttp_factory()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        if data:
-            handler.data_received(data)

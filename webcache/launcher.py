@@ -2,6 +2,8 @@
 
     mcs-webcache serve --root DIR [--nodes N] [--host 127.0.0.1] [--port 8080]
                        [--cache-size 64M] [--max-entry 1M] [--domain NAME]
+                       [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
+                       [--send-timeout S] [--max-connections N]
     mcs-webcache demo  [--dir DIR] [same options]   # generates a demo site, then serves it
 
 The supervisor starts N node processes that share the port (SO_REUSEPORT) and one cache in
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mcs.component_record import component_domain
+from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments
 
 __all__ = ["main", "parse_size"]
 
@@ -75,7 +78,7 @@ class Supervisor:
         return [sys.executable, "-P", "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
                 "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing] + (
-                    ["--no-fast-path"] if a.no_fast_path else [])
+                    ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
     def start_node(self, index: int) -> subprocess.Popen:
         proc = subprocess.Popen(self.command(index), stdout=subprocess.PIPE, text=True)
@@ -225,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timing", default="{}", help=argparse.SUPPRESS)
         p.add_argument("--no-fast-path", action="store_true",
                        help="serve every request through aiohttp (to compare; slower)")
+        add_arguments(p)
     return parser
 
 
@@ -248,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("--cache-size must be at least 1M")
         if args.max_entry > args.cache_size // 2:
             raise UsageError("--max-entry must be at most half of --cache-size")
+        try:
+            args.limits = ConnectionLimits.from_args(args)
+        except InvalidLimit as exc:
+            raise UsageError(str(exc)) from None
         args.port = check_port(args.host, args.port)
         args.domain = args.domain or f"webcache-{args.port}"
         try:

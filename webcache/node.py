@@ -17,10 +17,15 @@ import sys
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from webcache import ratelog
+from webcache.acceptor import Acceptor, listening_sockets
 from webcache.app import FAST, make_app
 from webcache.cache import McsWebCache
 from webcache.fastpath import FastPath, FastPathStats
+from webcache.limits import (ConnectionLimits, ConnectionStats, InvalidLimit, add_arguments,
+                             default_max_connections)
 from webcache.paths import DocumentRoot
+from webcache.tracking import track_requests
 
 log = logging.getLogger("mcs.webcache.node")
 
@@ -37,18 +42,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing", default="{}", help="JSON: heartbeat, suspect_after, evict_after")
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every request through aiohttp (for comparison)")
-    return p.parse_args(argv)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        args.limits = ConnectionLimits.from_args(args)
+    except InvalidLimit as exc:
+        p.error(str(exc))
+    return args
 
 
 async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot) -> None:
+    limits: ConnectionLimits = args.limits
+    if limits.cap > default_max_connections():
+        log.warning("--max-connections %d is more than RLIMIT_NOFILE leaves for connections "
+                    "(%d): past the descriptor limit, new connections are shed", limits.cap,
+                    default_max_connections())
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_loop_error)
     app = make_app(cache, root)
+    app.middlewares.append(track_requests)  # the deadlines after the hand-over to aiohttp
     stats = app[FAST] = FastPathStats()
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # aiohttp's own keep-alive timer and body lingering end after the front's deadlines (which
+    # count what they close): backstops only.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=limits.keepalive_timeout + limits.header_timeout + 1,
+                           lingering_time=limits.body_timeout)
     await runner.setup()
     assert runner.server is not None
-    front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(front.protocol, args.host, args.port, reuse_port=True)
+    conn_stats = ConnectionStats()
+    front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats,
+                     limits=limits, conn_stats=conn_stats)
+    server = Acceptor(listening_sockets(args.host, args.port), front.protocol, limits, conn_stats,
+                      lambda: len(front.connections))
+    front.on_release = server.released
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -69,6 +95,12 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
         await runner.cleanup()
 
 
+def _loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The event loop's errors, with a fixed message template so that the rate limit of the log
+    (webcache/ratelog.py) groups repeats of one kind."""
+    log.error("event loop: %s", context.get("message", "error"), exc_info=context.get("exception"))
+
+
 class _ClientErrorFilter(logging.Filter):
     """Drop aiohttp's tracebacks for what clients do (a malformed request, a reset connection):
     one log record per bad request would let any client flood the logs. Errors of the server
@@ -83,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"node {os.getpid()}: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_ClientErrorFilter())
+    ratelog.install()
     try:
         import uvloop  # optional: pip install mcs-multicomputer[fast]
     except ImportError:

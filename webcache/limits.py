@@ -1,0 +1,142 @@
+"""Connection limits of a node: the deadlines every connection lives under and the per-node cap.
+
+One place defines the options (``--header-timeout``, ``--body-timeout``,
+``--keepalive-timeout``, ``--send-timeout``, ``--max-connections``), their defaults, their
+validation and how the launcher passes them to its nodes. The policy is enforced by
+webcache/fastpath.py (deadlines, on the fast path and after the hand-over to aiohttp alike) and
+webcache/acceptor.py (the cap, descriptor exhaustion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import math
+import resource
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcs.errors import McsError
+
+__all__ = ["ConnectionLimits", "ConnectionStats", "InvalidLimit", "Expiry", "add_arguments",
+           "default_max_connections", "FD_RESERVE", "MAX_TIMEOUT"]
+
+HEADER_TIMEOUT = 10.0  # a whole request head, from its first byte (or from accept)
+BODY_TIMEOUT = 10.0  # a whole request body, from the end of its head
+KEEPALIVE_TIMEOUT = 75.0  # idle between requests: longer than a proxy's pool (nginx: 60 s)
+SEND_TIMEOUT = 60.0  # a response the client does not read (no progress at all), as nginx
+MAX_TIMEOUT = 86400.0
+FD_RESERVE = 64  # descriptors never given to connections: listeners, loop, membership, ...
+CONNECTIONS_CEILING = 16384  # memory, not descriptors, bounds a node beyond this
+
+
+class InvalidLimit(McsError, ValueError):
+    """A connection limit given on the command line is out of range."""
+
+
+class Expiry(enum.Enum):
+    """Why a connection was closed by a deadline (the keys of ``ConnectionStats.timed_out``)."""
+
+    HEADER = "header"  # a request head not complete within header_timeout: 408
+    BODY = "body"  # a request body not complete within body_timeout
+    IDLE = "idle"  # nothing received for keepalive_timeout between requests
+    SEND = "send"  # the client read nothing of a response for send_timeout
+
+
+def default_max_connections(nofile: int | None = None) -> int:
+    """Three quarters of what RLIMIT_NOFILE leaves after ``FD_RESERVE``: each connection can
+    need a second descriptor for a moment (a file opened for a miss or a stream), and the cache,
+    membership (pidfds) and the loop need their own; at most ``CONNECTIONS_CEILING``."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY:
+        return CONNECTIONS_CEILING
+    return max(1, min(CONNECTIONS_CEILING, (nofile - FD_RESERVE) * 3 // 4))
+
+
+def _timeout(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise InvalidLimit(f"--{name} must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], "
+                           f"not {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Validated limits; ``max_connections`` None means :func:`default_max_connections`."""
+
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    send_timeout: float = SEND_TIMEOUT
+    max_connections: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
+            _timeout(name.replace("_", "-"), getattr(self, name))
+        cap = self.max_connections
+        if cap is not None and not (isinstance(cap, int) and 1 <= cap <= 1_000_000):
+            raise InvalidLimit(f"--max-connections must be an integer in 1..1000000, not {cap!r}")
+
+    @property
+    def cap(self) -> int:
+        """The connection cap in force."""
+        return self.max_connections if self.max_connections is not None \
+            else default_max_connections()
+
+    @property
+    def sweep_interval(self) -> float:
+        """How often deadlines are checked: a quarter of the shortest, within 50 ms..1 s."""
+        shortest = min(self.header_timeout, self.body_timeout, self.keepalive_timeout,
+                       self.send_timeout)
+        return min(1.0, max(0.05, shortest / 4))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ConnectionLimits":
+        return cls(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                   keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
+                   max_connections=args.max_connections)
+
+    def argv(self) -> list[str]:
+        """The node options that reproduce these limits (the launcher passes them on)."""
+        out = ["--header-timeout", repr(self.header_timeout), "--body-timeout",
+               repr(self.body_timeout), "--keepalive-timeout", repr(self.keepalive_timeout),
+               "--send-timeout", repr(self.send_timeout)]
+        if self.max_connections is not None:
+            out += ["--max-connections", str(self.max_connections)]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"header_timeout": self.header_timeout, "body_timeout": self.body_timeout,
+                "keepalive_timeout": self.keepalive_timeout, "send_timeout": self.send_timeout,
+                "max_connections": self.cap}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The limit options, shared by ``mcs-webcache serve/demo`` and ``python -m webcache.node``."""
+    seconds = "seconds (default %(default)s)"
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="S",
+                        help="a request head must be complete within S " + seconds + "; 408")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT, metavar="S",
+                        help="a request body must be complete within S " + seconds)
+    parser.add_argument("--keepalive-timeout", type=float, default=KEEPALIVE_TIMEOUT,
+                        metavar="S", help="close a connection idle between requests after S "
+                        + seconds)
+    parser.add_argument("--send-timeout", type=float, default=SEND_TIMEOUT, metavar="S",
+                        help="close a connection whose client reads nothing of a response "
+                        "for S " + seconds)
+    parser.add_argument("--max-connections", type=int, default=None, metavar="N",
+                        help="connections per node; more are closed at once (default: 3/4 of "
+                        f"RLIMIT_NOFILE minus {FD_RESERVE}, at most {CONNECTIONS_CEILING})")
+
+
+@dataclass
+class ConnectionStats:
+    """Counters of one node's connections (``connections`` in /_mcs/status and /metrics)."""
+
+    accepted: int = 0  # connections taken into service
+    refused_at_cap: int = 0  # closed at once: max_connections were open
+    accept_errors: int = 0  # accept() failures (EMFILE, ENFILE, ENOBUFS, ...)
+    shed: int = 0  # connections closed unserved with the reserve descriptor at EMFILE/ENFILE
+    version_refused: int = 0  # 505: a request line of an HTTP version other than 1.x
+    timed_out: dict[str, int] = field(default_factory=lambda: {e.value: 0 for e in Expiry})

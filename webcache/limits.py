@@ -116,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The limit options, shared by ``mcs-webcache serve/demo`` and ``python -m webcache.node``."""
     seconds = "seconds (default %(default)s)"
     parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="S",
-                        help="a request head must be complete within S " + seconds + "; 408")
+                        help="a request head must be complete within S " + seconds
+                        + " of its first byte, else 408")
     parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT, metavar="S",
                         help="a request body must be complete within S " + seconds)
     parser.add_argument("--keepalive-timeout", type=float, default=KEEPALIVE_TIMEOUT,

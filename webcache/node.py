@@ -60,7 +60,6 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_error)
     app = make_app(cache, root)
-    app.middlewares.append(track_requests)  # the deadlines after the hand-over to aiohttp
     stats = app[FAST] = FastPathStats()
     # aiohttp's own keep-alive timer and body lingering end after the front's deadlines (which
     # count what they close): backstops only.
@@ -69,6 +68,8 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
                            lingering_time=limits.body_timeout)
     await runner.setup()
     assert runner.server is not None
+    # The deadlines after the hand-over to aiohttp (webcache/tracking.py).
+    runner.server.request_handler = track_requests(runner.server.request_handler)
     conn_stats = ConnectionStats()
     front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats,
                      limits=limits, conn_stats=conn_stats)

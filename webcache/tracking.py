@@ -1,7 +1,7 @@
-"""The aiohttp side of the connection deadlines: a middleware the node adds to its app.
+"""The aiohttp side of the connection deadlines: a wrapper of the node's aiohttp request handler.
 
 After the hand-over the front (webcache/fastpath.py ``Connection``) still owns the transport
-but no longer parses the requests; this middleware tells it when aiohttp has a complete head
+but no longer parses the requests; this wrapper tells it when aiohttp has a complete head
 (``request_started``: the header deadline ends, the body deadline begins if a body is still
 coming) and when the answer is written (``request_finished``: the keep-alive deadline begins).
 It finishes the response itself (``prepare`` + ``write_eof``; aiohttp's own calls then do
@@ -10,6 +10,10 @@ nothing) so that "finished" means the bytes are in the transport.
 It also refuses, with 505, a request of another HTTP major version that aiohttp's parser
 accepted (0.9, 2.0) in a position the front could not see (pipelined behind another request),
 and adds the connection counters to ``/_mcs/status`` and ``/metrics``.
+
+It wraps ``web.Server.request_handler`` (the application's ``_handle``) rather than being an
+application middleware: any middleware makes aiohttp add one of its own and build the chain per
+request, two more coroutine layers on every request of the aiohttp path.
 """
 
 from __future__ import annotations
@@ -28,37 +32,42 @@ __all__ = ["track_requests"]
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def track_requests(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    transport = request.transport
-    conn = transport.get_protocol() if transport is not None else None
-    if not isinstance(conn, Connection):  # an app without the node's front
-        return await handler(request)
-    if request.version != HttpVersion11 and request.version != HttpVersion10:
-        conn.refuse_version()  # written and closing: aiohttp's answer below is never sent
-        raise web.HTTPVersionNotSupported()
-    conn.request_started(request.content)
-    try:
+def track_requests(handler: _Handler) -> _Handler:
+    """``runner.server.request_handler = track_requests(runner.server.request_handler)``."""
+
+    async def tracked(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        conn = transport.get_protocol() if transport is not None else None
+        if not isinstance(conn, Connection):  # a server without the node's front
+            return await handler(request)
+        if request.version != HttpVersion11 and request.version != HttpVersion10:
+            conn.refuse_version()  # written and closing: aiohttp's answer is never sent
+            raise web.HTTPVersionNotSupported()
+        conn.request_started(request.content)
         try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            await _finish(request, exc)
-            raise
-        if request.path == "/_mcs/status" and isinstance(response, web.Response):
-            doc = json.loads(response.text or "{}")
-            doc["connections"] = conn.front.connection_status()
-            response.text = json.dumps(doc)
-        elif request.path == "/metrics" and isinstance(response, web.Response):
-            response.body = bytes(response.body) + _metrics(request, conn)
-        await _finish(request, response)
-        return response
-    finally:
-        conn.request_finished()
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                await _finish(request, exc)
+                raise
+            if request.path == "/_mcs/status" and isinstance(response, web.Response):
+                doc = json.loads(response.text or "{}")
+                doc["connections"] = conn.front.connection_status()
+                response.text = json.dumps(doc)
+            elif request.path == "/metrics" and isinstance(response, web.Response):
+                response.body = bytes(response.body) + _metrics(request, conn)
+            await _finish(request, response)
+            return response
+        finally:
+            conn.request_finished()
+
+    return tracked
 
 
 async def _finish(request: web.Request, response: web.StreamResponse) -> None:
     try:
-        await response.prepare(request)
+        if not response.prepared:  # a hit already wrote its whole answer
+            await response.prepare(request)
         await response.write_eof()
     except ConnectionError:
         pass  # the client is gone; aiohttp sees it too and closes quietly

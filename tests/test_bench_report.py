@@ -166,6 +166,19 @@ def test_the_raw_json_is_kept_with_the_report_and_renders_it_again(report, tmp_p
     assert json.loads(kept.read_text()) == doc
 
 
+def test_the_kept_json_leaves_out_per_round_samples_only(report, tmp_path):
+    doc = run_doc()
+    with_samples = copy.deepcopy(doc)
+    for b in with_samples["benchmarks"]:
+        b.setdefault("stats", {})["data"] = [0.001] * 1000
+    text = build(report, tmp_path, with_samples)
+    kept = json.loads((tmp_path / "out" / "benchmarks.json").read_text())
+    assert all("data" not in b.get("stats", {}) for b in kept["benchmarks"])
+    assert [b["extra_info"] for b in kept["benchmarks"]] == \
+        [b["extra_info"] for b in doc["benchmarks"]]
+    assert "## The machine" in text
+
+
 @pytest.mark.parametrize("value, base, word", [(110, 100, "more"), (90, 100, "less"),
                                                (101, 100, "same"), (0, 0, "same"),
                                                (None, 100, "not comparable")])

@@ -156,6 +156,7 @@ def test_gc_takes_the_same_names(domain, app):
     assert "--component needs --domain" in line
 
 
+@pytest.mark.slow
 def test_status_works_with_the_name_the_launcher_printed(domain, tmp_path):
     (tmp_path / "index.html").write_text("hello\n")
     exe = str(Path(sys.executable).with_name("mcs-webcache"))

@@ -96,6 +96,7 @@ def timed_out(cache: Cache) -> dict[str, int]:
 # -- deadlines ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @BOTH
 def test_a_slow_head_is_cut_at_the_header_deadline(node, fast_path):
     # One header line every 0.3 s: an inactivity timer would be refreshed forever; the header
@@ -109,6 +110,7 @@ def test_a_slow_head_is_cut_at_the_header_deadline(node, fast_path):
     assert timed_out(cache)["header"] >= 1
 
 
+@pytest.mark.slow
 @BOTH
 def test_a_slow_head_after_the_hand_over_is_cut_too(node, fast_path):
     # /_mcs/status is always aiohttp's: the connection is handed over, and the next head,
@@ -125,6 +127,7 @@ def test_a_slow_head_after_the_hand_over_is_cut_too(node, fast_path):
     assert cache.status()["fast_path"]["handed_over"] >= (1 if fast_path else 0)
 
 
+@pytest.mark.slow
 @BOTH
 def test_idle_keepalive_connections_are_closed(node, fast_path):
     cache = node(fast_path, "--keepalive-timeout", "1", "--header-timeout", "2")
@@ -144,6 +147,7 @@ def test_idle_keepalive_connections_are_closed(node, fast_path):
     assert counts["idle"] >= 2 and counts["header"] >= 1, counts
 
 
+@pytest.mark.slow
 @BOTH
 def test_a_slow_body_is_cut_at_the_body_deadline(node, fast_path):
     # aiohttp answers 405 at once and would then read (and drop) the body for 10 s.
@@ -155,6 +159,7 @@ def test_a_slow_body_is_cut_at_the_body_deadline(node, fast_path):
     assert got.startswith(b"HTTP/1.1 405 "), got[:200]
 
 
+@pytest.mark.slow
 @BOTH
 def test_a_client_that_reads_nothing_is_dropped_at_the_send_timeout(node, fast_path):
     cache = node(fast_path, "--send-timeout", "1")
@@ -223,6 +228,7 @@ def many_descriptors():
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+@pytest.mark.slow
 def test_legitimate_clients_are_served_beside_a_thousand_slow_connections(node,
                                                                           many_descriptors):
     cache = node(True, "--header-timeout", "3")
@@ -262,6 +268,7 @@ def test_legitimate_clients_are_served_beside_a_thousand_slow_connections(node,
 # -- descriptor exhaustion -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_emfile_sheds_backs_off_logs_little_and_recovers(node):
     cache = node(True, "--header-timeout", "60", "--max-connections", "10000")
     assert cache.get("/index.html")[0] == 200
@@ -338,6 +345,7 @@ def test_request_lines_of_other_http_versions_get_505(node, fast_path):
 # -- options, status, metrics --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_limits_are_options_validated_and_reported(node, tmp_path, domain):
     exe = str(Path(sys.executable).with_name("mcs-webcache"))
     for option, value in [("--header-timeout", "0"), ("--body-timeout", "-1"),

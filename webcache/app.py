@@ -202,6 +202,8 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
     st = cache.stats
     cs = cache.cache_stats
     entries, used = cache.domain_usage()
+    extra = {} if fast is None or fast.connection_status is None else \
+        {"connections": fast.connection_status()}
     return {
         "node": cache.member.info.node,
         "pid": os.getpid(),
@@ -230,6 +232,7 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
         "last_recovery_phases_ms": {k: round(v, 3) for k, v in st.last_phases_ms.items()},
         "fast_path": None if fast is None else
         {"served": fast.served, "handed_over": fast.handed_over, "connections": fast.connections},
+        **extra,
     }
 
 
@@ -268,8 +271,37 @@ async def metrics(request: web.Request) -> web.Response:
         name = "mcs_webcache_fast_path_served_total"
         lines += [f"# HELP {name} Responses written by the fast path (no aiohttp request)",
                   f"# TYPE {name} counter", f"{name}{{{label}}} {doc['fast_path']['served']}"]
+    if "connections" in doc:
+        lines += _connection_metrics(doc["connections"], label)
     return web.Response(body=("\n".join(lines) + "\n").encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+_CONNECTION_COUNTERS = [
+    ("accepted", "Connections taken into service"),
+    ("refused_at_cap", "Connections closed at once: max_connections were open"),
+    ("accept_errors", "accept() failures (EMFILE, ENFILE, ENOBUFS, ...)"),
+    ("shed", "Connections closed unserved with the reserve descriptor at EMFILE/ENFILE"),
+    ("version_refused", "Requests answered 505 (an HTTP version other than 1.x)"),
+]
+
+
+def _connection_metrics(doc: dict[str, Any], label: str) -> list[str]:
+    """Prometheus lines of the front's connection report (FastPath.connection_status)."""
+    lines = []
+    for name, help_, kind, value in [
+            ("mcs_webcache_connections_open", "Connections open now", "gauge", doc["open"]),
+            ("mcs_webcache_connections_max", "The connection cap (max_connections)", "gauge",
+             doc["limits"]["max_connections"])]:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{label}}} {value}"]
+    for key, help_ in _CONNECTION_COUNTERS:
+        name = f"mcs_webcache_connections_{key}_total"
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter",
+                  f"{name}{{{label}}} {doc[key]}"]
+    name = "mcs_webcache_connections_timed_out_total"
+    lines += [f"# HELP {name} Connections closed by a deadline, by kind", f"# TYPE {name} counter"]
+    lines += [f'{name}{{{label},kind="{kind}"}} {n}' for kind, n in doc["timed_out"].items()]
+    return lines
 
 
 def _escape(value: str) -> str:

@@ -113,6 +113,9 @@ class FastPathStats:
     served: int = 0  # responses written by the fast path
     handed_over: int = 0  # connections given to aiohttp
     connections: int = 0  # connections accepted
+    # The front's connection report (FastPath.connection_status), set by the front that keeps
+    # these stats: /_mcs/status and /metrics describe the node's connections through it.
+    connection_status: Callable[[], dict[str, Any]] | None = None
 
 
 class FastPath:
@@ -129,6 +132,7 @@ class FastPath:
         self.root = root
         self.aiohttp_factory = aiohttp_factory
         self.stats = stats if stats is not None else FastPathStats()
+        self.stats.connection_status = self.connection_status
         self.limits = limits if limits is not None else ConnectionLimits()
         self.conn_stats = conn_stats if conn_stats is not None else ConnectionStats()
         self.header_timeout = self.limits.header_timeout

@@ -21,6 +21,7 @@ from webcache.paths import (
     MAX_PATH_BYTES,
     MAX_SEGMENT_BYTES,
     DocumentRoot,
+    FileChanged,
     Forbidden,
     NotFound,
     PathError,
@@ -392,18 +393,44 @@ def test_unreadable_file_is_refused_every_time(monkeypatch: pytest.MonkeyPatch,
         docroot.resolve("/page.txt")
 
 
-def test_file_unlinked_during_resolution_is_not_found(monkeypatch: pytest.MonkeyPatch,
-                                                      tree: tuple[Path, Path]) -> None:
+def test_file_deleted_during_resolution_is_not_found(monkeypatch: pytest.MonkeyPatch,
+                                                     tree: tuple[Path, Path]) -> None:
+    """A file really deleted between the open and the check: the next look finds no file."""
     docroot = DocumentRoot(tree[0])
+    target = tree[0] / "page.txt"
+    looks = []
 
-    def fstat_unlinked(fd: int) -> os.stat_result:
-        fields = list(os.fstat(fd))
-        fields[stat.ST_NLINK] = 0
-        return os.stat_result(fields)
+    def fstat_after_unlink(fd: int) -> os.stat_result:
+        if target.exists():
+            target.unlink()  # the deletion lands right between the open and the check
+        looks.append(fd)
+        return os.fstat(fd)
 
-    monkeypatch.setattr(paths_mod, "os", _FakeOs(fstat=fstat_unlinked))
+    monkeypatch.setattr(paths_mod, "os", _FakeOs(fstat=fstat_after_unlink))
     with pytest.raises(NotFound):
         docroot.resolve("/page.txt")
+    assert len(looks) == 1  # the second look got ENOENT from the kernel
+
+
+def test_file_replaced_at_every_look_is_changed_not_missing(monkeypatch: pytest.MonkeyPatch,
+                                                           tree: tuple[Path, Path]) -> None:
+    """A file renamed over between the open and the check at every attempt is being replaced:
+    503 (FileChanged), never 404 (it existed at every look), after RESOLVE_ATTEMPTS looks."""
+    docroot = DocumentRoot(tree[0])
+    target = tree[0] / "page.txt"
+    spare = tree[0] / ".next"
+    looks = []
+
+    def fstat_after_replace(fd: int) -> os.stat_result:
+        spare.write_bytes(b"version %d" % len(looks))
+        os.replace(spare, target)  # the deploy's rename lands between the open and the check
+        looks.append(fd)
+        return os.fstat(fd)
+
+    monkeypatch.setattr(paths_mod, "os", _FakeOs(fstat=fstat_after_replace))
+    with pytest.raises(FileChanged, match="replaced"):
+        docroot.resolve("/page.txt")
+    assert len(looks) == paths_mod.RESOLVE_ATTEMPTS
 
 
 @pytest.mark.parametrize("code, error, reason", [

@@ -48,8 +48,10 @@ Rules (each refusal is :class:`Forbidden`, 403, unless it says :class:`NotFound`
 Files that change under a lookup: a file replaced (written elsewhere, then renamed over, as
 deploy tools do) or unlinked between two steps (``nlink == 0``, a ``(deleted)`` name, another
 inode at the canonical path) is looked up again, up to :data:`RESOLVE_ATTEMPTS` times; a path
-that keeps existing is never answered 403 or 404 because it was being replaced. What exhausts
-the attempts raises its last reason (:class:`FileChanged`, 503, when the file kept changing).
+that keeps existing is never answered 403 or 404 because it was being replaced: a file found
+unlinked is a replace in progress, and a file really deleted is NotFound at the next look (the
+kernel says ENOENT). What exhausts the attempts raises its last reason (:class:`FileChanged`,
+503, when the file kept changing).
 
 Without ``/proc`` (``_proc_fd`` false) the canonical path comes from ``os.path.realpath`` and a
 read reopens that path confined, with no symlink, ``O_NONBLOCK`` (a FIFO swapped in is opened but
@@ -146,10 +148,9 @@ class _Raced(Exception):
     """The file changed between two steps of one lookup: look again (``error`` if that was the
     last attempt)."""
 
-    def __init__(self, error: PathError, unlinked: tuple[int, int] | None = None) -> None:
+    def __init__(self, error: PathError) -> None:
         super().__init__(error.reason)
         self.error = error
-        self.unlinked = unlinked  # (dev, inode) of a file found unlinked (nlink == 0)
 
 
 class _Closing:
@@ -374,21 +375,16 @@ class DocumentRoot(_Closing):
         if len(rel) + len(self._prefix) >= MAX_PATH_BYTES // _UTF8_MAX \
                 and _utf8_len(self._prefix + rel) >= MAX_PATH_BYTES:
             raise Forbidden("path too long")  # root + path: over the kernel's PATH_MAX
-        error: PathError = NotFound("no such file")
-        unlinked: set[tuple[int, int]] = set()
+        error: PathError = FileChanged("file changed during lookup; retry")
         for _ in range(RESOLVE_ATTEMPTS):
             try:
                 return self._open(rel)
             except _Raced as raced:
                 error = raced.error
-                if raced.unlinked is not None:
-                    unlinked.add(raced.unlinked)
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:  # openat2: a rename raced the lookup
                     raise _map_os_error(exc) from None
                 error = FileChanged("file changed during lookup; retry")
-        if len(unlinked) > 1:  # another unlinked version at each look: replaced, not missing
-            raise FileChanged("file kept being replaced during lookup; retry")
         raise error
 
     def resolve(self, url_path: str, raw_path: str | None = None) -> ResolvedFile:
@@ -419,7 +415,7 @@ class DocumentRoot(_Closing):
             if not stat.S_ISREG(st.st_mode):
                 raise Forbidden("not a regular file")
             if st.st_nlink == 0:  # unlinked (or replaced) since the open: look again
-                raise _Raced(NotFound("no such file"), (st.st_dev, st.st_ino))
+                raise _Raced(FileChanged("file replaced during lookup; retry"))
             if not os.access(f"/proc/self/fd/{fd}" if self._proc_fd else real, os.R_OK):
                 raise Forbidden("permission denied")
             opened = OpenFile(ResolvedFile.from_stat(real, st), fd, self)
@@ -496,7 +492,7 @@ class DocumentRoot(_Closing):
             except OSError:
                 named = None
             if named is None or (named.st_dev, named.st_ino) != (st.st_dev, st.st_ino):
-                raise _Raced(NotFound("no such file"), (st.st_dev, st.st_ino))
+                raise _Raced(FileChanged("file replaced during lookup; retry"))
         return real
 
     def _open_confined(self, rel: str, flags: int) -> int:

@@ -38,11 +38,11 @@ methods (``load64``/``store64``/``cas64``/``add64``/``view``).
 from __future__ import annotations
 
 import hashlib
-from typing import (Any, ClassVar, Generic, Iterator, Protocol, TypeVar, Union, cast, overload)
+from typing import (TYPE_CHECKING, Any, ClassVar, Generic, Iterator, Protocol, TypeVar, Union, cast,
+                    overload)
 
-from mcs._gsm import GlobalEvent, GlobalMutex
+from mcs._gsm import EVENT_SIZE, MUTEX_SIZE, GlobalEvent, GlobalMutex
 from mcs.errors import LayoutMismatchError
-from mcs.layout import EVENT_SIZE, MUTEX_SIZE
 
 __all__ = ["Array", "Bytes", "Event", "Int32", "Int64", "Kind", "LayoutHeader", "Mutex",
            "Nested", "Pad", "Record", "Stamp", "UInt32", "UInt64", "define"]
@@ -52,6 +52,8 @@ R = TypeVar("R", bound="Record")
 K = TypeVar("K", bound="Kind[Any]")
 
 SYNC_ALIGN = 64  # a mutex or event slot starts on its own cache line
+_MASK = (1 << 64) - 1
+_new = object.__new__
 
 
 class Memory(Protocol):
@@ -66,6 +68,12 @@ class Memory(Protocol):
 
 def _round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
+
+
+def _fingerprint(layout: str) -> int:
+    """A 64-bit hash of a layout's canonical text, the same in every process and build."""
+    return int.from_bytes(
+        hashlib.blake2b(layout.encode(), digest_size=8, person=b"mcs.records").digest(), "little")
 
 
 def _index(i: object, n: int, what: str) -> int:
@@ -101,7 +109,7 @@ class Kind(Generic[T]):
         raise TypeError(f"a {self.short()} field cannot be assigned")
 
     def _bind(self: K, name: str, offset: int, owner: str) -> K:
-        bound = cast(K, object.__new__(type(self)))
+        bound = object.__new__(type(self))
         bound.__dict__.update(self.__dict__)
         bound.name, bound.offset, bound.owner = name, offset, owner
         return bound
@@ -163,9 +171,32 @@ class Int64(_Word):
 
     signed = True
 
+    if not TYPE_CHECKING:  # the fast paths of Kind.__get__/__set__ (the hot ones)
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            v = obj._mem.load64(obj._base + self.offset)
+            return v - (1 << 64) if v >> 63 else v
+
+        def __set__(self, obj, value):
+            if type(value) is not int or not -(1 << 63) <= value < 1 << 63:
+                self._check(value)
+            obj._mem.store64(obj._base + self.offset, value & _MASK)
+
 
 class UInt64(_Word):
     """An unsigned 64-bit integer (also what a ref, a hash or a magic is)."""
+
+    if not TYPE_CHECKING:
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            return obj._mem.load64(obj._base + self.offset)
+
+        def __set__(self, obj, value):
+            if type(value) is not int or not 0 <= value < 1 << 64:
+                self._check(value)
+            obj._mem.store64(obj._base + self.offset, value)
 
 
 class _Word32(Kind[int]):
@@ -303,6 +334,14 @@ class Nested(Kind[R]):
     def get(self, mem: Memory, off: int) -> R:
         return self.record._view(mem, off)
 
+    if not TYPE_CHECKING:
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            view = _new(self.record)
+            view._mem, view._base = obj._mem, obj._base + self.offset
+            return view
+
     def set(self, mem: Memory, off: int, value: R) -> None:
         raise TypeError(f"{self._where()} is a record: assign its fields")
 
@@ -333,6 +372,7 @@ class Array(Kind["ArrayView[T]"], Generic[T]):
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ValueError(f"Array(kind, n): n must be a positive int, got {n!r}")
         self.kind: Kind[T] = _kind_of(kind)
+        self.record = self.kind.record if isinstance(self.kind, Nested) else None
         self.n = n
         self.stride = _round_up(self.kind.size, self.kind.align)
         self.size, self.align = self.stride * n, self.kind.align
@@ -349,6 +389,14 @@ class Array(Kind["ArrayView[T]"], Generic[T]):
 
     def get(self, mem: Memory, off: int) -> ArrayView[T]:
         return ArrayView(self, mem, off)
+
+    if not TYPE_CHECKING:
+        def __get__(self, obj, owner=None):
+            if obj is None:
+                return self
+            view = _new(ArrayView)
+            view.array, view._mem, view._base = self, obj._mem, obj._base + self.offset
+            return view
 
     def set(self, mem: Memory, off: int, value: ArrayView[T]) -> None:
         raise TypeError(f"{self._where()} is an array: assign its elements")
@@ -367,28 +415,35 @@ class Array(Kind["ArrayView[T]"], Generic[T]):
 class ArrayView(Generic[T]):
     """An :class:`Array` bound to a section at an offset."""
 
-    __slots__ = ("array", "_mem", "_base", "_get", "_stride", "_n")
+    __slots__ = ("array", "_mem", "_base")
 
     def __init__(self, array: Array[T], mem: Memory, base: int) -> None:
         self.array, self._mem, self._base = array, mem, base
-        self._get, self._stride, self._n = array.kind.get, array.stride, array.n
 
     def __len__(self) -> int:
-        return self._n
+        return self.array.n
 
     def _at(self, i: object) -> int:
-        if type(i) is not int or not 0 <= i < self._n:  # the fast path: a plain int in range
-            _index(i, self._n, self.array._where())
-        return self._base + cast(int, i) * self._stride
+        a = self.array
+        if type(i) is not int or not 0 <= i < a.n:  # the fast path: a plain int in range
+            _index(i, a.n, a._where())
+        return self._base + cast(int, i) * a.stride
 
     def __getitem__(self, i: int) -> T:
-        return self._get(self._mem, self._at(i))
+        a = self.array
+        if type(i) is not int or not 0 <= i < a.n:
+            _index(i, a.n, a._where())
+        if a.record is not None:  # an element record: its view, made here (the hot path)
+            view = _new(a.record)
+            view._mem, view._base = self._mem, self._base + i * a.stride
+            return cast(T, view)
+        return a.kind.get(self._mem, self._base + i * a.stride)
 
     def __setitem__(self, i: int, value: T) -> None:
         self.array.kind.set(self._mem, self._at(i), value)
 
     def __iter__(self) -> Iterator[T]:
-        for i in range(self._n):
+        for i in range(self.array.n):
             yield self[i]
 
     def offset(self, i: int) -> int:
@@ -437,11 +492,12 @@ class _RecordMeta(type):
         for k, v in ns.items():
             if isinstance(v, type) and issubclass(v, Kind) and not k.startswith("_"):
                 raise TypeError(f"{name}.{k}: use an instance of the kind ({v.__name__}())")
-        cls = cast(_RecordMeta, super().__new__(mcls, name, bases, ns))
+        cls: Any = super().__new__(mcls, name, bases, ns)
         if not any(isinstance(b, _RecordMeta) for b in bases):
-            return cls  # Record itself
+            return cast(_RecordMeta, cls)  # Record itself
         # A subclass of a record extends it (as ctypes.Structure does): its fields follow.
-        parents = [b for b in bases if isinstance(b, _RecordMeta) and b._FIELDS]
+        parents: list[Any] = [b for b in bases
+                              if isinstance(b, _RecordMeta) and cast(Any, b)._FIELDS]
         if len(parents) > 1:
             raise TypeError(f"{name}: a record extends at most one record with fields")
         fields: list[Kind[Any]] = list(parents[0]._FIELDS) if parents else []
@@ -473,10 +529,8 @@ class _RecordMeta(type):
         cls._FIELDS = tuple(fields)
         cls._BY_NAME = {f.name: f for f in fields}
         cls.SIZE, cls.ALIGN, cls.LAYOUT = total, natural, layout
-        cls.FINGERPRINT = int.from_bytes(
-            hashlib.blake2b(layout.encode(), digest_size=8, person=b"mcs.records").digest(),
-            "little")
-        return cls
+        cls.FINGERPRINT = _fingerprint(layout)
+        return cast(_RecordMeta, cls)
 
 
 class Record(metaclass=_RecordMeta):
@@ -657,9 +711,7 @@ class LayoutHeader:
                 raise TypeError(f"{header.__name__} has no 64-bit field {word!r}")
         self.magic, self.layout, self.header = magic, layout, header
         self.fingerprint = (layout.FINGERPRINT if isinstance(layout, type)
-                            else int.from_bytes(hashlib.blake2b(
-                                layout.describe().encode(), digest_size=8,
-                                person=b"mcs.records").digest(), "little"))
+                            else _fingerprint(layout.describe()))
         self.name = layout.__name__ if isinstance(layout, type) else layout.short()
 
     def _magic_text(self, magic: int) -> str:

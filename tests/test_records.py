@@ -295,7 +295,8 @@ def test_the_layout_header_refuses_an_area_of_another_layout(section):
     header.write(section)
     header.check(section)
     assert section.load64(Stamp.magic.offset) == int.from_bytes(b"BUCKETS!", "little")
-    with pytest.raises(LayoutMismatchError, match=r"is not a b'REGISTRY' area \(magic b'BUCKETS!'\)"):
+    with pytest.raises(LayoutMismatchError,
+                       match=r"is not a b'REGISTRY' area \(magic b'BUCKETS!'\)"):
         LayoutHeader(b"REGISTRY", Array(Bucket, 4)).check(section)
     other = define("Bucket", [("mutex", Mutex()), ("count", Int64()), ("refs", Array(Ref, 31)),
                               ("name", Bytes(88))])
@@ -425,7 +426,8 @@ def test_no_hand_placed_offsets_remain_in_the_converted_layouts():
     no ``NAME = <number>`` offset assignments and no struct packing at literal offsets."""
     import re
 
-    for path in [REPO / "webcache" / "layout.py", *sorted((REPO / "examples").glob("registry*.py"))]:
+    examples = sorted((REPO / "examples").glob("registry*.py"))
+    for path in [REPO / "webcache" / "layout.py", *examples]:
         text = path.read_text()
         assert "struct.pack" not in text and "struct.unpack" not in text, path
         assert not re.search(r"\b(load64|store64|view)\(\s*(off\s*\+\s*)?\d", text), path

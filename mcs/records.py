@@ -76,6 +76,12 @@ def _fingerprint(layout: str) -> int:
         hashlib.blake2b(layout.encode(), digest_size=8, person=b"mcs.records").digest(), "little")
 
 
+def _positive(n: object, what: str) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"{what}: n must be a positive int, got {n!r}")
+    return n
+
+
 def _index(i: object, n: int, what: str) -> int:
     if not isinstance(i, int) or isinstance(i, bool):
         raise TypeError(f"{what} index must be an int, not {type(i).__name__}")
@@ -232,19 +238,21 @@ class UInt32(_Word32):
     """An unsigned 32-bit integer."""
 
 
-class Bytes(Kind[bytes]):
-    """``n`` bytes, 1-aligned. Reads give all ``n`` bytes; a write of fewer pads with NULs, a
-    longer one is refused (nothing is written)."""
+class _Sized(Kind[T]):
+    """``n`` bytes, 1-aligned."""
 
     align = 1
 
     def __init__(self, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"Bytes(n): n must be a positive int, got {n!r}")
-        self.size = n
+        self.size = _positive(n, f"{type(self).__name__}(n)")
 
     def describe(self) -> str:
-        return f"Bytes({self.size})"
+        return f"{type(self).__name__}({self.size})"
+
+
+class Bytes(_Sized[bytes]):
+    """``n`` bytes, 1-aligned. Reads give all ``n`` bytes; a write of fewer pads with NULs, a
+    longer one is refused (nothing is written)."""
 
     def get(self, mem: Memory, off: int) -> bytes:
         return bytes(mem.view(off, self.size))
@@ -258,18 +266,8 @@ class Bytes(Kind[bytes]):
         mem.view(off, self.size)[:] = bytes(value) + bytes(self.size - n)
 
 
-class Pad(Kind[None]):
+class Pad(_Sized[None]):
     """``n`` reserved bytes: they keep later fields where an existing layout has them."""
-
-    align = 1
-
-    def __init__(self, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"Pad(n): n must be a positive int, got {n!r}")
-        self.size = n
-
-    def describe(self) -> str:
-        return f"Pad({self.size})"
 
     def __get__(self, obj: Record | None, owner: type | None = None) -> Any:
         if obj is None:
@@ -277,18 +275,31 @@ class Pad(Kind[None]):
         raise AttributeError(f"{self._where()} is padding: it has no value")
 
 
-class Mutex(Kind[GlobalMutex]):
-    """A robust process-shared mutex slot (:class:`mcs.GlobalMutex`), 64-aligned. Reading the
-    field opens a handle (tag 0); :meth:`open` takes a tag, :meth:`create` initialises it."""
+class _Sync(Kind[T]):
+    """A slot of a native synchronisation object, 64-aligned; reading the field opens it."""
 
     align = SYNC_ALIGN
-    size = _round_up(MUTEX_SIZE, SYNC_ALIGN)
+    native: Any
 
     def describe(self) -> str:
-        return f"Mutex({self.size})"
+        return f"{type(self).__name__}({self.size})"
 
-    def get(self, mem: Memory, off: int) -> GlobalMutex:
-        return GlobalMutex.open(mem, off)
+    def get(self, mem: Memory, off: int) -> T:
+        return cast(T, self.native.open(mem, off))
+
+    def _create(self, mem: Memory, off: int, tag: int) -> T:
+        raise NotImplementedError
+
+
+class Mutex(_Sync[GlobalMutex]):
+    """A robust process-shared mutex slot (:class:`mcs.GlobalMutex`). Reading the field opens a
+    handle (tag 0); :meth:`open` takes a tag, :meth:`create` initialises it."""
+
+    size = _round_up(MUTEX_SIZE, SYNC_ALIGN)
+    native = GlobalMutex
+
+    def _create(self, mem: Memory, off: int, tag: int) -> GlobalMutex:
+        return GlobalMutex.create(mem, off, tag=tag)
 
     def open(self, view: Record, *, tag: int = 0) -> GlobalMutex:
         """A handle to the mutex of ``view`` (created by someone); ``tag`` as GlobalMutex.open."""
@@ -296,24 +307,21 @@ class Mutex(Kind[GlobalMutex]):
 
     def create(self, view: Record, *, tag: int = 0) -> GlobalMutex:
         """Initialise the mutex of ``view`` (never one another process may hold)."""
-        return GlobalMutex.create(view._mem, view._base + self.offset, tag=tag)
+        return self._create(view._mem, view._base + self.offset, tag)
 
 
-class Event(Kind[GlobalEvent]):
-    """A process-shared event slot (:class:`mcs.GlobalEvent`), 64-aligned."""
+class Event(_Sync[GlobalEvent]):
+    """A process-shared event slot (:class:`mcs.GlobalEvent`)."""
 
-    align = SYNC_ALIGN
     size = _round_up(EVENT_SIZE, SYNC_ALIGN)
+    native = GlobalEvent
 
-    def describe(self) -> str:
-        return f"Event({self.size})"
-
-    def get(self, mem: Memory, off: int) -> GlobalEvent:
-        return GlobalEvent.open(mem, off)
+    def _create(self, mem: Memory, off: int, tag: int) -> GlobalEvent:
+        return GlobalEvent.create(mem, off)
 
     def create(self, view: Record) -> GlobalEvent:
         """Initialise the event of ``view``."""
-        return GlobalEvent.create(view._mem, view._base + self.offset)
+        return self._create(view._mem, view._base + self.offset, 0)
 
 
 class Nested(Kind[R]):
@@ -369,11 +377,9 @@ class Array(Kind["ArrayView[T]"], Generic[T]):
     def __init__(self: Array[T], kind: Kind[T], n: int) -> None: ...
 
     def __init__(self, kind: Any, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ValueError(f"Array(kind, n): n must be a positive int, got {n!r}")
+        self.n = _positive(n, "Array(kind, n)")
         self.kind: Kind[T] = _kind_of(kind)
         self.record = self.kind.record if isinstance(self.kind, Nested) else None
-        self.n = n
         self.stride = _round_up(self.kind.size, self.kind.align)
         self.size, self.align = self.stride * n, self.kind.align
 
@@ -647,10 +653,8 @@ _RESERVED = frozenset(n for n in dir(Record) if not n.startswith("__")) | {"_mem
 
 
 def _create_sync(kind: Kind[Any], mem: Memory, off: int, tag: int) -> None:
-    if isinstance(kind, Mutex):
-        GlobalMutex.create(mem, off, tag=tag)
-    elif isinstance(kind, Event):
-        GlobalEvent.create(mem, off)
+    if isinstance(kind, _Sync):
+        kind._create(mem, off, tag)
     elif isinstance(kind, Nested):
         for f in kind.record._FIELDS:
             _create_sync(f, mem, off + f.offset, tag)
@@ -660,7 +664,7 @@ def _create_sync(kind: Kind[Any], mem: Memory, off: int, tag: int) -> None:
 
 
 def _has_sync(kind: Kind[Any]) -> bool:
-    if isinstance(kind, (Mutex, Event)):
+    if isinstance(kind, _Sync):
         return True
     if isinstance(kind, Nested):
         return any(_has_sync(f) for f in kind.record._FIELDS)

@@ -243,6 +243,7 @@ def test_arrays_of_records_with_mutexes_and_events(section):
     m.unlock()
 
 
+# The child declares the layout itself (as another program would), not imported from here.
 HOLD = """
 import sys, time, mcs
 from mcs.records import Array, Bytes, Int64, Mutex, Record, UInt64

@@ -12,30 +12,71 @@ The framework makes that harmless: the next locker sees the mutex ABANDONED, rel
 unrepaired (so it becomes not-recoverable: nobody can read the half-update), and a global
 recovery rebuilds the index. ``check_invariants`` is what the tests run in every block.
 
+The shared layouts are declared as records (:mod:`mcs.records`: no offset is written by hand);
+the master area starts with a :class:`~mcs.records.LayoutHeader` that every member checks before
+it uses the index, so a member running another declaration is refused instead of misreading it.
+
 Run ``python examples/registry.py DOMAIN`` in several terminals to play with it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 import sys
 
 from mcs import McsError, faults
 from mcs._gsm import GlobalMutex
 from mcs.component import McsComponent, transaction
+from mcs.records import Array, Bytes, LayoutHeader, Mutex, Nested, Pad, Record, UInt32, UInt64
 from mcs.section import Section
 
 BUCKETS = 64
 BUCKET_CAP = 32
-REF = 24  # slot, offset, hash
-BUCKET_SIZE = 896  # mutex 64 | count 8 | pad 8 | refs 32*24 = 768 -> 848, rounded up
-AREA_HEADER = 64
-MAGIC = int.from_bytes(b"REGISTRY", "little")
-
-ENTRY = 192  # hash 8 | key length 4 | value length 4 | key 88 | value 88
 KEY_MAX = VALUE_MAX = 88
 CAPACITY = 256
+
+
+class Ref(Record):
+    """A reference from the index to an entry in a member's contribution."""
+
+    slot = UInt64()
+    offset = UInt64()
+    hash = UInt64()
+
+
+class Bucket(Record):
+    mutex = Mutex()
+    count = UInt64()
+    reserved = Pad(8)
+    refs = Array(Ref, BUCKET_CAP)
+
+
+class AreaHeader(Record, size=64):
+    magic = UInt64()
+    buckets = UInt64()
+    fingerprint = UInt64()  # of the Area layout (LayoutHeader)
+
+
+class Area(Record):
+    """The master area: the index."""
+
+    header = Nested(AreaHeader)
+    buckets = Array(Bucket, BUCKETS)
+
+
+class Entry(Record):
+    """One entry of a member's contribution."""
+
+    hash = UInt64()
+    key_len = UInt32()
+    value_len = UInt32()
+    key = Bytes(KEY_MAX)
+    value = Bytes(VALUE_MAX)
+
+
+HEADER = LayoutHeader(b"REGISTRY", Area, header=AreaHeader)
+ENTRY = Entry.SIZE
+Entries = Array(Entry, CAPACITY)
 
 
 class InvariantViolation(AssertionError):
@@ -48,35 +89,33 @@ def key_hash(key: bytes) -> int:
 
 
 def bucket_offset(bucket: int) -> int:
-    return AREA_HEADER + bucket * BUCKET_SIZE
+    return Area.offset_of("buckets", bucket)
 
 
 class Registry(McsComponent):
     """Domain-wide key/value registry; see the module docstring."""
 
     name = "registry"
-    master_area_size = AREA_HEADER + BUCKETS * BUCKET_SIZE
-    contribution_size = CAPACITY * ENTRY
+    master_area_size = Area.SIZE
+    contribution_size = Entries.SIZE
 
     def init_local(self) -> None:
         self._entries: dict[bytes, tuple[int, bytes]] = {}  # key -> (index, value)
         self._mutexes: list[GlobalMutex] = []
         self._mutex_area: Section | None = None
+        self._area: Area | None = None
 
     # -- the hooks ------------------------------------------------------------------------
 
     def on_master(self, view) -> None:
-        area = self.master_area
-        area.view(0, self.master_area_size)[:] = bytes(self.master_area_size)
-        for b in range(BUCKETS):
-            GlobalMutex.create(area, bucket_offset(b))  # re-created: a poisoned one is healed
-        area.store64(8, BUCKETS)
-        area.store64(0, MAGIC)
+        area = Area.at(self.master_area)
+        area.memory()[:] = bytes(Area.SIZE)
+        area.create_sync()  # every bucket mutex, re-created: a poisoned one is healed
+        area.header.buckets = BUCKETS
+        HEADER.write(self.master_area)
 
     def build_shared_state(self, view) -> None:
-        area = self.master_area
-        if area.load64(0) != MAGIC:
-            raise McsError("master area not initialised")
+        HEADER.check(self.master_area)  # LayoutMismatchError: not ours, or another layout
         self._bind_mutexes()
         for key, (index, value) in self._entries.items():
             self._write_entry(index, key, value)
@@ -104,17 +143,15 @@ class Registry(McsComponent):
     def lookup(self, key: bytes) -> bytes | None:
         """The value registered for ``key`` by any live member, or None."""
         h = key_hash(key)
-        off = bucket_offset(h % BUCKETS)
-        area = self.master_area
+        bucket = self._area.buckets[h % BUCKETS]
         with self.lock(self._mutexes[h % BUCKETS]):
-            for i in range(area.load64(off + 64)):
-                slot, eoff, rh = struct.unpack_from("<QQQ", area.view(off + 80 + i * REF, REF))
-                if rh != h:
+            for i in range(bucket.count):
+                ref = bucket.refs[i]
+                if ref.hash != h:
                     continue
-                entry = self.contribution_of(slot).view(eoff, ENTRY)
-                klen, vlen = struct.unpack_from("<II", entry, 8)
-                if bytes(entry[16:16 + klen]) == key:
-                    return bytes(entry[104:104 + vlen])
+                entry = Entry.at(self.contribution_of(ref.slot), ref.offset)
+                if entry.key[:entry.key_len] == key:
+                    return entry.value[:entry.value_len]
         return None
 
     def local_keys(self) -> list[bytes]:
@@ -124,28 +161,28 @@ class Registry(McsComponent):
         """Inside a consistent block: verify every bucket; return the number of entries."""
         view = self.view
         slots = {m.slot for m in view.members}
-        area = self.master_area
         total = 0
         seen: set[bytes] = set()
         for b in range(BUCKETS):
-            off = bucket_offset(b)
+            bucket = self._area.buckets[b]
             with self.lock(self._mutexes[b]):
-                count = area.load64(off + 64)
+                count = bucket.count
                 if count > BUCKET_CAP:
                     raise InvariantViolation(f"bucket {b}: count {count} > {BUCKET_CAP}")
                 for i in range(count):
-                    slot, eoff, h = struct.unpack_from("<QQQ", area.view(off + 80 + i * REF, REF))
+                    ref = bucket.refs[i]
+                    slot, eoff, h = ref.slot, ref.offset, ref.hash
                     if slot not in slots:
                         raise InvariantViolation(f"bucket {b}: ref to slot {slot} not in view {slots}")
                     if eoff % ENTRY or eoff + ENTRY > self.contribution_size:
                         raise InvariantViolation(f"bucket {b}: bad entry offset {eoff}")
                     if h % BUCKETS != b:
                         raise InvariantViolation(f"bucket {b}: hash {h:#x} belongs elsewhere")
-                    entry = self.contribution_of(slot).view(eoff, ENTRY)
-                    eh, klen, vlen = struct.unpack_from("<QII", entry)
-                    if eh != h or not 0 < klen <= KEY_MAX or vlen > VALUE_MAX:
+                    entry = Entry.at(self.contribution_of(slot), eoff)
+                    klen, vlen = entry.key_len, entry.value_len
+                    if entry.hash != h or not 0 < klen <= KEY_MAX or vlen > VALUE_MAX:
                         raise InvariantViolation(f"bucket {b}: ref {i} -> corrupt entry")
-                    key = bytes(entry[16:16 + klen])
+                    key = entry.key[:klen]
                     if key_hash(key) != h or key in seen:
                         raise InvariantViolation(f"bucket {b}: wrong or duplicate key {key!r}")
                     seen.add(key)
@@ -157,35 +194,34 @@ class Registry(McsComponent):
     def _bind_mutexes(self) -> None:
         if self._mutex_area is not self.master_area:
             tag = self.member.incarnation
-            self._mutexes = [GlobalMutex.open(self.master_area, bucket_offset(b), tag=tag)
-                             for b in range(BUCKETS)]
+            self._area = Area.at(self.master_area)
+            self._mutexes = [Bucket.mutex.open(bucket, tag=tag) for bucket in self._area.buckets]
             self._mutex_area = self.master_area
 
     def _write_entry(self, index: int, key: bytes, value: bytes) -> None:
-        entry = bytearray(ENTRY)
-        struct.pack_into("<QII", entry, 0, key_hash(key), len(key), len(value))
-        entry[16:16 + len(key)] = key
-        entry[104:104 + len(value)] = value
-        self.contribution.view(index * ENTRY, ENTRY)[:] = entry
+        entry = Entries.at(self.contribution, 0)[index]
+        entry.hash, entry.key_len, entry.value_len = key_hash(key), len(key), len(value)
+        entry.key, entry.value = key, value
 
     def _insert_ref(self, h: int, entry_offset: int, *, recovering: bool) -> None:
-        area = self.master_area
         b = h % BUCKETS
-        off = bucket_offset(b)
+        bucket = self._area.buckets[b]
         me = self.member.slot
         mutex = self._mutexes[b]
         held = self.recovery_lock(mutex) if recovering else self.lock(mutex)
         with held:
-            count = area.load64(off + 64)
+            count = bucket.count
             for i in range(count):
-                if struct.unpack_from("<QQ", area.view(off + 80 + i * REF, 16)) == (me, entry_offset):
+                ref = bucket.refs[i]
+                if (ref.slot, ref.offset) == (me, entry_offset):
                     return  # already there (a retried transaction)
             if count >= BUCKET_CAP:
                 raise McsError(f"registry bucket {b} is full")
             # Two steps on purpose (see the module docstring): count, crash point, reference.
-            area.store64(off + 64, count + 1)
+            bucket.count = count + 1
             faults.point("registry.insert.mid")
-            struct.pack_into("<QQQ", area.view(off + 80 + count * REF, REF), 0, me, entry_offset, h)
+            ref = bucket.refs[count]
+            ref.slot, ref.offset, ref.hash = me, entry_offset, h
 
 
 def main(argv: list[str]) -> int:  # pragma: no cover - interactive demo

@@ -135,8 +135,9 @@ def test_a_layout_disagreement_fails_the_import_even_under_python_O(tmp_path):
     copy = tmp_path / "webcache"
     shutil.copytree(Path(webcache.__file__).parent, copy)
     layout_py = copy / "layout.py"
-    fields = "E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC, E_MAGIC, E_CTIME, E_PINS = "
-    edited = layout_py.read_text().replace(fields + "56,", fields + "48,")
+    # the declaration of the entry header with two fields swapped: the checksum moves to 48
+    dev, checksum = "    dev = UInt64()\n", "    checksum = UInt64()  # of the data (mcs.checksum)\n"
+    edited = layout_py.read_text().replace(dev + checksum, checksum + dev)
     assert edited != layout_py.read_text()
     layout_py.write_text(edited)
     out = subprocess.run([sys.executable, "-P", "-O", "-c", "import webcache"],

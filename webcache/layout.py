@@ -1,5 +1,7 @@
 """Byte layout of the web cache's shared structures (offsets, never pointers: every process maps
-a section at its own address).
+a section at its own address), declared as records (:mod:`mcs.records`) that compute the offsets;
+the constants below are derived from them, and tests/test_records.py pins their values (the
+native hit path, webcache/_layout.pxd, has them too and is checked against them at import).
 
 Master table (the component's master area)::
 
@@ -20,28 +22,83 @@ A *ref* names an entry anywhere in the domain: ``(slot + 1) << 48 | offset``; 0 
 from __future__ import annotations
 
 from mcs import layout as mcs_layout
-from mcs.errors import LayoutMismatchError
-from mcs.layout import EVENT_SIZE, MUTEX_SIZE
+from mcs.records import Array, Event, Mutex, Nested, Pad, Record, UInt64
 
 TABLE_MAGIC = int.from_bytes(b"MCSWCTB4", "little")
 ARENA_MAGIC = int.from_bytes(b"MCSWCAR4", "little")
 ENTRY_MAGIC = int.from_bytes(b"MCSWCEN4", "little")
 
 BUCKETS = 4096
-BUCKET_SIZE = 128
-T_MAGIC, T_BUCKETS, T_FILL_EVENT = 0, 8, 64
-TABLE_HEADER = 128
-B_MUTEX, B_HEAD, B_LEASE_HASH, B_LEASE_OWNER, B_LEASE_EXPIRY = 0, 64, 72, 80, 88
-TABLE_SIZE = TABLE_HEADER + BUCKETS * BUCKET_SIZE
-
-A_MAGIC, A_ENTRIES, A_BYTES = 0, 8, 16
-ARENA_HEADER = 4096
-
-E_NEXT, E_STATE, E_HASH, E_SIZE, E_MTIME, E_INODE, E_DEV = 0, 8, 16, 24, 32, 40, 48
-E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC, E_MAGIC, E_CTIME, E_PINS = 56, 64, 72, 80, 88, 96, 128
-WORD = 8  # every field is a 64-bit word, every entry 8-byte aligned
-ENTRY_HEADER = E_PINS + WORD * mcs_layout.MAX_MEMBERS
 PATH_MAX = 4096
+
+
+class Bucket(Record):
+    """One hash bucket of the master table: its chain and the lease of a fill in flight."""
+
+    mutex = Mutex()
+    head = UInt64()  # ref of the first entry of the chain
+    lease_hash = UInt64()
+    lease_owner = UInt64()
+    lease_expiry = UInt64()
+
+
+class TableHeader(Record):
+    magic = UInt64()
+    bucket_count = UInt64()
+    fill_event = Event()
+
+
+class Table(Record):
+    """The master table (the component's master area)."""
+
+    header = Nested(TableHeader)
+    buckets = Array(Bucket, BUCKETS)
+
+
+class ArenaHeader(Record, size=4096):
+    magic = UInt64()
+    entries = UInt64()
+    bytes_used = UInt64()
+
+
+class EntryHeader(Record):
+    """The header of an entry in an arena; its path and data follow it."""
+
+    next = UInt64()  # ref of the next entry in the chain
+    state = UInt64()
+    hash = UInt64()
+    size = UInt64()
+    mtime_ns = UInt64()
+    inode = UInt64()
+    dev = UInt64()
+    checksum = UInt64()  # of the data (mcs.checksum)
+    access_ns = UInt64()
+    path_len = UInt64()
+    alloc = UInt64()
+    magic = UInt64()  # written last
+    ctime_ns = UInt64()
+    reserved = Pad(24)
+    pins = Array(UInt64(), mcs_layout.MAX_MEMBERS)  # one pin counter per member slot
+
+
+# The names the rest of the web cache (and webcache/_layout.pxd) use, derived from the records.
+T_MAGIC, T_BUCKETS, T_FILL_EVENT = (TableHeader.offset_of(f)
+                                    for f in ("magic", "bucket_count", "fill_event"))
+TABLE_HEADER = Table.offset_of("buckets")
+BUCKET_SIZE = Bucket.SIZE
+B_MUTEX, B_HEAD, B_LEASE_HASH, B_LEASE_OWNER, B_LEASE_EXPIRY = (
+    Bucket.offset_of(f) for f in ("mutex", "head", "lease_hash", "lease_owner", "lease_expiry"))
+TABLE_SIZE = Table.SIZE
+
+A_MAGIC, A_ENTRIES, A_BYTES = (ArenaHeader.offset_of(f) for f in ("magic", "entries", "bytes_used"))
+ARENA_HEADER = ArenaHeader.SIZE
+
+(E_NEXT, E_STATE, E_HASH, E_SIZE, E_MTIME, E_INODE, E_DEV, E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC,
+ E_MAGIC, E_CTIME, E_PINS) = (EntryHeader.offset_of(f) for f in (
+     "next", "state", "hash", "size", "mtime_ns", "inode", "dev", "checksum", "access_ns",
+     "path_len", "alloc", "magic", "ctime_ns", "pins"))
+ENTRY_HEADER = EntryHeader.SIZE
+WORD = 8  # every field is a 64-bit word, every entry 8-byte aligned
 
 STATE_FREE, STATE_LINKED, STATE_UNLINKED = 0, 1, 2
 
@@ -49,15 +106,9 @@ SLOT_SHIFT = 48
 OFFSET_MASK = (1 << SLOT_SHIFT) - 1
 MAX_CHAIN = 100_000  # a longer walk means a corrupt (cyclic) chain
 
-if MUTEX_SIZE > B_HEAD - B_MUTEX or EVENT_SIZE > TABLE_HEADER - T_FILL_EVENT:
-    # A real check (``python -O`` strips asserts): the native sizes must fit their slots.
-    raise LayoutMismatchError(
-        f"webcache.layout: the native mutex ({MUTEX_SIZE} B) or event ({EVENT_SIZE} B) does not "
-        "fit its slot in the master table: rebuild mcs._gsm from this source tree")
-
 
 def bucket_offset(bucket: int) -> int:
-    return TABLE_HEADER + bucket * BUCKET_SIZE
+    return Table.offset_of("buckets", bucket)
 
 
 def make_ref(slot: int, offset: int) -> int:

@@ -127,6 +127,33 @@ cdef enum:
     F_STR = 2
     F_EPH = 4
 
+cdef extern from "<signal.h>" nogil:
+    int kill(int pid, int sig)
+    int SIGKILL
+
+# Crash points for tests (mcs.faults is Python, too slow for this path): arm_crash(name, n)
+# makes this process SIGKILL itself the n-th time it reaches the named step of a write.
+CRASH_POINTS = {"put.recorded": 1, "put.half": 2, "write.committed": 3, "del.recorded": 4}
+cdef int _crash_step = 0
+cdef int64_t _crash_left = 0
+
+
+cdef inline void _crash(int step) noexcept nogil:
+    global _crash_left
+    if _crash_step == step:
+        _crash_left -= 1
+        if _crash_left <= 0:
+            kill(mcs_pid(), SIGKILL)
+
+
+def arm_crash(str name, int64_t after=1):
+    """Test hook: SIGKILL this process the ``after``-th time it reaches write step ``name``
+    (one of CRASH_POINTS); ``arm_crash("", 0)`` disarms."""
+    global _crash_step, _crash_left
+    _crash_step = CRASH_POINTS[name] if name else 0
+    _crash_left = after
+
+
 cdef uint64_t C_MAGIC = DICT_MAGIC
 cdef uint64_t C_INC_MASK = INC_MASK
 cdef int64_t TX_WAIT_NS = 20_000_000
@@ -559,6 +586,7 @@ cdef class Table:
             _st(e + E_HASH, k.h)
             (<uint32_t*>(e + E_KLEN))[0] = <uint32_t>k.n
             memcpy(e + E_KEY, k.p, <size_t>k.n)
+        _crash(1)
         if eph:
             bit = (<uint64_t>1) << self._slot
             if not _ld(st + S_EPH) & bit:
@@ -568,6 +596,9 @@ cdef class Table:
         _st(e + E_OWNER, self._ephtag if eph else 0)
         (<uint32_t*>(e + E_FLAGS))[0] = flags
         _st(e + E_VLEN, <uint64_t>v.n)
+        if _crash_step == 2:
+            memcpy(e + self._voff, v.p, <size_t>(v.n // 2))
+            _crash(2)
         memcpy(e + self._voff, v.p, <size_t>v.n)
         if new:
             # published last: until the bucket points at it, the entry is invisible
@@ -601,6 +632,7 @@ cdef class Table:
         self._rec(log, link, 8)
         self._rec(log, e + E_NEXT, 8)
         self._rec(log, st + S_COUNT, 16)  # count, free head
+        _crash(4)
         _st(link, _ld(e + E_NEXT))
         _st(e + E_NEXT, _ld(st + S_FREE))
         _st(st + S_FREE, idx)
@@ -663,6 +695,7 @@ cdef class Table:
                     raise
                 else:
                     undo_commit(log)
+                    _crash(3)
                 finally:
                     self._unlock(st)
             finally:
@@ -961,6 +994,7 @@ cdef class Tx:
         self.active = False
         if commit:
             undo_commit(self.log)
+            _crash(3)
         else:
             undo_abort(self.t._base, self.t._total, self.log)
         for i in range(len(self.held) - 1, -1, -1):

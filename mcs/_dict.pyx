@@ -30,6 +30,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringA
 from cpython.long cimport PyLong_AsLongLong, PyLong_Check, PyLong_FromLongLong
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from mcs._libc cimport CLOCK_MONOTONIC, EDEADLK, ENOTRECOVERABLE, EOWNERDEAD, ETIMEDOUT
@@ -836,8 +837,12 @@ cdef class Table:
     def transaction(self, wait=None):
         """``with d.transaction() as tx:`` -- atomic over several keys (see Tx). ``wait``: how
         long (seconds) to wait for a stripe while holding others (default: the dict's)."""
+        cdef Tx tx
         self._check()
-        return Tx(self, self._tx_wait_ns if wait is None else <int64_t>(<double>wait * 1e9))
+        tx = Tx.__new__(Tx)
+        tx.t = self
+        tx.wait_ns = self._tx_wait_ns if wait is None else <int64_t>(<double>wait * 1e9)
+        return tx
 
     def _set_tx_wait(self, double wait):
         if not wait > 0:
@@ -958,16 +963,16 @@ cdef class Tx:
     cdef uint64_t tag
     cdef char* log
     cdef int64_t wait_ns
-    cdef list held  # stripe addresses (as ints), in the order taken
-    cdef set held_set
+    cdef char* _inline[16]
+    cdef char** held  # stripes held, in the order taken
+    cdef Py_ssize_t nheld, cap
     cdef bint active
     cdef bint entered
 
-    def __cinit__(self, Table t, int64_t wait_ns):
-        self.t = t
-        self.wait_ns = wait_ns
-        self.held = []
-        self.held_set = set()
+    def __cinit__(self):
+        self.held = self._inline
+        self.nheld = 0
+        self.cap = 16
         self.active = False
         self.entered = False
 
@@ -997,10 +1002,11 @@ cdef class Tx:
             _crash(3)
         else:
             undo_abort(self.t._base, self.t._total, self.log)
-        for i in range(len(self.held) - 1, -1, -1):
-            self.t._unlock(<char*><size_t>self.held[i])
-        self.held = []
-        self.held_set = set()
+        i = self.nheld - 1
+        while i >= 0:
+            self.t._unlock(self.held[i])
+            i -= 1
+        self.nheld = 0
         undo_finish(self.log)
         self.t._give_lane(self.lane)
 
@@ -1011,15 +1017,25 @@ cdef class Tx:
     cdef char* _stripe_for(self, Key* k) except NULL:
         cdef char* st
         cdef int64_t deadline
-        cdef size_t addr
+        cdef Py_ssize_t i
+        cdef char** grown
         if not self.active:
             raise ClosedError("the transaction is over")
         self.t._check()
         st = self.t._stripe(k.h)
-        addr = <size_t>st
-        if addr in self.held_set:
-            return st
-        if not self.held:
+        for i in range(self.nheld):
+            if self.held[i] == st:
+                return st
+        if self.nheld == self.cap:
+            grown = <char**>malloc(<size_t>(2 * self.cap) * sizeof(char*))
+            if grown == NULL:
+                raise MemoryError()
+            memcpy(grown, self.held, <size_t>self.nheld * sizeof(char*))
+            if self.held != self._inline:
+                free(self.held)
+            self.held = grown
+            self.cap *= 2
+        if self.nheld == 0:
             deadline = -1  # holding nothing: waiting cannot deadlock
         else:
             deadline = mcs_now_ns(CLOCK_MONOTONIC) + self.wait_ns
@@ -1029,8 +1045,8 @@ cdef class Tx:
             raise TransactionConflict(
                 "a stripe this transaction needs is held by another one (possible deadlock): "
                 "rolled back; run the block again")
-        self.held.append(addr)
-        self.held_set.add(addr)
+        self.held[self.nheld] = st
+        self.nheld += 1
         return st
 
     cdef inline char* _prep(self, object key, Key* k) except NULL:
@@ -1059,15 +1075,18 @@ cdef class Tx:
         self.t._get_locked(self._prep(key, &k), &k, &found)
         return found
 
-    def set(self, key, value, *, bint ephemeral=False):
+    cdef int _put(self, object key, object value, bint ephemeral) except -1:
         cdef Key k
         cdef Val v
         cdef char* st = self._prep(key, &k)
         self.t._val(value, &v)
-        self.t._put_locked(st, &k, &v, ephemeral, self.log)
+        return self.t._put_locked(st, &k, &v, ephemeral, self.log)
+
+    def set(self, key, value, *, bint ephemeral=False):
+        self._put(key, value, ephemeral)
 
     def __setitem__(self, key, value):
-        self.set(key, value)
+        self._put(key, value, False)
 
     def __delitem__(self, key):
         cdef Key k
@@ -1084,3 +1103,5 @@ cdef class Tx:
 
     def __dealloc__(self):
         self._end(False)
+        if self.held != self._inline:
+            free(self.held)

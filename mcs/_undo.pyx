@@ -33,6 +33,19 @@ RECORD_HEADER = _RECORD_HEADER
 assert MCS_MUTEX_SLOT_SIZE <= UNDO_STATE, "the log mutex must fit in 64 bytes"
 
 
+cdef extern from *:
+    """
+    /* A release store and a compiler barrier: what the log's crash-ordering needs (a killed
+     * process's earlier stores are all visible; the compiler must not move later data writes
+     * before the store that publishes a record). Cheaper than a sequentially consistent store. */
+    static inline void mcs_undo_store(void *p, uint64_t v) {
+        __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    }
+    """
+    void _rel "mcs_undo_store"(void* p, uint64_t v) nogil
+
+
 cdef inline uint64_t _pad8(uint64_t n) noexcept nogil:
     return (n + 7) & ~(<uint64_t>7)
 
@@ -70,11 +83,11 @@ cdef int64_t undo_begin(char* base, int64_t total, char* log, uint64_t owner) no
             undo_finish(log)
         else:
             return UNDO_BUSY
-    mcs_store64(log + UNDO_USED, 0)
-    mcs_store64(log + UNDO_OWNER, owner)
+    _rel(log + UNDO_USED, 0)
+    _rel(log + UNDO_OWNER, owner)
     prev = mcs_load64(log + UNDO_TXID) + 1
-    mcs_store64(log + UNDO_TXID, prev)
-    mcs_store64(log + UNDO_STATE, UNDO_ACTIVE)
+    _rel(log + UNDO_TXID, prev)
+    _rel(log + UNDO_STATE, UNDO_ACTIVE)
     return <int64_t>prev
 
 
@@ -95,19 +108,19 @@ cdef int undo_record(char* base, int64_t total, char* log, int64_t off,
     (<uint64_t*>rec)[0] = <uint64_t>off
     (<uint64_t*>rec)[1] = <uint64_t>length
     memcpy(rec + _RECORD_HEADER, base + off, <size_t>length)
-    mcs_store64(log + UNDO_USED, used + need)
+    _rel(log + UNDO_USED, used + need)
     return UNDO_OK
 
 
 cdef void undo_commit(char* log) noexcept nogil:
     """The point of no return: one store."""
-    mcs_store64(log + UNDO_STATE, UNDO_COMMITTED)
+    _rel(log + UNDO_STATE, UNDO_COMMITTED)
 
 
 cdef void undo_finish(char* log) noexcept nogil:
     """Back to IDLE (after the transaction's locks are released)."""
-    mcs_store64(log + UNDO_STATE, UNDO_IDLE)
-    mcs_store64(log + UNDO_USED, 0)
+    _rel(log + UNDO_STATE, UNDO_IDLE)
+    _rel(log + UNDO_USED, 0)
 
 
 cdef int _apply(char* base, int64_t total, char* log) noexcept nogil:

@@ -125,3 +125,10 @@ def native_error(call: str, err: int) -> NativeError:
             cls = type(f"Native{base.__name__}", (NativeError, base), {"__module__": __name__})
         _ERRNO_CLASSES[err] = cls
     return cls(err, f"{call}: {os.strerror(err)}")
+
+
+# -- issue 11 (helper tx): transactions ----------------------------------------------------
+
+class NoTransactionError(McsError):
+    """A transaction operation outside a transaction, or a component without transaction
+    logs (``transaction_lanes = 0`` or no master area)."""

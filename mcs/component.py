@@ -58,7 +58,7 @@ from mcs.errors import (
 from mcs.bootstrap import validate_domain
 from mcs.component_record import ComponentRecord, component_domain
 from mcs.section import Section
-from mcs.transaction import Transaction, TransactionLogs
+from mcs.transactions import Transaction, TransactionLogs
 from mcs.types import LockStatus, MasterAreaOutcome
 
 import membership
@@ -323,6 +323,8 @@ class McsComponent:
             for _, sec in self._contribs.values():
                 sec.close()
             self._contribs.clear()
+        if self._txlogs is not None:
+            self._txlogs.close()
         for sec in (self.master_area, self.contribution):
             if sec is not None:
                 sec.close()
@@ -368,7 +370,7 @@ class McsComponent:
 
     def transaction(self) -> Transaction:
         """``with comp.transaction() as tx:`` — a crash-atomic transaction over the master area
-        (see :mod:`mcs.transaction`): it commits at the end of the block, and once committed
+        (see :mod:`mcs.transactions`): it commits at the end of the block, and once committed
         it is never rolled back or run again. Interrupted before the commit (a recovery, a
         conflict, an exception), it is rolled back and the exception propagates
         (:class:`Recovering` or :class:`TransactionConflict`: run it again;

@@ -1,4 +1,5 @@
-"""Crash-atomic transactions over a component's master area (issue 11).
+"""Crash-atomic transactions over a component's master area (issue 11). (Named in the plural:
+``mcs.transaction`` is the decorator, exported lazily by :mod:`mcs`.)
 
 ``with comp.transaction() as tx:`` (or ``comp.run_transaction(fn)``, or a method decorated with
 ``@mcs.transaction``) runs inside a consistent block and writes shared data through ``tx``:
@@ -50,7 +51,8 @@ from mcs.undo import Lanes, LogRegion, decode_owner, owner_tag
 if TYPE_CHECKING:
     from membership.view import View
 
-    from mcs.component import McsComponent, _Block
+# The component (mcs.component.McsComponent) sits above this module: it is typed as Any here.
+McsComponent = Any
 
 __all__ = ["Transaction", "TransactionLogs", "LOG_ALIGN"]
 
@@ -64,7 +66,7 @@ class TransactionLogs:
     author's ``master_area_size`` bytes), this process's lanes, and the region bound to the
     current master area (rebound when the area is replaced)."""
 
-    def __init__(self, comp: "McsComponent") -> None:
+    def __init__(self, comp: McsComponent) -> None:
         self.comp = comp
         lanes, log_size = comp.transaction_lanes, comp.transaction_log_size
         self.enabled = bool(comp.master_area_size and lanes)
@@ -144,6 +146,13 @@ class TransactionLogs:
                 self._area = area
             return self._region
 
+    def close(self) -> None:
+        """Drop the region and the mutex handles (they keep the area's mapping alive)."""
+        with self._bind_lock:
+            self._region = None
+            self._handles = {}
+            self._area = None
+
     def handle(self, lane: int, offset: int, tag: int) -> GlobalMutex:
         """A handle on the master area's mutex at ``offset`` that tags it with ``tag``."""
         key = (lane, offset)
@@ -161,7 +170,7 @@ class Transaction:
     __slots__ = ("comp", "logs", "area", "region", "log", "lane", "owner", "depth", "_held",
                  "_block", "_mf")
 
-    def __init__(self, comp: "McsComponent") -> None:
+    def __init__(self, comp: McsComponent) -> None:
         self.comp = comp
         self.logs: TransactionLogs | None = comp._txlogs
         self.depth = 0
@@ -247,7 +256,7 @@ class Transaction:
         return ""
 
     def _end_block(self, exc_type: Any, exc: Any, *, committed: bool) -> None:
-        block: _Block = self._block
+        block = self._block
         try:
             if committed:
                 block.leave_committed()

@@ -105,6 +105,8 @@ class RecoveryStats:
     last_phases_ms: dict[str, float] = field(default_factory=dict)
     unlock_failures: int = 0  # unlocks of a mutex poisoned under its holder (left to recovery)
     master_area: MasterAreaOutcome = MasterAreaOutcome.NONE  # the last master phase here
+    # (epoch, outcome) of the last master phases on this member that did not adopt, newest last
+    master_area_history: list[tuple[int, MasterAreaOutcome]] = field(default_factory=list)
     tx_rolled_back: int = 0  # departed members' transactions this member rolled back (recovery)
     tx_repaired: int = 0  # mutexes found abandoned by a transaction and repaired from the log
     tx_aborts: int = 0  # transactions rolled back and retried (recovery request or conflict)
@@ -785,7 +787,11 @@ class McsComponent:
         outcome, why = self._adopt_or_create()
         area = self.master_area
         with self._stats_lock:
-            self.stats.master_area = outcome
+            st = self.stats
+            st.master_area = outcome
+            if outcome is not MasterAreaOutcome.ADOPTED:
+                st.master_area_history = st.master_area_history[1 - REQUEST_HISTORY:] + [
+                    (self._working, outcome)]
         if outcome is MasterAreaOutcome.ADOPTED:
             rolled = self._txlogs.recover(area, view)  # before anyone reads what they half-wrote
             if rolled:

@@ -25,7 +25,7 @@ from mcs.errors import (
     NotRecoverableError,
     Recovering,
 )
-from mcs.types import LockStatus, MutexOwner
+from mcs.types import LockStatus, MasterAreaOutcome, MutexOwner
 
 try:
     from mcs._gsm import GlobalEvent, GlobalMutex, checksum, copy_checksum, monotonic_ns
@@ -41,7 +41,7 @@ from mcs.bootstrap import Bootstrap
 
 # Names of the component layer, imported on first access (see the module docstring).
 _COMPONENT_LAYER = frozenset({"McsComponent", "RecoveryStats", "transaction", "ComponentRecord",
-                              "component_domain"})
+                              "component_domain", "Transaction"})
 
 
 def __getattr__(name: str) -> object:
@@ -68,6 +68,7 @@ __all__ = [
     "InvalidIdentifier",
     "LockStatus",
     "LockUsageError",
+    "MasterAreaOutcome",
     "McsComponent",
     "McsError",
     "MutexOwner",
@@ -76,6 +77,7 @@ __all__ = [
     "Recovering",
     "RecoveryStats",
     "Section",
+    "Transaction",
     "checksum",
     "component_domain",
     "copy_checksum",

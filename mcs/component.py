@@ -65,7 +65,8 @@ import membership
 from membership.member import Member
 from membership.view import View
 
-__all__ = ["McsComponent", "RecoveryStats", "transaction", "ComponentRecord", "component_domain"]
+__all__ = ["McsComponent", "RecoveryStats", "transaction", "Transaction", "ComponentRecord",
+           "component_domain"]
 
 log = logging.getLogger("mcs.component")
 

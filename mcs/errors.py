@@ -31,6 +31,7 @@ __all__ = [
     "ItemTooLargeError",
     "ForkedHandleError",
     "TransactionConflict",
+    "NoTransactionError",
     "native_error",
 ]
 

@@ -26,7 +26,7 @@ from mcs.errors import (
     NotRecoverableError,
     Recovering,
 )
-from mcs.types import LockStatus, MutexOwner
+from mcs.types import LockStatus, MasterAreaOutcome, MutexOwner
 
 try:
     from mcs._gsm import GlobalEvent, GlobalMutex, checksum, copy_checksum, monotonic_ns
@@ -42,7 +42,7 @@ from mcs.bootstrap import Bootstrap
 
 # Names of the component layer, imported on first access (see the module docstring).
 _COMPONENT_LAYER = frozenset({"McsComponent", "RecoveryStats", "transaction", "ComponentRecord",
-                              "component_domain"})
+                              "component_domain", "Transaction"})
 
 
 # SharedDict sits on the component layer (mcs.shared_dict): lazy too.
@@ -77,6 +77,7 @@ __all__ = [
     "InvalidIdentifier",
     "LockStatus",
     "LockUsageError",
+    "MasterAreaOutcome",
     "McsComponent",
     "McsError",
     "MutexOwner",
@@ -86,6 +87,7 @@ __all__ = [
     "RecoveryStats",
     "Section",
     "SharedDict",
+    "Transaction",
     "checksum",
     "component_domain",
     "copy_checksum",

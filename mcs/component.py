@@ -33,9 +33,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import threading
 import time
-from _thread import get_ident
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -49,19 +50,23 @@ from mcs.errors import (
     FencedError,
     InvalidIdentifier,
     McsError,
+    NoTransactionError,
     NotRecoverableError,
     Recovering,
+    TransactionConflict,
 )
 from mcs.bootstrap import validate_domain
 from mcs.component_record import ComponentRecord, component_domain
 from mcs.section import Section
-from mcs.types import LockStatus
+from mcs.transactions import Transaction, TransactionLogs
+from mcs.types import LockStatus, MasterAreaOutcome
 
 import membership
 from membership.member import Member
 from membership.view import View
 
-__all__ = ["McsComponent", "RecoveryStats", "transaction", "ComponentRecord", "component_domain"]
+__all__ = ["McsComponent", "RecoveryStats", "transaction", "Transaction", "ComponentRecord",
+           "component_domain"]
 
 log = logging.getLogger("mcs.component")
 
@@ -78,6 +83,7 @@ GATE_POLL = 0.5  # a worker waiting at the closed gate looks for stop() this oft
 STOP_JOIN = 10.0  # how long stop() waits for the recovery thread
 SPARE_BLOCKS_MAX = 1024  # spare block objects kept (one per thread; threads come and go)
 REQUEST_HISTORY = 16  # RecoveryStats.requests keeps this many
+CONFLICT_BACKOFF = 0.001  # a transaction that conflicted waits up to this times its attempts
 MIN_RECOVERY_TIMEOUT = 5.0  # default recovery timeout: this, or twice the eviction delay
 
 
@@ -99,46 +105,75 @@ class RecoveryStats:
     last_duration_ms: float = 0.0
     last_phases_ms: dict[str, float] = field(default_factory=dict)
     unlock_failures: int = 0  # unlocks of a mutex poisoned under its holder (left to recovery)
+    master_area: MasterAreaOutcome = MasterAreaOutcome.NONE  # the last master phase here
+    # (epoch, outcome) of the last master phases on this member that did not adopt, newest last
+    master_area_history: list[tuple[int, MasterAreaOutcome]] = field(default_factory=list)
+    tx_rolled_back: int = 0  # departed members' transactions this member rolled back (recovery)
+    tx_repaired: int = 0  # mutexes found abandoned by a transaction and repaired from the log
+    tx_aborts: int = 0  # transactions rolled back and retried (recovery request or conflict)
+    tx_conflicts: int = 0  # of which: a lock waited too long while holding others
+
+
+class _Slot:
+    """A thread's count of the consistent blocks it is inside. Only its thread writes it; the
+    recovery thread reads every thread's (see :class:`_Block`)."""
+
+    __slots__ = ("depth", "__weakref__")
+
+    def __init__(self) -> None:
+        self.depth = 0
 
 
 class _Block:
-    """One ``consistent()`` block: registers itself as active (under the component's
-    ``_blocks_lock``), and detects recovery requests and memory failures that happened during it."""
+    """One ``consistent()`` block, and the detection of recovery requests and memory failures
+    that happened during it.
 
-    __slots__ = ("comp", "entry", "thread")
+    Entering and leaving take no lock (the hot path: about half of what a locked set costs). A
+    worker raises its thread's ``_Slot.depth`` and only then looks at the gate; the recovery
+    closes the gate and only then reads every depth. Python runs one of them at a time, so
+    either the worker sees the gate closed (and backs out before touching anything) or the
+    recovery sees the depth (and waits for the block to end): the Dekker argument, with the
+    interpreter's one-bytecode-at-a-time order as its fence."""
 
-    def __init__(self, comp: "McsComponent", thread: int) -> None:
+    __slots__ = ("comp", "slot", "entry", "inside")
+
+    def __init__(self, comp: "McsComponent", slot: _Slot) -> None:
         self.comp = comp
-        self.thread = thread
+        self.slot = slot
+        self.inside = False
 
     def __enter__(self) -> Any:
         comp = self.comp
+        slot = self.slot
         while True:
-            if comp._gate_closed:
-                comp._wait_gate(self.thread)
-            with comp._blocks_lock:
-                comp._active.add(self)
+            slot.depth += 1
             self.entry = comp._interrupts
             if not comp._gate_closed:
+                self.inside = True
                 return comp._view
-            self._leave()  # a recovery began while we entered: wait for it, then enter
+            self._leave()  # a recovery is running or began while we entered: wait, then enter
+            comp._wait_gate()
 
-    def _leave(self, keep: bool = False) -> None:
-        """Unregister; the last block to leave a closed gate wakes the quiescing recovery.
-        ``keep``: keep this object as its thread's spare for the next block."""
+    def _leave(self) -> None:
+        """Unregister; a block that leaves a closed gate wakes the quiescing recovery."""
+        slot = self.slot
+        slot.depth -= 1
+        if self.comp._gate_closed and not slot.depth:
+            self.comp._idle.set()
+
+    def leave_committed(self) -> None:
+        """The end of a block whose transaction committed: it is never re-run, so a recovery
+        requested meanwhile is no reason to raise (a memory failure is still reported)."""
         comp = self.comp
-        with comp._blocks_lock:
-            active = comp._active
-            active.discard(self)
-            if comp._gate_closed and not active:
-                comp._idle.set()
-            spare = comp._spare_blocks
-            if keep and len(spare) < SPARE_BLOCKS_MAX:
-                spare[self.thread] = self
+        self.inside = False
+        self._leave()
+        if comp._root.load64(MEMORY_FAILURES) != comp._mf_seen:
+            comp.detect_memory_failure()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         comp = self.comp
-        self._leave(keep=True)
+        self.inside = False
+        self._leave()
         if comp._root.load64(MEMORY_FAILURES) != comp._mf_seen and comp.detect_memory_failure():
             raise Recovering("a memory failure was detected during the block; retry")
         if comp._interrupts != self.entry and exc_type is not Recovering:
@@ -181,6 +216,16 @@ class McsComponent:
     contribution_size: int = 0
     #: component name (default: the class name, lower-cased)
     name: str = ""
+    #: layout version of the master area: a new master adopts a published area only if it has
+    #: this version (raise it when the layout of the area changes)
+    master_area_version: int = 1
+    #: concurrent transactions per member (a thread holds a lane for one transaction); 0: none
+    transaction_lanes: int = 4
+    #: bytes of undo log per lane (a transaction's before-images and 16 B per write must fit)
+    transaction_log_size: int = 16384
+    #: seconds a transaction waits for a mutex while holding others before it rolls back and
+    #: retries (TransactionConflict): no deadlock between transactions locking in any order
+    transaction_lock_wait: float = 0.05
 
     def __init__(self, domain: str, *, node: str | None = None, recovery_timeout: float | None = None,
                  **timing: float) -> None:
@@ -202,10 +247,11 @@ class McsComponent:
         self._working = 0  # the epoch being recovered (or _epoch)
         self._gate_closed = True  # closed until the first recovery completes
         self._gate = threading.Condition()
-        # Shared by workers (entering and leaving blocks) and the recovery thread (quiesce):
-        self._blocks_lock = threading.Lock()
-        self._active: set[_Block] = set()  # blocks being run, under _blocks_lock
-        self._spare_blocks: dict[int, _Block] = {}  # thread -> its spare block, under _blocks_lock
+        # Each thread's block and depth (_Block explains the lock-free protocol); the recovery
+        # thread reads the depths of every thread that ever entered a block:
+        self._local = threading.local()  # .block: this thread's reusable block; .tx: its transaction
+        self._slots_lock = threading.Lock()  # guards _slots (a thread's first block, quiesce)
+        self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()  # dies with its thread's local
         self._idle = threading.Event()
         self._interrupts = 0
         self._interrupt = threading.Event()
@@ -214,8 +260,10 @@ class McsComponent:
         # Other members' contributions, attached by workers and dropped by the recovery thread:
         self._contribs_lock = threading.Lock()
         self._contribs: dict[int, tuple[str, Section]] = {}  # slot -> (ident, section)
-        self._master_ident = ""
-        self._master_owned_by = 0  # incarnation that created master_area (0: attached)
+        self._master_ident = ""  # identifier of master_area as published ("": not yet)
+        #: True while ``on_master`` runs on an area that was just created (zeroed): initialise it
+        self.master_area_fresh = False
+        self._txlogs: TransactionLogs | None = None  # the undo logs in the master area (start())
         self._mf_seen = 0
         self._recovery_thread: threading.Thread | None = None
 
@@ -237,6 +285,7 @@ class McsComponent:
         if self._started:
             raise McsError("component already started")
         self._started = True
+        self._txlogs = TransactionLogs(self)
         self.init_local()
         self.member = membership.join(self._member_domain, node=self._node, **self._timing)
         self._root = self.member.boot.section
@@ -277,6 +326,8 @@ class McsComponent:
             for _, sec in self._contribs.values():
                 sec.close()
             self._contribs.clear()
+        if self._txlogs is not None:
+            self._txlogs.close()
         for sec in (self.master_area, self.contribution):
             if sec is not None:
                 sec.close()
@@ -305,15 +356,62 @@ class McsComponent:
 
     def consistent(self) -> _Block:
         """``with comp.consistent() as view:`` — a block that sees consistent global state."""
-        thread = get_ident()
-        # One spare block object per thread (a nested block makes its own): building one is
+        # One block object per thread, reused (a nested block makes its own): building one is
         # a third of what an empty block costs.
-        with self._blocks_lock:
-            block = self._spare_blocks.pop(thread, None)
-        return block if block is not None else _Block(self, thread)
+        try:
+            block = self._local.block
+        except AttributeError:
+            block = self._thread_block()
+        return block if not block.inside else _Block(self, block.slot)
+
+    def _thread_block(self) -> _Block:
+        slot = _Slot()
+        with self._slots_lock:
+            self._slots.add(slot)
+        block = self._local.block = _Block(self, slot)
+        return block
+
+    def transaction(self) -> Transaction:
+        """``with comp.transaction() as tx:`` — a crash-atomic transaction over the master area
+        (see :mod:`mcs.transactions`): it commits at the end of the block, and once committed
+        it is never rolled back or run again. Interrupted before the commit (a recovery, a
+        conflict, an exception), it is rolled back and the exception propagates
+        (:class:`Recovering` or :class:`TransactionConflict`: run it again;
+        :meth:`run_transaction` and ``@transaction`` do). Inside a transaction of this thread,
+        the same transaction (nested blocks join it)."""
+        current = getattr(self._local, "tx", None)
+        return current if current is not None else Transaction(self)
+
+    @property
+    def tx(self) -> Transaction:
+        """The calling thread's current transaction (in a ``@transaction`` method);
+        :class:`NoTransactionError` outside one."""
+        current = getattr(self._local, "tx", None)
+        if current is None:
+            raise NoTransactionError("not inside a transaction of this component")
+        return current
+
+    def run_transaction(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(tx, *args, **kwargs)`` in a transaction, run again after every rollback
+        (recovery, conflict) until it commits: exactly once. Another exception rolls it back
+        and propagates."""
+        attempt = 0
+        while True:
+            try:
+                with self.transaction() as tx:
+                    return fn(tx, *args, **kwargs)
+            except TransactionConflict:
+                attempt += 1
+                time.sleep(random.uniform(0, CONFLICT_BACKOFF * min(attempt, 8)))
+            except Recovering:
+                pass
+            if self._stopping.is_set():
+                raise ClosedError(f"{self.component_name} is stopped") from None
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call ``fn`` inside a consistent block, retrying it after every recovery."""
+        """Call ``fn`` inside a consistent block, retrying it after every recovery (at least
+        once: a plain block that finished is run again if a recovery was requested during it;
+        use :meth:`run_transaction` for exactly once)."""
         while True:
             try:
                 with self.consistent():
@@ -322,17 +420,21 @@ class McsComponent:
                 if self._stopping.is_set():
                     raise ClosedError(f"{self.component_name} is stopped") from None
 
-    def _in_block(self, thread: int) -> bool:
-        """True if ``thread`` is inside a consistent block of this component."""
-        with self._blocks_lock:
-            return any(b.thread == thread for b in self._active)
+    def _in_block(self) -> bool:
+        """True if the calling thread is inside a consistent block of this component."""
+        block = getattr(self._local, "block", None)
+        return block is not None and block.slot.depth > 0
+
+    def _active_blocks(self) -> int:
+        """How many blocks the threads of this process are inside (nested ones included)."""
+        with self._slots_lock:
+            return sum(slot.depth for slot in self._slots)
 
     def _has_active_blocks(self) -> bool:
-        with self._blocks_lock:
-            return bool(self._active)
+        return self._active_blocks() > 0
 
-    def _wait_gate(self, thread: int) -> None:
-        if self._in_block(thread):
+    def _wait_gate(self) -> None:
+        if self._in_block():
             # A nested block: waiting here would deadlock the recovery, which waits for the
             # outer block to end. The outer block retries instead.
             raise Recovering("a recovery is running (nested consistent block)")
@@ -431,9 +533,8 @@ class McsComponent:
         this block to end), so they rebuild after it. No second epoch is started then."""
         if self.member is None:
             raise McsError("component not started")
-        thread = get_ident()
         self._request(self._working + 1, reason,
-                      covering=rec.C_STABLE if self._in_block(thread) else rec.C_AGREED)
+                      covering=rec.C_STABLE if self._in_block() else rec.C_AGREED)
 
     def _request(self, target: int, reason: str, covering: int = rec.C_AGREED) -> None:
         """Raise the requested epoch to ``target`` unless an epoch that will see this failure is
@@ -595,6 +696,7 @@ class McsComponent:
         self._close_gate()
         deadline = time.monotonic() + self._recovery_timeout
         while True:
+            self._idle.clear()  # a block that ends after this wakes us (see _Block._leave)
             if not self._has_active_blocks():
                 return
             self._idle.wait(POLL)
@@ -678,23 +780,89 @@ class McsComponent:
     # -- shared areas ---------------------------------------------------------------------
 
     def _master_phase(self, view: View) -> None:
-        size = self.master_area_size
-        if size:
+        """Adopt the published master area if it is sound, else create a zeroed one; roll back
+        the transactions that departed members left in it; ``on_master``; publish."""
+        if not self.master_area_size:
+            self.on_master(view)
+            return
+        outcome, why = self._adopt_or_create()
+        area = self.master_area
+        with self._stats_lock:
+            st = self.stats
+            st.master_area = outcome
+            if outcome is not MasterAreaOutcome.ADOPTED:
+                st.master_area_history = st.master_area_history[1 - REQUEST_HISTORY:] + [
+                    (self._working, outcome)]
+        if outcome is MasterAreaOutcome.ADOPTED:
+            rolled = self._txlogs.recover(area, view)  # before anyone reads what they half-wrote
+            if rolled:
+                with self._stats_lock:
+                    self.stats.tx_rolled_back += rolled
+        else:
+            if outcome is not MasterAreaOutcome.CREATED:
+                log.warning("%s: master area rebuilt (%s): %s; its shared state is lost",
+                            self.component_name, outcome.name, why)
+            self._txlogs.create(area)
+        self.master_area_fresh = outcome is not MasterAreaOutcome.ADOPTED
+        try:
+            self.on_master(view)
+        finally:
+            self.master_area_fresh = False
+        if outcome is not MasterAreaOutcome.ADOPTED:
+            # Published once initialised: a master that dies before this leaves the previous
+            # descriptor, and its successor decides again from that.
+            rec.publish_master(self._root, area.ident, self.master_area_size,
+                               self.master_area_version, self._txlogs.geometry)
+            self._master_ident = area.ident
+
+    def _adopt_or_create(self) -> tuple[MasterAreaOutcome, str]:
+        """Validate the published master area (the descriptor's checksum, layout version, size
+        and log geometry; the section's header magic and nonce, which attaching checks; not
+        poisoned) and keep it as :attr:`master_area`; else replace it with a zeroed one.
+        Returns the outcome and, for a rebuild, why."""
+        total = self._txlogs.area_size(self.master_area_size)
+        try:
+            published: str | None = rec.master_ident(self._root)
+        except InvalidIdentifier:
+            published = None
+        desc = rec.master_descriptor(self._root)
+        outcome = MasterAreaOutcome.REBUILT_INVALID
+        if published == "":
+            outcome, why = MasterAreaOutcome.CREATED, "first master"
+        elif published is None or not desc.intact:
+            why = "the published descriptor is torn or garbage"
+        elif desc.version != self.master_area_version:
+            why = f"layout version {desc.version}, this component has {self.master_area_version}"
+        elif desc.size < self.master_area_size or desc.logs != self._txlogs.geometry:
+            why = (f"layout of {desc.size} bytes and logs {desc.logs:#x}, this component needs "
+                   f"{self.master_area_size} bytes and logs {self._txlogs.geometry:#x}")
+        else:
             area = self.master_area
             try:
-                published: str | None = rec.master_ident(self._root)
-            except InvalidIdentifier:
-                published = None  # garbage in the record: re-create and republish
-            if (area is None or area.closed or area.failed or published != self._master_ident
-                    or self._master_owned_by != self.member.incarnation):
-                if area is not None:
-                    area.close()
-                area = Section.create(size)
-                self.master_area = area
-                self._master_ident = area.ident
-                self._master_owned_by = self.member.incarnation
-                rec.set_master_ident(self._root, area.ident)
-        self.on_master(view)
+                probe = Section.attach(published)  # checks the header's magic and nonce again
+            except InvalidIdentifier as exc:
+                why = f"the published area is gone ({exc})"
+            else:
+                if area is not None and not area.closed and self._master_ident == published:
+                    probe.close()  # ours already: keep the mapping others' handles use
+                else:
+                    if area is not None:
+                        area.close()
+                    area = self.master_area = probe
+                    self._master_ident = published
+                if area.failed:
+                    outcome, why = MasterAreaOutcome.REBUILT_AFTER_POISON, "it was poisoned"
+                elif area.size < total:
+                    why = f"section of {area.size} bytes, {total} needed"
+                else:
+                    why = self._txlogs.check(area)
+                    if not why:
+                        return MasterAreaOutcome.ADOPTED, ""
+        if self.master_area is not None:
+            self.master_area.close()
+        self.master_area = Section.create(total)
+        self._master_ident = ""  # not published until on_master has initialised it
+        return outcome, why
 
     def _attach_master_area(self) -> None:
         if not self.master_area_size:
@@ -714,10 +882,11 @@ class McsComponent:
             self.master_area = None
             self.request_recovery(f"master area unavailable: {exc}")
             raise _Restart from None
-        if self.master_area.size < self.master_area_size:
-            raise McsError(f"master area too small ({self.master_area.size} bytes)")
+        needed = self._txlogs.area_size(self.master_area_size)
+        if self.master_area.size < needed:
+            raise McsError(f"master area too small ({self.master_area.size} bytes, "
+                           f"{needed} needed)")
         self._master_ident = ident
-        self._master_owned_by = 0
 
     def _ensure_contribution(self) -> None:
         if not self.contribution_size:
@@ -765,11 +934,15 @@ class McsComponent:
 
 
 def transaction(method: Callable[..., T]) -> Callable[..., T]:
-    """Decorate a component method so that it runs inside a consistent block and is retried
-    after every recovery (the paper's "declarative transactions")."""
+    """Decorate a component method so that it runs in a crash-atomic transaction (the paper's
+    "declarative transactions"): ``self.tx`` is the transaction; rolled back and run again
+    after a recovery or a conflict until it commits, and never run again once committed. A
+    decorated method called from inside a transaction joins it."""
 
     @functools.wraps(method)
     def wrapper(self: McsComponent, *args: Any, **kwargs: Any) -> T:
-        return self.run(method, self, *args, **kwargs)
+        if getattr(self._local, "tx", None) is not None:
+            return method(self, *args, **kwargs)
+        return self.run_transaction(lambda tx: method(self, *args, **kwargs))
 
     return wrapper

@@ -14,12 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mcs import layout
+from mcs._gsm import checksum
 from mcs.bootstrap import DOMAIN_MAX, DOMAIN_NAME, validate_domain
 from mcs.errors import CorruptObjectError, InvalidIdentifier, LayoutMismatchError
 from mcs.section import Section
 
-__all__ = ["ComponentRecord", "component_domain", "master_ident", "contribution_ident",
-           "set_master_ident", "set_contribution_ident", "quiesced_offset", "acked_offset"]
+__all__ = ["ComponentRecord", "MasterDescriptor", "component_domain", "master_ident",
+           "contribution_ident", "set_master_ident", "set_contribution_ident", "quiesced_offset",
+           "acked_offset", "master_descriptor", "publish_master", "descriptor_checksum"]
 
 WORD = 8  # every epoch, generation and mask is one 64-bit word
 AREA = layout.COMPONENT_AREA
@@ -34,6 +36,12 @@ C_MASTER_DONE = AREA + 48  # epoch whose master phase is complete
 C_RECOVERY_EVENT = layout.COMPONENT_EVENT  # set on every request and phase step
 C_MASTER_IDENT = AREA + 128  # identifier of the master area, NUL-padded
 IDENT_MAX = 64  # bytes of an identifier slot (the identifier itself is shorter: NUL-ended)
+# The master area's descriptor, next to its identifier: what a new master checks before it
+# adopts the area (the area is domain-owned and outlives the master that created it).
+C_MASTER_SIZE = C_MASTER_IDENT + IDENT_MAX  # bytes of the area's user part
+C_MASTER_VERSION = C_MASTER_SIZE + WORD  # the component's master_area_version
+C_MASTER_LOGS = C_MASTER_VERSION + WORD  # geometry of the transaction logs in it (0: none)
+C_MASTER_CHECKSUM = C_MASTER_LOGS + WORD  # checksum of (ident, size, version, logs); last store
 C_QUIESCED = AREA + 256  # per slot: newest epoch it quiesced for
 C_ACKED = C_QUIESCED + WORD * layout.MAX_MEMBERS  # per slot: newest epoch it contributed for
 C_CONTRIB_IDENT = C_ACKED + WORD * layout.MAX_MEMBERS  # per slot: identifier of its contribution
@@ -41,6 +49,7 @@ C_END = C_CONTRIB_IDENT + IDENT_MAX * layout.MAX_MEMBERS
 
 if not (C_MASTER_DONE + WORD <= C_RECOVERY_EVENT
         and C_RECOVERY_EVENT + layout.EVENT_SLOT_MAX <= C_MASTER_IDENT
+        and C_MASTER_CHECKSUM + WORD <= C_QUIESCED
         and C_END <= layout.ROOT_SIZE):
     raise LayoutMismatchError("mcs.component_record: the component record overlaps itself or "
                               "runs past the root (a layout edit broke it)")
@@ -116,6 +125,49 @@ def set_contribution_ident(root: Section, slot: int, ident: str) -> None:
     root.view(_contrib_offset(slot), IDENT_MAX)[:] = _encode(ident)
 
 
+def descriptor_checksum(ident: str, size: int, version: int, logs: int) -> int:
+    """Checksum of a master area's descriptor words; never 0 (0 marks "nothing published")."""
+    raw = _encode(ident) + b"".join(v.to_bytes(WORD, "little") for v in (size, version, logs))
+    return checksum(raw) or 1
+
+
+@dataclass(frozen=True)
+class MasterDescriptor:
+    """The published master area: identifier, user size, layout version, log geometry, and
+    whether the checksum stored with them matches (False: a torn or garbage descriptor)."""
+
+    ident: str  # "" when nothing was ever published
+    size: int
+    version: int
+    logs: int
+    intact: bool
+
+
+def master_descriptor(root: Section) -> MasterDescriptor:
+    """Read the master area's descriptor; an identifier slot holding garbage reads as an
+    empty identifier that is not intact."""
+    load = root.load64
+    size, version, logs, stored = (load(C_MASTER_SIZE), load(C_MASTER_VERSION),
+                                   load(C_MASTER_LOGS), load(C_MASTER_CHECKSUM))
+    try:
+        ident = master_ident(root)
+    except InvalidIdentifier:
+        return MasterDescriptor("", size, version, logs, False)
+    intact = bool(ident) and stored == descriptor_checksum(ident, size, version, logs)
+    return MasterDescriptor(ident, size, version, logs, intact)
+
+
+def publish_master(root: Section, ident: str, size: int, version: int, logs: int) -> None:
+    """Publish a master area: the checksum is cleared first and stored last, so a master that
+    dies half-way leaves a descriptor that no successor adopts."""
+    root.store64(C_MASTER_CHECKSUM, 0)
+    set_master_ident(root, ident)
+    root.store64(C_MASTER_SIZE, size)
+    root.store64(C_MASTER_VERSION, version)
+    root.store64(C_MASTER_LOGS, logs)
+    root.store64(C_MASTER_CHECKSUM, descriptor_checksum(ident, size, version, logs))
+
+
 def quiesced_offset(slot: int) -> int:
     """Word of member ``slot`` in the QUIESCED table."""
     return C_QUIESCED + WORD * slot
@@ -142,6 +194,10 @@ class ComponentRecord:
     view_mask: int  # bit i set: slot i is in the agreed view
     master_slot: int | None  # master of the agreed view (None: none yet)
     master_ident: str  # identifier of the master area ("": none published)
+    master_size: int  # its user size as published
+    master_version: int  # its layout version (the component's master_area_version)
+    master_logs: int  # geometry of the transaction logs in it (0: none)
+    master_intact: bool  # the descriptor's checksum matches (a new master may adopt it)
     quiesced: tuple[int, ...]  # per slot: newest epoch it quiesced for
     acked: tuple[int, ...]  # per slot: newest epoch it contributed for
     contributions: tuple[str, ...]  # per slot: identifier of its contribution ("": none)
@@ -184,6 +240,10 @@ class ComponentRecord:
             view_mask=load(C_VIEW_MASK),
             master_slot=master - 1 if master else None,
             master_ident=ident(C_MASTER_IDENT, "master area"),
+            master_size=load(C_MASTER_SIZE),
+            master_version=load(C_MASTER_VERSION),
+            master_logs=load(C_MASTER_LOGS),
+            master_intact=master_descriptor(root).intact,
             quiesced=tuple(load(quiesced_offset(s)) for s in slots),
             acked=tuple(load(acked_offset(s)) for s in slots),
             contributions=tuple(ident(_contrib_offset(s), f"slot {s} contribution")

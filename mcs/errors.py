@@ -31,6 +31,7 @@ __all__ = [
     "ItemTooLargeError",
     "ForkedHandleError",
     "TransactionConflict",
+    "NoTransactionError",
     "native_error",
 ]
 
@@ -158,3 +159,10 @@ class TransactionConflict(McsError):
     """A SharedDict transaction waited too long for a stripe another transaction holds (a
     possible deadlock): it was rolled back entirely; run the block again
     (:meth:`mcs.SharedDict.transact` does that itself)."""
+
+
+# -- issue 11 (helper tx): transactions ----------------------------------------------------
+
+class NoTransactionError(McsError):
+    """A transaction operation outside a transaction, or a component without transaction
+    logs (``transaction_lanes = 0`` or no master area)."""

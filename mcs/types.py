@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["LockStatus", "MutexOwner", "LogState", "RollbackOutcome"]
+__all__ = ["LockStatus", "MutexOwner", "LogState", "RollbackOutcome", "MasterAreaOutcome"]
 
 
 class LockStatus(enum.IntEnum):
@@ -52,3 +52,20 @@ class RollbackOutcome(enum.IntEnum):
     """A committed transaction that never finished: kept, the log made idle."""
     OTHER_OWNER = 3
     """The log belongs to another owner now (the slot's next incarnation): left alone."""
+
+# -- issue 11 (helper tx): the master area's fate at a master phase -------------------------
+
+class MasterAreaOutcome(enum.Enum):
+    """What the last master phase did with the master area (``RecoveryStats.master_area``)."""
+
+    NONE = "none"
+    """No master phase ran on this member yet, or the component has no master area."""
+    CREATED = "created"
+    """Nothing was published yet: a zeroed area was created (the domain's first master)."""
+    ADOPTED = "adopted"
+    """The published area passed validation and was kept, with everything in it."""
+    REBUILT_AFTER_POISON = "rebuilt_after_poison"
+    """The published area was poisoned (a memory failure): a zeroed one replaced it."""
+    REBUILT_INVALID = "rebuilt_invalid"
+    """The published area was gone, torn, of another layout version or too small: a zeroed
+    one replaced it."""

@@ -86,9 +86,9 @@ def test_nested_blocks_and_threads_each_get_their_own_block(domain):
         with reg.consistent() as outer_view:
             with reg.consistent() as inner_view:  # nested: a second, distinct block
                 assert inner_view is outer_view
-                assert len(reg._active) == 2
-            assert len(reg._active) == 1
-        assert not reg._active
+                assert reg._active_blocks() == 2
+            assert reg._active_blocks() == 1
+        assert reg._active_blocks() == 0
         first = reg.consistent()
         with first:
             pass

@@ -11,7 +11,7 @@ from gunicorn.app.base import BaseApplication
 
 import mcs
 
-DOMAIN = f"workers{os.getpid()}"  # chosen in the gunicorn master, inherited by every worker
+DOMAIN = os.environ.get("MCS_DOMAIN") or f"workers{os.getpid()}"  # chosen in the master
 shared: mcs.SharedDict | None = None  # this worker's handle, opened after the fork
 
 

@@ -1,7 +1,7 @@
 """A token bucket shared by worker processes, exact under kill -9 of any of them (the master too):
 bucket and grant counters live in one mcs.SharedDict and every take() is one transaction, so at
 most BURST + RATE x (seconds since the bucket was made) tokens are ever granted.
-    python examples/rate_limiter.py [WORKERS] [SECONDS]       demo: kills the master, prints totals
+    python examples/rate_limiter.py [WORKERS] [SECONDS]       demo: kill -9 of a worker; totals
     python examples/rate_limiter.py worker DOMAIN RATE BURST  one worker: a line per granted token
 """
 import os, signal, subprocess, sys, time
@@ -13,22 +13,21 @@ BUCKET = dict(name="bucket", capacity=4096, max_key=32, max_value=8)  # mcs.Shar
 
 
 def take(d: mcs.SharedDict, rate: int, burst: int) -> bool:
-    """One token, or False when the bucket is empty (retried when a recovery rolls it back)."""
-    while True:
-        try:
-            with d.transaction() as tx:
-                now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for all processes
-                if tx.get("start") is None:
-                    tx["start"], tx["last"], tx["tokens"] = now, now, burst * NANO
-                now = max(now, tx["last"])
-                tokens = min(burst * NANO, tx["tokens"] + (now - tx["last"]) * rate)
-                granted = tokens >= NANO
-                tx["last"], tx["tokens"] = now, tokens - NANO if granted else tokens
-                if granted:
-                    tx.incr("granted"), tx.incr(f"granted.{os.getpid()}")
-                return granted
-        except mcs.Recovering:
-            continue
+    """One token, or False when the bucket is empty: one transaction (re-run on a conflict)."""
+    return d.transact(_take, rate, burst, os.getpid())
+
+
+def _take(tx, rate: int, burst: int, pid: int) -> bool:
+    now = time.monotonic_ns()  # CLOCK_MONOTONIC: one clock for all processes
+    if tx.get("start") is None:
+        tx["start"], tx["last"], tx["tokens"] = now, now, burst * NANO
+    now = max(now, tx["last"])
+    tokens = min(burst * NANO, tx["tokens"] + (now - tx["last"]) * rate)
+    granted = tokens >= NANO
+    tx["last"], tx["tokens"] = now, tokens - NANO if granted else tokens
+    if granted:
+        tx.incr("granted"), tx.incr(f"granted.{pid}")
+    return granted
 
 
 def worker(domain: str, rate: int, burst: int) -> None:
@@ -48,7 +47,7 @@ def demo(workers: int = 4, seconds: int = 2, rate: int = 1000, burst: int = 50) 
         time.sleep(seconds), os.kill(procs[0].pid, signal.SIGKILL), time.sleep(seconds)
         [(p.terminate(), p.wait()) for p in procs]
         budget = burst + rate * (d["last"] - d["start"]) / NANO
-        print(f"granted {d['granted']} tokens; budget {budget:.0f}; master killed")
+        print(f"granted {d['granted']} tokens, budget {budget:.0f}, a worker killed mid-way")
 
 
 if __name__ == "__main__":

@@ -21,20 +21,18 @@ def make_app(d: mcs.SharedDict) -> web.Application:
         response.set_cookie("sid", sid, httponly=True)
         return response
 
+    def visit(tx, key: str) -> dict:  # read-modify-write of one session: one transaction
+        raw = tx.get(key)
+        if raw is None:
+            raise web.HTTPUnauthorized(text="no session\n")
+        session = json.loads(raw)
+        session["visits"] += 1
+        tx[key] = json.dumps(session).encode()
+        return session
+
     async def me(request: web.Request) -> web.Response:
-        key = f"s:{request.cookies.get('sid', '')[:16]}"
-        while True:
-            try:
-                with d.transaction() as tx:  # read-modify-write of the session: atomic
-                    raw = tx.get(key)
-                    if raw is None:
-                        raise web.HTTPUnauthorized(text="no session\n")
-                    session = json.loads(bytes(raw))
-                    session["visits"] += 1
-                    tx[key] = json.dumps(session).encode()
-                return web.json_response({**session, "pid": os.getpid()})
-            except mcs.Recovering:
-                continue  # rolled back by the recovery: run it again
+        session = d.transact(visit, f"s:{request.cookies.get('sid', '')[:16]}")
+        return web.json_response({**session, "pid": os.getpid()})
 
     app = web.Application()
     app.add_routes([web.get("/login", login), web.get("/me", me)])

@@ -54,7 +54,7 @@ MIN_OPS, MAX_OPS = 200, sb.KEYS
 WRITER_OPS = 20_000  # puts per writer process per round (state-put-2proc)
 WRITER_ROUNDS = 3
 RECOVERY_SIZES = [1_000, 100_000, 1_000_000]
-RECOVERY_KILLS = int(os.environ.get("MCS_BENCH_STATE_KILLS", "5"))
+RECOVERY_KILLS = int(os.environ.get("MCS_BENCH_STATE_KILLS", "9"))
 COUNTERS = 1000  # distinct keys of the incr rows
 
 # The targets of issue 11, as (ratio name, "at_least" or "at_most", threshold).

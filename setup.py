@@ -1,4 +1,5 @@
 """Builds the native modules (metadata is in pyproject.toml): mcs._gsm, the GSM core,
+mcs._undo, the undo log, mcs._dict, the SharedDict table,
 webcache._fs, the fast path's confined file lookup, and webcache._hit, the hit path's chain
 walk and checked copy."""
 
@@ -9,6 +10,20 @@ extensions = [
     Extension(
         "mcs._gsm",
         ["mcs/_gsm.pyx"],
+        include_dirs=["mcs"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
+        libraries=["pthread"],
+    ),
+    Extension(
+        "mcs._undo",
+        ["mcs/_undo.pyx"],
+        include_dirs=["mcs"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
+        libraries=["pthread"],
+    ),
+    Extension(
+        "mcs._dict",
+        ["mcs/_dict.pyx"],
         include_dirs=["mcs"],
         extra_compile_args=["-O2", "-Wno-unused-function"],
         libraries=["pthread"],

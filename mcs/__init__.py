@@ -4,7 +4,8 @@ The public API: :class:`Section`, :class:`GlobalMutex`, :class:`GlobalEvent`,
 :class:`LockStatus`, :func:`monotonic_ns`, :class:`Bootstrap` and the errors of
 :mod:`mcs.errors` (the GSM core), and the component layer, which builds on
 :mod:`membership`: :class:`McsComponent`, :func:`transaction`, :class:`RecoveryStats`,
-:class:`ComponentRecord` (the typed reader of a component's record) and :func:`component_domain`.
+:class:`ComponentRecord` (the typed reader of a component's record) and :func:`component_domain`,
+and :class:`SharedDict` (a dict in shared memory, a component).
 
 The component layer sits *above* membership, which sits above the core, so it is exported
 lazily (PEP 562): ``import mcs`` loads only the core, and ``mcs.McsComponent`` imports
@@ -44,7 +45,15 @@ _COMPONENT_LAYER = frozenset({"McsComponent", "RecoveryStats", "transaction", "C
                               "component_domain"})
 
 
+# SharedDict sits on the component layer (mcs.shared_dict): lazy too.
+_DICT_LAYER = frozenset({"SharedDict"})
+
+
 def __getattr__(name: str) -> object:
+    if name in _DICT_LAYER:
+        from mcs import shared_dict  # the sanctioned upward edge (ignored by the layers contract)
+
+        return getattr(shared_dict, name)
     if name in _COMPONENT_LAYER:
         from mcs import component  # the sanctioned upward edge (ignored by the layers contract)
 
@@ -53,7 +62,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _COMPONENT_LAYER)
+    return sorted(set(globals()) | _COMPONENT_LAYER | _DICT_LAYER)
 
 
 __all__ = [
@@ -76,6 +85,7 @@ __all__ = [
     "Recovering",
     "RecoveryStats",
     "Section",
+    "SharedDict",
     "checksum",
     "component_domain",
     "copy_checksum",

@@ -508,20 +508,9 @@ cdef class GlobalMutex:
         Never call this on a mutex that another process may hold.
         """
         cdef GlobalMutex self = GlobalMutex._bind(section, offset, tag)
-        cdef pthread_mutexattr_t attr
-        cdef mcs_mutex_meta* meta = mcs_mutex_meta_of(self._slot)
-        cdef int rc
-        mcs_store32(&meta.magic, 0)
-        memset(self._slot, 0, MCS_MUTEX_SLOT_SIZE)
-        pthread_mutexattr_init(&attr)
-        pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED)
-        pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST)
-        pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK)
-        rc = pthread_mutex_init(<pthread_mutex_t*>self._slot, &attr)
-        pthread_mutexattr_destroy(&attr)
+        cdef int rc = mcs_mutex_init(self._slot)
         if rc != 0:
             raise_errno("pthread_mutex_init", rc)
-        mcs_store32(&meta.magic, MCS_MUTEX_MAGIC)
         return self
 
     @classmethod
@@ -545,10 +534,7 @@ cdef class GlobalMutex:
         return 0
 
     cdef inline object _acquired(self, object status):
-        cdef mcs_mutex_meta* meta = mcs_mutex_meta_of(self._slot)
-        meta.pid = mcs_pid()
-        meta.tid = mcs_tid()
-        meta.tag = self.tag
+        mcs_mutex_owned(self._slot, self.tag)
         self._section._holds += 1
         return status
 
@@ -556,8 +542,7 @@ cdef class GlobalMutex:
         """Blocking part of lock(): GIL released, woken every slice for signals and close()."""
         cdef int rc
         cdef int64_t now, until
-        cdef timespec ts
-        cdef pthread_mutex_t* m = <pthread_mutex_t*>self._slot
+        cdef void* slot = self._slot
         self._section._holds += 1
         try:
             while True:
@@ -565,9 +550,8 @@ cdef class GlobalMutex:
                 until = now + SLICE_NS
                 if deadline >= 0 and deadline < until:
                     until = deadline
-                mcs_deadline(until, &ts)
                 with nogil:
-                    rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts)
+                    rc = mcs_mutex_lock_until(slot, until)
                 if rc != ETIMEDOUT:
                     return rc
                 if deadline >= 0 and mcs_now_ns(CLOCK_MONOTONIC) >= deadline:
@@ -588,10 +572,7 @@ cdef class GlobalMutex:
         cdef int64_t deadline
         cdef mcs_mutex_meta* meta
         self._check_magic()
-        if mcs_load32(&mcs_mutex_meta_of(self._slot).state) == MCS_MUTEX_NOTRECOVERABLE:
-            rc = ENOTRECOVERABLE
-        else:
-            rc = pthread_mutex_trylock(<pthread_mutex_t*>self._slot)
+        rc = mcs_mutex_trylock(self._slot)
         if rc == 0:
             return self._acquired(_OK)
         if rc == EBUSY:
@@ -606,12 +587,12 @@ cdef class GlobalMutex:
         if rc == EOWNERDEAD:
             meta = mcs_mutex_meta_of(self._slot)
             self._previous = MutexOwner(meta.pid, meta.tag)
-            mcs_store32(&meta.state, MCS_MUTEX_INCONSISTENT)
+            mcs_mutex_abandoned(self._slot)
             if meta.pid == <uint32_t>mcs_pid():
                 self._section._holds -= 1  # a thread of ours died holding it: drop its hold
             return self._acquired(_ABANDONED)
         if rc == ENOTRECOVERABLE:
-            mcs_store32(&mcs_mutex_meta_of(self._slot).state, MCS_MUTEX_NOTRECOVERABLE)
+            mcs_mutex_not_recoverable(self._slot)
             raise NotRecoverableError(
                 f"mutex at offset {self.offset} is not recoverable: a dead holder's state was "
                 "never marked consistent; rebuild the data and re-create the mutex")
@@ -628,15 +609,9 @@ cdef class GlobalMutex:
         meta = mcs_mutex_meta_of(self._slot)
         if meta.magic != MCS_MUTEX_MAGIC:
             raise CorruptObjectError(f"no mcs mutex at offset {self.offset} (bad magic)")
-        if meta.pid != <uint32_t>mcs_pid() or meta.tid != <uint32_t>mcs_tid():
+        if not mcs_mutex_held_by_me(self._slot):
             raise LockUsageError("unlock of a mutex this thread does not hold")
-        meta.pid = 0
-        meta.tid = 0
-        meta.tag = 0
-        if meta.state == MCS_MUTEX_INCONSISTENT:
-            # Released unrepaired: glibc makes it not recoverable; record that before unlocking.
-            mcs_store32(&meta.state, MCS_MUTEX_NOTRECOVERABLE)
-        rc = pthread_mutex_unlock(<pthread_mutex_t*>self._slot)
+        rc = mcs_mutex_release(self._slot)
         if rc != 0:
             raise_errno("pthread_mutex_unlock", rc)
         self._section._release_hold()
@@ -650,12 +625,11 @@ cdef class GlobalMutex:
         if (meta.state != MCS_MUTEX_INCONSISTENT or meta.pid != <uint32_t>mcs_pid()
                 or meta.tid != <uint32_t>mcs_tid()):
             raise LockUsageError("mark_consistent: this thread does not hold an abandoned lock")
-        rc = pthread_mutex_consistent(<pthread_mutex_t*>self._slot)
+        rc = mcs_mutex_mark_consistent(self._slot)
         if rc == EINVAL:
             raise LockUsageError("mark_consistent: the mutex is not held in an abandoned state")
         if rc != 0:
             raise_errno("pthread_mutex_consistent", rc)
-        mcs_store32(&meta.state, MCS_MUTEX_CONSISTENT)
 
     @property
     def previous_owner(self):

@@ -65,5 +65,17 @@ cdef extern from "gsm_native.h" nogil:
     uint32_t mcs_add32(void* p, uint32_t delta)
     void mcs_store32(void* p, uint32_t v)
 
+    # the robust-mutex core (GlobalMutex and the native lockers)
+    int mcs_mutex_init(void* slot)
+    int mcs_mutex_trylock(void* slot)
+    int mcs_mutex_lock_until(void* slot, int64_t until_ns)
+    void mcs_mutex_owned(void* slot, uint64_t tag)
+    void mcs_mutex_abandoned(void* slot)
+    void mcs_mutex_not_recoverable(void* slot)
+    bint mcs_mutex_held_by_me(void* slot)
+    int mcs_mutex_release(void* slot)
+    int mcs_mutex_mark_consistent(void* slot)
+    int mcs_mutex_lock(void* slot, uint64_t tag, int64_t deadline_ns)
+
     mcs_beat* mcs_beat_start(void* stamp, void* counter, int64_t interval_ns, int* err)
     void mcs_beat_stop(mcs_beat* beat)

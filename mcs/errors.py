@@ -26,6 +26,11 @@ __all__ = [
     "LockUsageError",
     "FencedError",
     "Recovering",
+    "LogFullError",
+    "DictFullError",
+    "ItemTooLargeError",
+    "ForkedHandleError",
+    "TransactionConflict",
     "native_error",
 ]
 
@@ -125,3 +130,31 @@ def native_error(call: str, err: int) -> NativeError:
             cls = type(f"Native{base.__name__}", (NativeError, base), {"__module__": __name__})
         _ERRNO_CLASSES[err] = cls
     return cls(err, f"{call}: {os.strerror(err)}")
+
+
+# -- undo log and SharedDict (helper "dict", issue 11) ------------------------------------------
+
+
+class LogFullError(McsError):
+    """An undo log has no room for another before-image: the transaction is too large for it
+    (it is rolled back; nothing of it stays written)."""
+
+
+class DictFullError(McsError):
+    """A SharedDict has no free entry for a new key (in the key's stripe): nothing was written."""
+
+
+class ItemTooLargeError(McsError, ValueError):
+    """A SharedDict key or value is longer than the dict's ``max_key`` / ``max_value`` (or a
+    key or value of an unsupported type): nothing was written."""
+
+
+class ForkedHandleError(McsError):
+    """A handle made in one process was used in a child forked from it; the child must make its
+    own (its membership, locks and undo logs are the parent's)."""
+
+
+class TransactionConflict(McsError):
+    """A SharedDict transaction waited too long for a stripe another transaction holds (a
+    possible deadlock): it was rolled back entirely; run the block again
+    (:meth:`mcs.SharedDict.transact` does that itself)."""

@@ -126,6 +126,109 @@ static inline uint32_t mcs_load32(void *p) { return __atomic_load_n((uint32_t *)
 static inline void mcs_store32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
 static inline uint32_t mcs_add32(void *p, uint32_t delta) { return __atomic_fetch_add((uint32_t *)p, delta, __ATOMIC_SEQ_CST); }
 
+/* The robust-mutex core, shared by GlobalMutex (mcs/_gsm.pyx) and the native lockers of
+ * mcs/_undo.pyx and mcs/_dict.pyx: one implementation of the state word, the owner metadata and
+ * the abandoned / not-recoverable rules. None of these take the GIL or check signals. */
+static int mcs_mutex_init(void *slot) {
+    mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
+    pthread_mutexattr_t attr;
+    int rc;
+    mcs_store32(&meta->magic, 0);
+    memset(slot, 0, MCS_MUTEX_SLOT_SIZE);
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+    rc = pthread_mutex_init((pthread_mutex_t *)slot, &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc == 0)
+        mcs_store32(&meta->magic, MCS_MUTEX_MAGIC);
+    return rc;
+}
+
+/* trylock, but never into glibc for a mutex recorded not recoverable (see above). */
+static inline int mcs_mutex_trylock(void *slot) {
+    if (mcs_load32(&mcs_mutex_meta_of(slot)->state) == MCS_MUTEX_NOTRECOVERABLE)
+        return ENOTRECOVERABLE;
+    return pthread_mutex_trylock((pthread_mutex_t *)slot);
+}
+
+/* One blocking attempt until the absolute CLOCK_MONOTONIC time until_ns. */
+static inline int mcs_mutex_lock_until(void *slot, int64_t until_ns) {
+    struct timespec ts;
+    mcs_deadline(until_ns, &ts);
+    return pthread_mutex_clocklock((pthread_mutex_t *)slot, CLOCK_MONOTONIC, &ts);
+}
+
+/* Record the calling thread as the holder (after 0 or EOWNERDEAD). */
+static inline void mcs_mutex_owned(void *slot, uint64_t tag) {
+    mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
+    meta->pid = (uint32_t)mcs_pid();
+    meta->tid = (uint32_t)mcs_tid();
+    meta->tag = tag;
+}
+
+/* After EOWNERDEAD: the data is inconsistent until mcs_mutex_mark_consistent. */
+static inline void mcs_mutex_abandoned(void *slot) {
+    mcs_store32(&mcs_mutex_meta_of(slot)->state, MCS_MUTEX_INCONSISTENT);
+}
+
+static inline void mcs_mutex_not_recoverable(void *slot) {
+    mcs_store32(&mcs_mutex_meta_of(slot)->state, MCS_MUTEX_NOTRECOVERABLE);
+}
+
+/* Whether the calling thread is the recorded holder. */
+static inline int mcs_mutex_held_by_me(void *slot) {
+    mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
+    return meta->pid == (uint32_t)mcs_pid() && meta->tid == (uint32_t)mcs_tid();
+}
+
+static inline int mcs_mutex_release(void *slot) {
+    mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
+    meta->pid = 0;
+    meta->tid = 0;
+    meta->tag = 0;
+    if (meta->state == MCS_MUTEX_INCONSISTENT)
+        /* Released unrepaired: glibc makes it not recoverable; record that before unlocking. */
+        mcs_store32(&meta->state, MCS_MUTEX_NOTRECOVERABLE);
+    return pthread_mutex_unlock((pthread_mutex_t *)slot);
+}
+
+static inline int mcs_mutex_mark_consistent(void *slot) {
+    int rc = pthread_mutex_consistent((pthread_mutex_t *)slot);
+    if (rc == 0)
+        mcs_store32(&mcs_mutex_meta_of(slot)->state, MCS_MUTEX_CONSISTENT);
+    return rc;
+}
+
+/* A whole lock for native callers: deadline_ns is an absolute CLOCK_MONOTONIC time, 0 = try
+ * once, -1 = forever. Returns 0 (held, `tag` recorded), EOWNERDEAD (held, state INCONSISTENT:
+ * the dead holder's tag is left in meta->tag for the caller to read and repair, its own tag is
+ * recorded only by mcs_mutex_owned once repaired; so if the repairer dies too, the next locker
+ * still finds the first owner's tag), ETIMEDOUT, ENOTRECOVERABLE, EDEADLK or another errno. */
+static int mcs_mutex_lock(void *slot, uint64_t tag, int64_t deadline_ns) {
+    int rc = mcs_mutex_trylock(slot);
+    if (rc == EBUSY) {
+        if (deadline_ns == 0)
+            return ETIMEDOUT;
+        if (deadline_ns < 0)
+            rc = pthread_mutex_lock((pthread_mutex_t *)slot);
+        else
+            rc = mcs_mutex_lock_until(slot, deadline_ns);
+    }
+    if (rc == 0) {
+        mcs_mutex_owned(slot, tag);
+    } else if (rc == EOWNERDEAD) {
+        mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
+        meta->pid = (uint32_t)mcs_pid();
+        meta->tid = (uint32_t)mcs_tid();
+        mcs_mutex_abandoned(slot);
+    } else if (rc == ENOTRECOVERABLE) {
+        mcs_mutex_not_recoverable(slot);
+    }
+    return rc;
+}
+
 /* Heartbeat: a native thread that stores a monotonic stamp and bumps a counter every interval.
  * It never takes the GIL, so a busy interpreter does not look like a frozen process; only a
  * stopped process (SIGSTOP, frozen machine) stops it. */

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["LockStatus", "MutexOwner"]
+__all__ = ["LockStatus", "MutexOwner", "LogState", "RollbackOutcome"]
 
 
 class LockStatus(enum.IntEnum):
@@ -25,3 +25,30 @@ class MutexOwner(NamedTuple):
 
     pid: int
     tag: int
+
+
+# -- undo log (helper "dict", issue 11) ---------------------------------------------------------
+
+
+class LogState(enum.IntEnum):
+    """The state word of an undo log (:class:`mcs.undo.UndoLog`)."""
+
+    IDLE = 0
+    """No transaction: nothing to undo."""
+    ACTIVE = 1
+    """A transaction is writing: if its owner dies, its records are applied back."""
+    COMMITTED = 2
+    """The transaction passed its point of no return: never rolled back, never re-run."""
+
+
+class RollbackOutcome(enum.IntEnum):
+    """What :meth:`mcs.undo.UndoLog.rollback_dead` did."""
+
+    NOTHING = 0
+    """The log was idle: no transaction of that owner to undo."""
+    ROLLED_BACK = 1
+    """An ACTIVE transaction: its before-images were applied back, newest first."""
+    WAS_COMMITTED = 2
+    """A committed transaction that never finished: kept, the log made idle."""
+    OTHER_OWNER = 3
+    """The log belongs to another owner now (the slot's next incarnation): left alone."""

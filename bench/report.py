@@ -853,9 +853,180 @@ def fmt_time(s: float | None) -> str:
     return f"{s * 1e9:.3g} ns"
 
 
+# -- shared state (bench/test_state.py) ----------------------------------------------------------
+
+STATE_PREFIX = "state-"
+STATE_ORDER = ["state-get", "state-put", "state-put-2proc", "state-transaction", "state-incr",
+               "state-recovery"]
+STATE_TITLES = {
+    "state-get": "get (one process)",
+    "state-put": "put (one process)",
+    "state-put-2proc": "put, two writer processes (aggregate)",
+    "state-transaction": "two-key transaction (one process; ops = transactions)",
+    "state-incr": "incr (one process)",
+}
+STATE_MCS_ROWS = ("sharedict", "sharedict-transaction")
+STATE_ROWS = {  # row -> what it is
+    "sharedict": "`mcs.SharedDict`",
+    "sharedict-transaction": "`mcs.SharedDict`, `with d.transaction() as tx:`",
+    "sharedict-put": "`mcs.SharedDict`, one plain put (the reference of the transaction target)",
+    "lmdb": "py-lmdb, one write transaction per operation",
+    "lmdb-txn-per-op": "py-lmdb, one read transaction per get",
+    "lmdb-long-read-txn": "py-lmdb, one long-lived read transaction per round",
+    "redis": "Redis through redis-py, unix socket",
+    "diskcache": "diskcache",
+    "manager": "`multiprocessing.Manager().dict()`",
+}
+
+
+STATE_ROWS_IN = {  # (group, row) -> what it is, where it differs from STATE_ROWS
+    ("state-transaction", "lmdb"): "py-lmdb, both puts in one write transaction",
+    ("state-transaction", "redis"): "Redis, MULTI/EXEC pipeline (one round trip)",
+    ("state-transaction", "diskcache"): "diskcache, `transact()`",
+    ("state-transaction", "manager"): "`Manager().dict()`, both writes under a manager Lock",
+    ("state-incr", "lmdb"): "py-lmdb, read-modify-write in one write transaction",
+    ("state-incr", "redis"): "Redis `INCR` through redis-py",
+    ("state-incr", "diskcache"): "diskcache `incr`",
+    ("state-incr", "manager"): "`Manager().dict()`, read-modify-write under a manager Lock",
+    ("state-put-2proc", "lmdb"): "py-lmdb, one write transaction per put, in each process",
+    ("state-put-2proc", "sharedict"): "`mcs.SharedDict`, one handle in each process",
+}
+
+
+def is_state(group: str) -> bool:
+    return group.startswith(STATE_PREFIX)
+
+
+def _row_name(b: dict) -> str:
+    return str(xi(b).get("row") or param_label(b))
+
+
+def state_mcs_row(rows: list[dict]) -> dict | None:
+    """The SharedDict row of a throughput group (None when it did not run)."""
+    return next((b for b in rows if _row_name(b) in STATE_MCS_ROWS), None)
+
+
+def state_targets(rows: list[dict]) -> list[str]:
+    """The targets a group's rows recorded, each verdict recomputed here from the recorded
+    ratio and threshold (not from the benchmark's own flag)."""
+    out = []
+    for b in rows:
+        for name, t in (xi(b).get("targets") or {}).items():
+            r = t.get("ratio")
+            if "at_least" in t:
+                verdict = met(r, t["at_least"])
+            else:
+                verdict = met(r, t.get("at_most", 0.0), at_least=False)
+            word = f"**{verdict}**" if verdict == "missed" else verdict
+            out.append(f"{name}: {fmt_ratio(r)} ({t.get('what', 'ratio')}) — {word}")
+    return out
+
+
+def state_intro(groups: dict[str, list[dict]]) -> str:
+    rows = [b for g in groups.values() for b in g]
+    e0 = next((xi(b) for b in rows if _num(xi(b).get("key_bytes"))), {})
+    stores = list(dict.fromkeys(str(xi(b)["store"]) for b in rows if xi(b).get("store")))
+    text = ("`mcs.SharedDict` against the stores one reaches for to share a dict between processes "
+            "on one host, measured side by side in the same run")
+    if e0:
+        text += (f", every store holding the same {fmt(e0.get('keys'))} keys of "
+                 f"{fmt(e0.get('key_bytes'))} bytes with {fmt(e0.get('value_bytes'))}-byte values")
+    text += ". Ratios are SharedDict's ops/s ÷ the row's (above 1: SharedDict is faster)."
+    if stores:
+        text += " Stores: " + "; ".join(stores) + "."
+    return text
+
+
+def section_state_group(group: str, rows: list[dict]) -> list[str]:
+    m = state_mcs_row(rows)
+    mo = xi(m).get("ops_per_s") if m is not None else None
+    out = [f"### {STATE_TITLES.get(group, group)}", ""]
+    table = []
+    for b in rows:
+        e, name = xi(b), _row_name(b)
+        r = None if b is m else ratio(mo, e.get("ops_per_s"))
+        what = STATE_ROWS_IN.get((group, name), STATE_ROWS.get(name, ""))
+        table.append([name, what, fmt(e.get("ops_per_s")),
+                      fmt(e.get("us_per_op")), "—" if b is m else fmt_ratio(r)])
+    out += [md_table(["row", "what", "ops/s", "µs/op", "SharedDict ÷ it"], table), ""]
+    if m is None:
+        out += ["SharedDict did not run in this group: no ratio.", ""]
+        return out
+    words = []
+    for b in rows:
+        if b is m or _row_name(b) == "sharedict-put":
+            continue
+        e = xi(b)
+        word = compared(mo, e.get("ops_per_s"), "faster", "slower", "about as fast")
+        words.append(f"{fmt_ratio(ratio(mo, e.get('ops_per_s')))} {_row_name(b)}: **{word}**")
+    if words:
+        out += ["SharedDict " + fmt(mo) + " ops/s: " + "; ".join(words) + ".", ""]
+    if _num(xi(m).get("scaling_vs_one_process")):
+        out += [f"Two writer processes did {fmt_ratio(xi(m)['scaling_vs_one_process'])} the "
+                "puts/s of one SharedDict process in the same run"
+                + "".join(f"; LMDB {fmt_ratio(xi(b)['scaling_vs_one_process'])}" for b in rows
+                          if _row_name(b) == "lmdb" and _num(xi(b).get("scaling_vs_one_process")))
+                + ".", ""]
+    targets = state_targets(rows)
+    if targets:
+        out += ["Targets: " + "; ".join(targets) + ".", ""]
+    return out
+
+
+def section_state_recovery(rows: list[dict]) -> list[str]:
+    rows = sorted(rows, key=lambda b: xi(b).get("dict_keys", 0))
+    base = next((b for b in rows if xi(b).get("baseline")), rows[0])
+    b0 = xi(base)
+    out = ["### recovery: kill -9 of a non-master member → stable", "",
+           f"The master holds the dict; a member process joins, sets ephemeral keys, writes and "
+           f"runs transactions on random keys and is killed with SIGKILL in the middle of them "
+           f"({fmt(b0.get('kills'))} kills per size after a warm-up kill). *kill → stable*: from "
+           "the kill until the master is in a newer epoch and has answered a put and a get; "
+           "*last_duration_ms*: the component's own `stats.last_duration_ms`. Medians; ratios "
+           f"against {fmt(b0.get('dict_keys'))} keys.", ""]
+    table = []
+    for b in rows:
+        e = xi(b)
+        table.append([fmt(e.get("dict_keys")), fmt(e.get("kill_to_stable_ms")),
+                      fmt_ratio(ratio(e.get("kill_to_stable_ms"), b0.get("kill_to_stable_ms"))),
+                      fmt(e.get("last_duration_ms")),
+                      fmt_ratio(ratio(e.get("last_duration_ms"), b0.get("last_duration_ms"))),
+                      fmt(e.get("kill_to_stable_ms_max"))])
+    out += [md_table(["keys", "kill → stable ms", "× smallest", "last_duration_ms",
+                      "× smallest", "kill → stable max ms"], table), ""]
+    big = xi(rows[-1])
+    if rows[-1] is not base:
+        growth = ratio(big.get("kill_to_stable_ms"), b0.get("kill_to_stable_ms"))
+        word = compared(big.get("kill_to_stable_ms"), b0.get("kill_to_stable_ms"), "longer",
+                        "shorter", "about as long")
+        out += [f"With {fmt(big.get('dict_keys'))} keys a recovery took {fmt_ratio(growth)} the "
+                f"time it took with {fmt(b0.get('dict_keys'))}: **{word}**.", ""]
+    targets = state_targets(rows)
+    if targets:
+        out += ["Targets: " + "; ".join(targets) + ".", ""]
+    return out
+
+
+def section_state(groups: dict[str, list[dict]]) -> list[str]:
+    """The "Shared state" section: one table per group of bench/test_state.py (ops/s and
+    SharedDict ÷ each peer), the comparison words and the targets' verdicts computed here."""
+    out = [state_intro(groups), ""]
+    for g in [g for g in STATE_ORDER if g in groups] + sorted(
+            g for g in groups if g not in STATE_ORDER):
+        try:
+            if g == "state-recovery":
+                out += section_state_recovery(groups[g])
+            else:
+                out += section_state_group(g, groups[g])
+        except (KeyError, TypeError, ValueError) as exc:  # an older/newer layout
+            out += [f"### {g}", "", f"(rendering failed: {exc!r})", ""]
+    return out
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison"]
+STATE_SECTION = "Shared state"  # the state-* groups (bench/test_state.py), in one section
 # ./dev bench makes .venv; matplotlib draws the plots (not an mcs dependency)
 REGENERATE = "./dev bench && .venv/bin/pip install matplotlib && .venv/bin/python bench/report.py"
 
@@ -938,11 +1109,18 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
     headline = summary_line(last)
     if headline:
         lines += [headline, ""]
-    names = [g for g in ORDER if g in groups] + sorted(g for g in groups if g not in ORDER)
+    state = {g: groups[g] for g in groups if is_state(g)}
+    names = [g for g in ORDER if g in groups] + sorted(g for g in groups
+                                                        if g not in ORDER and not is_state(g))
     several = len(docs) > 1  # then say which file each group was taken from
     lines += ["## Groups", ""] + [f"- [{g}](#{_anchor(g)}) ({len(groups[g])} rows"
                                    + (f", `{_shown(source[g])}`" if several else "") + ")"
-                                   for g in names] + [""]
+                                   for g in names]
+    if state:
+        lines += [f"- [{STATE_SECTION}](#{_anchor(STATE_SECTION)}): " + ", ".join(
+            f"{g} ({len(rows)} rows" + (f", `{_shown(source[g])}`" if several else "") + ")"
+            for g, rows in state.items())]
+    lines += [""]
     if plt is not None:
         img_dir.mkdir(parents=True, exist_ok=True)
     for g in names:
@@ -962,6 +1140,8 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
         except (KeyError, TypeError, ValueError) as exc:  # an older/newer layout: go generic
             lines += [f"(custom rendering failed: {exc!r}; generic table below)", ""]
         lines += section_generic(plt, g, rows, base_of, how, img_dir, out)
+    if state:
+        lines += [f"## {STATE_SECTION}", ""] + section_state(state)
     text = "\n".join(lines).rstrip() + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(kept_run(docs, groups, source), indent=2) + "\n")

@@ -184,3 +184,104 @@ def test_the_kept_json_leaves_out_per_round_samples_only(report, tmp_path):
                                                (None, 100, "not comparable")])
 def test_compared_words(report, value, base, word):
     assert report.compared(value, base, "more", "less", "same") == word
+
+
+# -- the "Shared state" section (bench/test_state.py) ---------------------------------------------
+
+
+def _state_row(group: str, row: str, ops: float, **extra: Any) -> dict[str, Any]:
+    info = {"row": row, "ops_per_s": ops, "us_per_op": 1e6 / ops, "key_bytes": 16,
+            "value_bytes": 64, "keys": 10_000, **extra}
+    return _row(group, f"test_{group}[{row}]", info)
+
+
+def _target(ratio: float, kind: str, threshold: float, flag: bool) -> dict[str, Any]:
+    # ``flag`` is what the benchmark recorded; the report must recompute it from the ratio
+    return {"ratio": ratio, kind: threshold, "met": flag, "what": "ratio"}
+
+
+def state_doc(*, get: float = 900_000.0, lmdb_get: float = 450_000.0, tx: float = 400_000.0,
+              put: float = 600_000.0, big_ms: float = 12.0, with_mcs: bool = True,
+              lying_flags: bool = False) -> dict[str, Any]:
+    """A run of bench/test_state.py: SharedDict against LMDB and Redis; the recorded ``met``
+    flags are wrong on purpose when ``lying_flags``."""
+    rows = []
+    if with_mcs:
+        r = get / lmdb_get
+        rows.append(_state_row("state-get", "sharedict", get, targets={
+            "get >= 1.0x LMDB (read txn per get)": _target(
+                r, "at_least", 1.0, (r >= 1.0) != lying_flags)}))
+    rows += [_state_row("state-get", "lmdb-txn-per-op", lmdb_get),
+             _state_row("state-get", "redis", 11_000.0)]
+    if with_mcs:
+        r = put / tx
+        rows += [_state_row("state-transaction", "sharedict-transaction", tx, targets={
+            "two-key transaction <= 2x a put": _target(r, "at_most", 2.0,
+                                                       (r <= 2.0) != lying_flags)}),
+                 _state_row("state-transaction", "sharedict-put", put)]
+    rows.append(_state_row("state-transaction", "lmdb", 80_000.0))
+    if with_mcs:
+        small, big = 10.0, big_ms
+        rows += [_row("state-recovery", "rec[1_000-keys]", {
+                     "row": "1,000 keys", "dict_keys": 1000, "kill_to_stable_ms": small,
+                     "last_duration_ms": 5.0, "kills": 5, "baseline": True}),
+                 _row("state-recovery", "rec[1_000_000-keys]", {
+                     "row": "1,000,000 keys", "dict_keys": 1_000_000, "kill_to_stable_ms": big,
+                     "last_duration_ms": 6.0, "kills": 5, "baseline": False, "targets": {
+                         "recovery with 1 M keys <= 1.5x with 1 k": _target(
+                             big / small, "at_most", 1.5, (big / small <= 1.5) != lying_flags)}})]
+    doc = run_doc()
+    doc["benchmarks"] += rows
+    return doc
+
+
+STATE_VERDICTS = [
+    ({}, ["×2.00 lmdb-txn-per-op: **faster**",
+          "get >= 1.0x LMDB (read txn per get): ×2.00 (ratio) — met",
+          "two-key transaction <= 2x a put: ×1.50 (ratio) — met",
+          "recovery with 1 M keys <= 1.5x with 1 k: ×1.20 (ratio) — met",
+          "took ×1.20 the time it took with 1,000: **longer**"], ["**missed**"]),
+    ({"get": 300_000.0, "tx": 200_000.0, "big_ms": 30.0},
+     ["×0.67 lmdb-txn-per-op: **slower**",
+      "get >= 1.0x LMDB (read txn per get): ×0.67 (ratio) — **missed**",
+      "two-key transaction <= 2x a put: ×3.00 (ratio) — **missed**",
+      "recovery with 1 M keys <= 1.5x with 1 k: ×3.00 (ratio) — **missed**"], ["— met"]),
+    ({"get": 455_000.0, "big_ms": 10.1}, ["×1.01 lmdb-txn-per-op: **about as fast**",
+                                          "**about as long**"],
+     ["lmdb-txn-per-op: **faster**", "**longer**"]),
+    # the verdict is the report's own, from the ratio: a wrong recorded flag changes nothing
+    ({"lying_flags": True}, ["get >= 1.0x LMDB (read txn per get): ×2.00 (ratio) — met"],
+     ["**missed**"]),
+]
+
+
+@pytest.mark.parametrize("numbers, said, not_said", STATE_VERDICTS)
+def test_shared_state_sentences_follow_the_numbers(report, tmp_path, numbers, said, not_said):
+    text = build(report, tmp_path, state_doc(**numbers))
+    state = text.split("## Shared state", 1)[1]
+    for sentence in said:
+        assert sentence in state
+    for sentence in not_said:
+        assert sentence not in state
+
+
+def test_shared_state_section_tables_and_the_rest_of_the_report(report, tmp_path):
+    text = build(report, tmp_path, state_doc())
+    assert "- [Shared state](#shared-state): state-get (3 rows)" in text
+    state = text.split("## Shared state", 1)[1]
+    assert "every store holding the same 10,000 keys of 16 bytes with 64-byte values" in state
+    assert "| lmdb-txn-per-op | py-lmdb, one read transaction per get | 450,000 |" in state
+    assert "| redis | Redis through redis-py, unix socket | 11,000 | 90.91 | ×81.82 |" in state
+    assert "Redis, MULTI/EXEC" not in state  # no Redis row in the transaction group
+    assert "| lmdb | py-lmdb, both puts in one write transaction | 80,000 |" in state
+    assert "| 1,000,000 | 12.00 | ×1.20 | 6.00 | ×1.20 |" in state
+    # the state groups are in their section only, and the other sections are still there
+    assert "## state-get" not in text
+    assert "## webcache-scaling" in text and "## cache-comparison" in text
+
+
+def test_shared_state_without_sharedict_says_so(report, tmp_path):
+    text = build(report, tmp_path, state_doc(with_mcs=False))
+    state = text.split("## Shared state", 1)[1]
+    assert state.count("SharedDict did not run in this group: no ratio.") == 2
+    assert "Targets:" not in state

@@ -80,6 +80,9 @@ class SharedDict(Table, McsComponent):
     :class:`~mcs.errors.ForkedHandleError`.
     """
 
+    #: the dict keeps its own undo logs inside its table (mcs.undo): no component log region
+    transaction_lanes = 0
+
     def __init__(self, domain: str, *, name: str = "dict", capacity: int = 100_000,
                  max_key: int = 64, max_value: int = 256, node: str | None = None,
                  lanes: int = 8, stripes: int | None = None, tx_wait: float = 0.02,

@@ -16,7 +16,6 @@ from mcs.errors import (ClosedError, DictFullError, ForkedHandleError, ItemTooLa
 from conftest import wait_for
 
 FAST = dict(heartbeat=0.005, suspect_after=0.05, evict_after=0.3)
-MASTER_XFAIL = pytest.mark.xfail(strict=False, reason="needs master-area adoption (h-tx)")
 
 # A child member: joins the dict and runs `body` (code appended below), talking by lines.
 CHILD = """
@@ -379,7 +378,6 @@ time.sleep(600)
     assert len(d) == 300
 
 
-@MASTER_XFAIL
 def test_data_survives_the_master_killed(spawn, domain):
     master = spawn(CHILD + """
 for j in range(100):

@@ -32,6 +32,10 @@ POINTS = (
     "recovery.master.done",  # the master, after on_master, before publishing it
     "recovery.contribute",  # after build_shared_state, before acknowledging
     "recovery.stable",  # after the epoch became stable
+    "tx.logged",  # a transaction's write: the before-image is logged, the data not yet written
+    "tx.committed",  # the commit store is done, the locks are still held
+    "tx.released",  # the locks are released, the log not yet reset
+    "tx.rollback",  # a transaction is about to be rolled back
 )
 
 

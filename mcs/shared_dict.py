@@ -27,9 +27,11 @@ master, rolls back the undo logs of departed members and removes their ephemeral
 cost that follows what they held, not the size of the dict. Item operations never wait for a
 recovery (the table is never rebuilt, so they need no gate).
 
-Known limits: until the component layer adopts an existing master area, a new master
-re-creates it, so the dict starts empty when its master dies; a poisoned area is re-created
-empty too (:attr:`SharedDict.dict_stats` counts these ``resets``).
+What survives what: the table is the component's master area, which is domain-owned: a new
+master adopts it (mcs.component), so the dict survives the death of any member, the master's
+included, as long as one member lives. A poisoned area is re-created empty (the loss is
+counted in :attr:`SharedDict.dict_stats` ``resets`` and logged); when every member is gone, the
+kernel frees the memory and the dict is gone. See docs/state.md.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from mcs._libc cimport EOWNERDEAD, EDEADLK
-from mcs._native cimport (mcs_load64, mcs_mutex_init, mcs_mutex_lock, mcs_mutex_mark_consistent,
+from mcs._native cimport (mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
+                          mcs_mutex_mark_consistent,
                           mcs_mutex_meta_of, mcs_mutex_owned, mcs_mutex_release, mcs_span_ok,
                           mcs_store64, MCS_MUTEX_MAGIC, MCS_MUTEX_SLOT_SIZE)
 
@@ -27,6 +28,10 @@ from mcs.types import LogState, RollbackOutcome
 
 cdef enum:
     _RECORD_HEADER = 16
+
+# This module's copy of the cached pid (gsm_native.h keeps one per extension module), so the
+# log mutexes record their real holder (pid, tid), reset in a forked child.
+mcs_init_process()
 
 LOG_HEADER = UNDO_HEADER
 RECORD_HEADER = _RECORD_HEADER

@@ -134,6 +134,29 @@ def counters(samples: dict) -> dict[tuple[str, frozenset], float]:
             and kinds.get(k[0].removesuffix("_total")) == "counter"}
 
 
+def test_board_reads_are_consistent_or_flagged_torn():
+    """The board on real shared memory: a slot read while its seqlock is odd (an owner that
+    died mid-write) is still read, flagged torn; the domain totals add carried and counters."""
+    import mcs
+    from webcache import board as B, layout as L
+
+    with mcs.Section.create(L.MASTER_AREA_SIZE) as area:
+        assert not B.board_ok(area)
+        B.init_board(area)
+        assert B.board_ok(area) and B.read_board(area) == []
+        for slot, (inc, hits, carried, seq) in {0: (7, 5, 100, 2), 3: (9, 11, 0, 5)}.items():
+            rec = L.NodeBoard.at(area, L.BOARD_OFFSET + L.Board.offset_of("nodes", slot))
+            rec.incarnation, rec.pid, rec.seq = inc, 1000 + slot, seq
+            rec.counters[B.COUNTERS.index("hits")] = hits
+            rec.carried[B.COUNTERS.index("hits")] = carried
+            rec.node = b"n%d" % slot
+        snaps = B.read_board(area)
+        assert [(s.slot, s.incarnation, s.node, s.torn) for s in snaps] == [
+            (0, 7, "n0", False), (3, 9, "n3", True)]
+        assert snaps[0].counters["hits"] == 5 and snaps[1].counters["hits"] == 11
+        assert B.domain_totals(snaps)["hits"] == 116
+
+
 def test_ten_scrapes_through_the_shared_port_each_describe_every_member(cache, hostile_node):
     rng = random.Random(15)
     expected = set(cache.pids) | {hostile_node.pid}

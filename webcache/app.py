@@ -363,6 +363,7 @@ async def status(request: web.Request) -> web.Response:
 async def status_page(request: web.Request) -> web.Response:
     return web.Response(body=PAGE, content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-store",
+                                 "X-Content-Type-Options": "nosniff",
                                  "Content-Security-Policy":
                                      "default-src 'none'; script-src 'unsafe-inline'; "
                                      "style-src 'unsafe-inline'; connect-src 'self'"})
@@ -449,7 +450,7 @@ def metrics_text(doc: dict[str, Any]) -> bytes:
                [(lab, m["started"]) for lab, m in labels if m["started"] is not None])
     out.family("mcs_webcache_member_last_recovery_seconds", "gauge",
                "Duration of the member's last recovery",
-               [(lab, m["last_recovery_ms"] / 1000) for lab, m in labels])
+               [(lab, round(m["last_recovery_ms"] / 1000, 6)) for lab, m in labels])
     dom = doc["domain"]
     for key, help_ in _DOMAIN_COUNTERS:
         out.family(f"mcs_webcache_domain_{key}_total", "counter",
@@ -465,7 +466,7 @@ def metrics_text(doc: dict[str, Any]) -> bytes:
         ("recovery_epoch", "Epoch of the last recovery the members finished",
          0 if last is None else last["epoch"]),
         ("last_recovery_seconds", "Duration of the last recovery (its slowest member)",
-         0 if last is None else last["duration_ms"] / 1000),
+         0 if last is None else round(last["duration_ms"] / 1000, 6)),
         ("board_created_seconds", "When the board of counters was created: the domain totals "
          "count from there (Unix time)", dom["board_created"] or 0),
     ]
@@ -476,7 +477,7 @@ def metrics_text(doc: dict[str, Any]) -> bytes:
                [(lab, 1) for lab, m in labels if master is not None and m["slot"] == master["slot"]])
     out.family("mcs_webcache_last_recovery_phase_seconds", "gauge",
                "Phases of the last recovery (the slowest member's time in each)",
-               [] if last is None else [({"phase": p}, v / 1000)
+               [] if last is None else [({"phase": p}, round(v / 1000, 6))
                                         for p, v in last["phases_ms"].items()])
     return out.text()
 

@@ -241,12 +241,8 @@ class BoardWriter:
     def __init__(self, cache: "McsWebCache") -> None:
         self.cache = cache
         self.fast: "FastPathStats | None" = None  # set by the node when its front is in place
-        self._area: "Section | None" = None  # the area our slot was claimed in
         self._epoch_seen = 0
         self.publications = 0
-
-    def _slot_words(self) -> tuple[int, int]:
-        return self.cache.member.slot, _slot_offset(self.cache.member.slot)
 
     def publish(self) -> bool:
         """Write this member's counters to its slot (claiming it first if needed). False when
@@ -261,13 +257,12 @@ class BoardWriter:
                 return False
             assert area is not None
             counters, gauges = local_values(cache, self.fast)
-            _, off = self._slot_words()
+            off = _slot_offset(cache.member.slot)
             mine = (area.load64(off + _NB.offset_of("incarnation")) == cache.member.incarnation
                     and area.load64(off + _NB.offset_of("pid")) == os.getpid())
             with _Writing(area, off):
-                if area is not self._area or not mine:
+                if not mine:  # first publication, or a rebuilt board: (re)claim the slot
                     self._claim(area, off)
-                    self._area = area
                 self._write(area, off, counters, gauges)
         except McsError:  # closed or poisoned under us: a recovery deals with it
             return False
@@ -275,8 +270,10 @@ class BoardWriter:
         return True
 
     def _claim(self, area: "Section", off: int) -> None:
-        """Take the slot: what its previous occupant counted goes into ``carried``, our
-        counters start from what this incarnation has counted so far."""
+        """Take the slot: what its previous occupant counted goes into ``carried`` (once: the
+        occupant's identity is overwritten in the same write), our counters start from what
+        this incarnation has counted so far (written by :meth:`_write` before ``seq`` is even
+        again, so no reader sees the zeros)."""
         st = area.store64
         if area.load64(off + _NB.offset_of("incarnation")):
             for i in range(len(COUNTERS)):

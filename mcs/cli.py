@@ -15,7 +15,7 @@ from mcs import names
 from mcs.errors import McsError
 from mcs.gc import GcResult, collect, collect_domain
 from mcs.poison import check_target, poison
-from mcs.status import domain_status, format_status
+from mcs.status import Watch, domain_status, format_status
 
 __all__ = ["main"]
 
@@ -57,14 +57,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         targets = names.resolve(args.domain, args.component)
     except ValueError as exc:
         return _usage_error("status", str(exc))
+    watch = Watch() if args.watch else None
     while True:
         statuses = [domain_status(t) for t in targets]
+        if watch is not None:
+            for s in statuses:
+                watch.update(s)
         if args.json:  # one object per bootstrap domain; a list when the name has several
             print(json.dumps(statuses[0] if len(statuses) == 1 else statuses, indent=2))
         else:
             if args.watch:
                 print("\033[H\033[2J", end="")
-            print("\n\n".join(format_status(s) for s in statuses))
+            print("\n\n".join(format_status(s, watch) for s in statuses))
         if not args.watch:
             return 0
         sys.stdout.flush()
@@ -101,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--domain", required=True, help=_DOMAIN_HELP)
     st.add_argument("--component", help="only this component of the domain, e.g. webcache")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C, with heartbeat rates and a history of joins, "
+                    "departures and recoveries")
     st.add_argument("--interval", type=float, default=0.5, help="refresh period for --watch (s)")
     st.set_defaults(func=_cmd_status)
     fault = sub.add_parser("fault", help="fault injection into a live domain (tests, chaos)")

@@ -7,6 +7,7 @@ legitimate clients, and 505 for request lines of another HTTP version."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import select
 import signal
@@ -374,6 +375,8 @@ def test_limits_are_options_validated_and_reported(node, tmp_path, domain):
     for name in ("mcs_webcache_connections_open{", "mcs_webcache_connections_max{",
                  "mcs_webcache_connections_refused_at_cap_total{",
                  "mcs_webcache_connections_accept_errors_total{",
-                 'mcs_webcache_connections_timed_out_total{node="node0",slot="0",kind="header"}'):
+                 'mcs_webcache_connections_timed_out_total{node="node0",slot="0",incarnation="'):
         assert name in metrics, name
+    assert re.search(r'mcs_webcache_connections_timed_out_total\{node="node0",slot="0",'
+                     r'incarnation="\d+",kind="header"\} 0', metrics)
     assert "mcs_webcache_hits_total{" in metrics  # the app's own metrics are still there

@@ -244,7 +244,8 @@ def test_status_and_metrics(cache):
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = body.decode()
     assert "# TYPE mcs_webcache_hits_total counter" in text
-    assert 'mcs_webcache_members{node="' in text
+    assert "\nmcs_webcache_members 3\n" in text  # a domain gauge: no node label (issue 15)
+    assert text.count("mcs_webcache_hits_total{") == 3  # every member's series, from any node
 
 
 class Load:

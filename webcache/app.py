@@ -1,17 +1,25 @@
-"""The aiohttp application of one cache node: static files through the shared cache, plus
-``/_mcs/status`` (JSON) and ``/metrics`` (Prometheus text format)."""
+"""The aiohttp application of one cache node: static files through the shared cache, plus the
+operator's endpoints: ``/_mcs/status`` (JSON), ``/metrics`` (Prometheus text format) and
+``/_mcs/`` (a live status page). The nodes share one port, so each endpoint describes the whole
+domain, whichever node answers: every member's counters are read from the board in shared
+memory (webcache/board.py), where each node publishes its own."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import os
+import time
 from typing import Any
 
 from aiohttp import web
 
-from webcache.cache import McsWebCache
+from mcs.status import member_rows
+
+from webcache import board as B
+from webcache.cache import UNAVAILABLE, McsWebCache
 from webcache.fastpath import NODE_PID, SERVER, FastPathStats
+from webcache.status_page import PAGE
 from webcache.paths import DocumentRoot, FileChanged, Forbidden, NotFound, OpenFile, ResolvedFile
 from webcache.semantics import (
     RangeNotSatisfiable,
@@ -22,11 +30,13 @@ from webcache.semantics import (
     precondition_failed,
 )
 
-__all__ = ["make_app", "CACHE", "ROOT", "FAST"]
+__all__ = ["make_app", "node_status", "CACHE", "ROOT", "FAST", "BOARD"]
 
 CACHE = web.AppKey("cache", McsWebCache)
 ROOT = web.AppKey("root", DocumentRoot)
 FAST = web.AppKey("fast_path", FastPathStats)  # set by the node when its fast path is in front
+BOARD = web.AppKey("board", B.BoardWriter)  # this node's publisher of its counters
+_PUBLISHER = web.AppKey("board_task", asyncio.Task)
 # A file above max_entry is sent in chunks of this size: large enough that the per-chunk cost
 # (a worker-thread hop, an open and an fstat) stays small next to the copy, small enough that a
 # slow client holds at most this much per response in memory.
@@ -38,8 +48,13 @@ def make_app(cache: McsWebCache, root: DocumentRoot) -> web.Application:
     app = web.Application(client_max_size=0)
     app[CACHE] = cache
     app[ROOT] = root
+    app[BOARD] = B.BoardWriter(cache)
     app.router.add_get("/_mcs/status", status)
+    app.router.add_get("/_mcs/", status_page)
+    app.router.add_get("/_mcs", status_page_redirect)
     app.router.add_get("/metrics", metrics)
+    app.on_startup.append(_start_publishing)
+    app.on_cleanup.append(_stop_publishing)
     app.router.add_route("*", "/{tail:.*}", serve_file)
     app.on_response_prepare.append(_server_header)
     return app
@@ -196,14 +211,109 @@ async def _stream_from_disk(request: web.Request, opened: OpenFile, span: tuple[
     return resp
 
 
+# -- the operator's endpoints ------------------------------------------------------------------
+
+
+async def _start_publishing(app: web.Application) -> None:
+    writer = app[BOARD]
+    writer.fast = app.get(FAST)
+    writer.publish()
+    app[_PUBLISHER] = asyncio.get_running_loop().create_task(_publish_forever(writer))
+
+
+async def _publish_forever(writer: B.BoardWriter) -> None:
+    while True:
+        await asyncio.sleep(B.PUBLISH_INTERVAL)
+        writer.publish()
+
+
+async def _stop_publishing(app: web.Application) -> None:
+    task = app.get(_PUBLISHER)
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    app[BOARD].publish()  # a clean stop keeps its last counts
+
+
+def _zeros(names: tuple[str, ...]) -> dict[str, int]:
+    return dict.fromkeys(names, 0)
+
+
+def _member_doc(row: dict[str, Any], snap: B.NodeSnapshot | None, master_slot: int | None,
+                now_ns: int) -> dict[str, Any]:
+    """One member of the domain: its membership row and its board snapshot."""
+    counters = snap.counters if snap is not None else _zeros(B.COUNTERS)
+    looked_up = counters["hits"] + counters["misses"]
+    return {
+        **row,
+        "master": row["slot"] == master_slot,
+        "published": snap is not None,  # False: joined, has not published yet (zeros)
+        "torn": snap is not None and snap.torn,
+        "started": None if snap is None else snap.started_ns / 1e9,
+        "published_age_ms": None if snap is None else round((now_ns - snap.published_ns) / 1e6, 1),
+        "recovering": snap is not None and snap.recovering,
+        "epoch": 0 if snap is None else snap.epoch,
+        "generation_seen": 0 if snap is None else snap.generation,
+        "counters": counters,
+        "gauges": snap.gauges if snap is not None else _zeros(B.GAUGES),
+        "hit_ratio": None if not looked_up else round(counters["hits"] / looked_up, 4),
+        "last_recovery_ms": 0.0 if snap is None else snap.last_recovery_ms,
+        "last_recovery_phases_ms": {} if snap is None else snap.phases_ms,
+    }
+
+
+def domain_view(cache: McsWebCache) -> dict[str, Any]:
+    """The whole domain as the board and the membership table show it: every member (with its
+    counters), the domain totals, the last recoveries."""
+    view = cache.view
+    area = cache.master_area
+    try:
+        snaps = B.read_board(area) if area is not None and B.board_ok(area) else []
+        created = B.board_created_ns(area) / 1e9 if snaps else None
+    except UNAVAILABLE:  # replaced by a recovery while we read: the members without counters
+        snaps, created = [], None
+    by_slot = {s.slot: s for s in snaps}
+    master_slot = None if view is None or view.master is None else view.master.slot
+    rows = member_rows(cache.member.table, view) if view is not None else []
+    now_ns = time.time_ns()
+    members = []
+    for row in rows:
+        snap = by_slot.get(row["slot"])
+        if snap is not None and (snap.incarnation, snap.pid) != (row["incarnation"], row["pid"]):
+            snap = None  # the slot's board still holds its previous occupant
+        members.append(_member_doc(row, snap, master_slot, now_ns))
+    live = [m for m in members if m["published"]]
+    last_epoch = max((m["epoch"] for m in live), default=0)
+    last = [m for m in live if m["epoch"] == last_epoch and last_epoch]
+    return {
+        "members": members,
+        "totals": B.domain_totals(snaps),
+        "board_created": created,
+        "capacity_bytes": sum(m["gauges"]["arena_bytes"] for m in members),
+        "recoveries": B.recent_recoveries(snaps),
+        "last_recovery": None if not last else {
+            "epoch": last_epoch,
+            "duration_ms": max(m["last_recovery_ms"] for m in last),
+            "phases_ms": {p: max(m["last_recovery_phases_ms"].get(p, 0.0) for m in last)
+                          for p in B.PHASES},
+        },
+    }
+
+
 def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[str, Any]:
-    """The status document of this node (also the source of /metrics)."""
+    """The status document: the whole domain (``members``, ``domain``), and at the top level
+    the node that answered (also the source of /metrics)."""
     view = cache.view
     st = cache.stats
     cs = cache.cache_stats
     entries, used = cache.domain_usage()
     extra = {} if fast is None or fast.connection_status is None else \
         {"connections": fast.connection_status()}
+    domain = domain_view(cache)
+    members = domain.pop("members")
     return {
         "node": cache.member.info.node,
         "pid": os.getpid(),
@@ -214,8 +324,10 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
         "recovering": cache.recovering,
         "master": None if view is None or view.master is None else
         {"slot": view.master.slot, "pid": view.master.pid, "node": view.master.node},
-        "members": [] if view is None else
-        [{"slot": m.slot, "pid": m.pid, "node": m.node} for m in view.members],
+        "members": members,
+        "domain": {"name": cache.domain, "generation": view.generation if view else None,
+                   "cache": {"entries": entries, "bytes": used,
+                             "capacity_bytes": domain.pop("capacity_bytes")}, **domain},
         "cache": {"entries": entries, "bytes": used,
                   "node_entries": len(cache._entries), "node_bytes": cache._alloc.used,
                   "arena_bytes": cache.contribution_size, "max_entry": cache.max_entry},
@@ -231,77 +343,148 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
         "last_recovery_ms": round(st.last_duration_ms, 3),
         "last_recovery_phases_ms": {k: round(v, 3) for k, v in st.last_phases_ms.items()},
         "fast_path": None if fast is None else
-        {"served": fast.served, "handed_over": fast.handed_over, "connections": fast.connections},
+        {"served": fast.served, "handed_over": fast.handed_over, "connections": fast.connections,
+         "aiohttp_requests": fast.requests},
+        "now": time.time(),
         **extra,
     }
 
 
+def _fresh_status(request: web.Request) -> dict[str, Any]:
+    request.app[BOARD].publish()  # our own counters as of now; the others' lag by at most
+    return node_status(request.app[CACHE], request.app.get(FAST))  # PUBLISH_INTERVAL
+
+
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(node_status(request.app[CACHE], request.app.get(FAST)))
+    return web.json_response(_fresh_status(request),
+                             headers={"Cache-Control": "no-store"})
 
 
-_METRICS = [
-    ("hits", "counter", "Cache hits served from shared memory"),
-    ("misses", "counter", "Requests not found in the cache"),
-    ("evictions", "counter", "Entries evicted from this node's arena"),
-    ("coalesced_misses", "counter", "Misses that waited for another node's fill"),
-    ("checksum_failures", "counter", "Cached entries dropped for a checksum mismatch"),
-    ("stale_revalidations", "counter", "Cached entries dropped because the file changed"),
-    ("disk_reads", "counter", "Files read from disk"),
-    ("recoveries", "counter", "Global recoveries this node took part in"),
+async def status_page(request: web.Request) -> web.Response:
+    return web.Response(body=PAGE, content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-store",
+                                 "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy":
+                                     "default-src 'none'; script-src 'unsafe-inline'; "
+                                     "style-src 'unsafe-inline'; connect-src 'self'"})
+
+
+async def status_page_redirect(request: web.Request) -> web.Response:
+    raise web.HTTPMovedPermanently("/_mcs/")
+
+
+# Per member (labels node, slot, incarnation): counter name -> help. The connection deadlines
+# are one family with a ``kind`` label.
+_MEMBER_COUNTERS = [
+    ("requests", "Requests answered (fast path and aiohttp)"),
+    ("hits", "Cache hits served from shared memory"),
+    ("misses", "Requests not found in the cache"),
+    ("evictions", "Entries evicted from this node's arena"),
+    ("coalesced_misses", "Misses that waited for another node's fill"),
+    ("checksum_failures", "Cached entries dropped for a checksum mismatch"),
+    ("stale_revalidations", "Cached entries dropped because the file changed"),
+    ("disk_reads", "Files read from disk"),
+    ("served_during_recovery", "Requests served from disk while a recovery ran"),
+    ("recoveries", "Global recoveries this node took part in"),
+    ("fast_path_served", "Responses written by the fast path (no aiohttp request)"),
+    ("fast_path_handed_over", "Connections handed over to aiohttp"),
+    ("connections_accepted", "Connections taken into service"),
+    ("connections_refused_at_cap", "Connections closed at once: max_connections were open"),
+    ("connections_accept_errors", "accept() failures (EMFILE, ENFILE, ENOBUFS, ...)"),
+    ("connections_shed", "Connections closed unserved with the reserve descriptor at EMFILE/ENFILE"),
+    ("connections_version_refused", "Requests answered 505 (an HTTP version other than 1.x)"),
 ]
+_TIMED_OUT = "connections_timed_out_"
+_DOMAIN_COUNTERS = [(k, h) for k, h in _MEMBER_COUNTERS if k != "recoveries"]
+_MEMBER_GAUGES = [
+    ("node_entries", "entries", "Entries cached in this node's arena"),
+    ("node_bytes", "bytes", "Bytes cached in this node's arena"),
+    ("arena_bytes", "arena_bytes", "Size of this node's arena"),
+    ("connections_open", "connections_open", "Connections open now"),
+    ("connections_max", "max_connections", "The connection cap (max_connections)"),
+]
+
+
+class _Exposition:
+    """Prometheus text format 0.0.4: each family once, its HELP and TYPE, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str,
+               samples: list[tuple[dict[str, Any], float | int]]) -> None:
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+
+    def text(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode()
+
+
+def metrics_text(doc: dict[str, Any]) -> bytes:
+    """/metrics of a status document: every member's series (labels ``node``, ``slot``,
+    ``incarnation``: a restarted node is a new series), the domain's totals and gauges."""
+    out = _Exposition()
+    members = doc["members"]
+    labels = [({"node": m["node"], "slot": m["slot"], "incarnation": m["incarnation"]}, m)
+              for m in members]
+    out.family("mcs_webcache_member_info", "gauge",
+               "One per member: its pid and membership state",
+               [({**lab, "pid": m["pid"], "state": m["state"]}, 1) for lab, m in labels])
+    for key, help_ in _MEMBER_COUNTERS:
+        out.family(f"mcs_webcache_{key}_total", "counter", help_,
+                   [(lab, m["counters"][key]) for lab, m in labels])
+    out.family("mcs_webcache_connections_timed_out_total", "counter",
+               "Connections closed by a deadline, by kind",
+               [({**lab, "kind": c[len(_TIMED_OUT):]}, v) for lab, m in labels
+                for c, v in m["counters"].items() if c.startswith(_TIMED_OUT)])
+    for name, key, help_ in _MEMBER_GAUGES:
+        out.family(f"mcs_webcache_{name}", "gauge", help_,
+                   [(lab, m["gauges"][key]) for lab, m in labels])
+    out.family("mcs_webcache_heartbeat_age_seconds", "gauge",
+               "Age of the member's last heartbeat",
+               [(lab, m["heartbeat_age_ms"] / 1000) for lab, m in labels])
+    out.family("mcs_webcache_member_start_time_seconds", "gauge",
+               "When the member's incarnation started publishing (Unix time)",
+               [(lab, m["started"]) for lab, m in labels if m["started"] is not None])
+    out.family("mcs_webcache_member_last_recovery_seconds", "gauge",
+               "Duration of the member's last recovery",
+               [(lab, round(m["last_recovery_ms"] / 1000, 6)) for lab, m in labels])
+    dom = doc["domain"]
+    for key, help_ in _DOMAIN_COUNTERS:
+        out.family(f"mcs_webcache_domain_{key}_total", "counter",
+                   help_ + ", the whole domain (departed members included)",
+                   [({}, dom["totals"][key])])
+    last = dom["last_recovery"]
+    gauges = [
+        ("entries", "Entries cached in the whole domain", dom["cache"]["entries"]),
+        ("bytes", "Bytes cached in the whole domain", dom["cache"]["bytes"]),
+        ("capacity_bytes", "Arena bytes of every member together", dom["cache"]["capacity_bytes"]),
+        ("generation", "Membership generation of the cache", dom["generation"] or 0),
+        ("members", "Members of the domain", len(members)),
+        ("recovery_epoch", "Epoch of the last recovery the members finished",
+         0 if last is None else last["epoch"]),
+        ("last_recovery_seconds", "Duration of the last recovery (its slowest member)",
+         0 if last is None else round(last["duration_ms"] / 1000, 6)),
+        ("board_created_seconds", "When the board of counters was created: the domain totals "
+         "count from there (Unix time)", dom["board_created"] or 0),
+    ]
+    for name, help_, value in gauges:
+        out.family(f"mcs_webcache_{name}", "gauge", help_, [({}, value)])
+    master = doc["master"]
+    out.family("mcs_webcache_master", "gauge", "The master member",
+               [(lab, 1) for lab, m in labels if master is not None and m["slot"] == master["slot"]])
+    out.family("mcs_webcache_last_recovery_phase_seconds", "gauge",
+               "Phases of the last recovery (the slowest member's time in each)",
+               [] if last is None else [({"phase": p}, round(v / 1000, 6))
+                                        for p, v in last["phases_ms"].items()])
+    return out.text()
 
 
 async def metrics(request: web.Request) -> web.Response:
-    doc = node_status(request.app[CACHE], request.app.get(FAST))
-    label = f'node="{_escape(doc["node"])}",slot="{doc["slot"]}"'
-    lines = []
-    for key, kind, help_ in _METRICS:
-        name = f"mcs_webcache_{key}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{label}}} {doc[key]}"]
-    gauges = [("mcs_webcache_entries", "Entries cached in the whole domain", doc["cache"]["entries"]),
-              ("mcs_webcache_bytes", "Bytes cached in the whole domain", doc["cache"]["bytes"]),
-              ("mcs_webcache_generation", "Membership generation of the cache", doc["generation"] or 0),
-              ("mcs_webcache_members", "Nodes in the current view", len(doc["members"])),
-              ("mcs_webcache_last_recovery_seconds", "Duration of the last recovery",
-               doc["last_recovery_ms"] / 1000)]
-    for name, help_, value in gauges:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name}{{{label}}} {value}"]
-    if doc["fast_path"] is not None:
-        name = "mcs_webcache_fast_path_served_total"
-        lines += [f"# HELP {name} Responses written by the fast path (no aiohttp request)",
-                  f"# TYPE {name} counter", f"{name}{{{label}}} {doc['fast_path']['served']}"]
-    if "connections" in doc:
-        lines += _connection_metrics(doc["connections"], label)
-    return web.Response(body=("\n".join(lines) + "\n").encode(),
+    return web.Response(body=metrics_text(_fresh_status(request)),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-
-_CONNECTION_COUNTERS = [
-    ("accepted", "Connections taken into service"),
-    ("refused_at_cap", "Connections closed at once: max_connections were open"),
-    ("accept_errors", "accept() failures (EMFILE, ENFILE, ENOBUFS, ...)"),
-    ("shed", "Connections closed unserved with the reserve descriptor at EMFILE/ENFILE"),
-    ("version_refused", "Requests answered 505 (an HTTP version other than 1.x)"),
-]
-
-
-def _connection_metrics(doc: dict[str, Any], label: str) -> list[str]:
-    """Prometheus lines of the front's connection report (FastPath.connection_status)."""
-    lines = []
-    for name, help_, kind, value in [
-            ("mcs_webcache_connections_open", "Connections open now", "gauge", doc["open"]),
-            ("mcs_webcache_connections_max", "The connection cap (max_connections)", "gauge",
-             doc["limits"]["max_connections"])]:
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{{{label}}} {value}"]
-    for key, help_ in _CONNECTION_COUNTERS:
-        name = f"mcs_webcache_connections_{key}_total"
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter",
-                  f"{name}{{{label}}} {doc[key]}"]
-    name = "mcs_webcache_connections_timed_out_total"
-    lines += [f"# HELP {name} Connections closed by a deadline, by kind", f"# TYPE {name} counter"]
-    lines += [f'{name}{{{label},kind="{kind}"}} {n}' for kind, n in doc["timed_out"].items()]
-    return lines
 
 
 def _escape(value: str) -> str:

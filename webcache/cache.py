@@ -35,7 +35,7 @@ from mcs.component import McsComponent
 from mcs.errors import ClosedError, CorruptObjectError, McsError, NotRecoverableError, Recovering
 from mcs.section import Section
 
-from webcache import _hit, layout as L
+from webcache import _hit, board, layout as L
 from webcache.arena import Allocator
 from webcache.paths import ResolvedFile
 
@@ -126,7 +126,10 @@ class McsWebCache(McsComponent):
     than ``max_entry`` are never cached."""
 
     name = "webcache"
-    master_area_size = L.TABLE_SIZE
+    # The table, then the board of every member's counters (webcache/board.py). Version 2: the
+    # board was added (a master of version 1 left an area without it; it is rebuilt).
+    master_area_size = L.MASTER_AREA_SIZE
+    master_area_version = 2
 
     def __init__(self, domain: str, *, cache_size: int = DEFAULT_CACHE_SIZE,
                  max_entry: int = DEFAULT_MAX_ENTRY, node: str | None = None,
@@ -167,6 +170,10 @@ class McsWebCache(McsComponent):
         GlobalEvent.create(area, L.T_FILL_EVENT)
         area.store64(L.T_BUCKETS, L.BUCKETS)
         area.store64(L.T_MAGIC, L.TABLE_MAGIC)
+        # The board survives a change of master (the counters of the whole domain's life);
+        # only a fresh master area gets a new one.
+        if self.master_area_fresh or not board.board_ok(area):
+            board.init_board(area)
 
     def build_shared_state(self, view: Any) -> None:
         area = self.master_area

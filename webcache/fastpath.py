@@ -108,9 +108,10 @@ _IDLE, _HEAD, _BODY, _BUSY, _CLOSED = Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.
 
 @dataclass
 class FastPathStats:
-    """Counters of one node's fast path (in /_mcs/status)."""
+    """Counters of one node's front (in /_mcs/status and /metrics, through webcache/board.py)."""
 
     served: int = 0  # responses written by the fast path
+    requests: int = 0  # requests answered by aiohttp (webcache/tracking.py counts them)
     handed_over: int = 0  # connections given to aiohttp
     connections: int = 0  # connections accepted
     # The front's connection report (FastPath.connection_status), set by the front that keeps

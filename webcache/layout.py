@@ -17,12 +17,22 @@ Arena (each node's contribution)::
             88 magic (written last) | 96 ctime_ns | 128.. one pin counter per member slot (64 x 8 B)
 
 A *ref* names an entry anywhere in the domain: ``(slot + 1) << 48 | offset``; 0 is null.
+
+Board (the operator's counters; in the master area right after the table, at BOARD_OFFSET, so it
+is domain-owned: a new master adopts it with the table, and a node's death leaves its counters)::
+
+    0   magic | 8 fingerprint | 16 created (wall ns) | 64.. one NodeBoard per member slot
+    NodeBoard: seq (seqlock: odd while its owner writes) | incarnation | pid | started | ...
+               | gauges | recent recoveries | node name | counters[32] | carried[32]
+
+Only the member in a slot writes that slot's NodeBoard (no lock: a seqlock, see
+webcache/board.py); everyone reads every slot.
 """
 
 from __future__ import annotations
 
 from mcs import layout as mcs_layout
-from mcs.records import Array, Event, Mutex, Nested, Pad, Record, UInt64
+from mcs.records import Array, Bytes, Event, LayoutHeader, Mutex, Nested, Pad, Record, UInt64
 
 TABLE_MAGIC = int.from_bytes(b"MCSWCTB4", "little")
 ARENA_MAGIC = int.from_bytes(b"MCSWCAR4", "little")
@@ -129,3 +139,62 @@ def entry_size(path_len: int, size: int) -> int:
 
 def data_offset(entry: int, path_len: int) -> int:
     return entry + align8(ENTRY_HEADER + path_len)
+
+
+# -- the board: every member's counters, for the domain-wide /metrics and /_mcs/status ----------
+
+BOARD_MAGIC = b"MCSWCBD1"
+BOARD_COUNTERS = 32  # counter words per member (webcache/board.py names them; the rest is spare)
+BOARD_GAUGES = 8
+BOARD_PHASES = 8  # phase durations of the member's last recovery (board.PHASES names them)
+BOARD_RECENT = 8  # the member's last recoveries, a ring
+NODE_NAME_MAX = 64
+
+
+class RecoveryMark(Record):
+    """One recovery a member finished: its epoch, the view's generation, when, how long."""
+
+    epoch = UInt64()
+    generation = UInt64()
+    at_ns = UInt64()  # wall clock (time.time_ns) when the member saw it finished
+    duration_us = UInt64()
+
+
+class NodeBoard(Record, align=64):
+    """One member slot's counters. Written only by the member in the slot (seqlock ``seq``);
+    ``counters`` count since its incarnation started, ``carried`` holds what earlier occupants of
+    the slot counted (folded in when the slot is claimed), so carried + counters of every slot is
+    the domain's total and never goes down."""
+
+    seq = UInt64()  # odd while the owner writes; readers retry on odd or changed
+    incarnation = UInt64()  # the owner's membership incarnation (0: never claimed)
+    pid = UInt64()
+    started_ns = UInt64()  # wall clock when this incarnation claimed the slot
+    published_ns = UInt64()  # wall clock of the last publish
+    generation = UInt64()  # the view generation the owner works in
+    epoch = UInt64()  # the owner's last finished recovery epoch
+    recovering = UInt64()  # 1 while the owner's gate is closed
+    last_recovery_us = UInt64()
+    phases_us = Array(UInt64(), BOARD_PHASES)
+    recent_count = UInt64()  # recoveries written to ``recent`` (index = count % BOARD_RECENT)
+    recent = Array(RecoveryMark, BOARD_RECENT)
+    gauges = Array(UInt64(), BOARD_GAUGES)
+    node = Bytes(NODE_NAME_MAX)  # NUL-padded UTF-8
+    counters = Array(UInt64(), BOARD_COUNTERS)
+    carried = Array(UInt64(), BOARD_COUNTERS)
+
+
+class BoardHeader(Record, size=64):
+    magic = UInt64()
+    fingerprint = UInt64()
+    created_ns = UInt64()  # wall clock when the board was (re)initialised: totals restart there
+
+
+class Board(Record, align=64):
+    header = Nested(BoardHeader)
+    nodes = Array(NodeBoard, mcs_layout.MAX_MEMBERS)
+
+
+BOARD_HEADER = LayoutHeader(BOARD_MAGIC, Board, header=BoardHeader)
+BOARD_OFFSET = (TABLE_SIZE + Board.ALIGN - 1) // Board.ALIGN * Board.ALIGN
+MASTER_AREA_SIZE = BOARD_OFFSET + Board.SIZE  # the table, then the board

@@ -42,6 +42,7 @@ def track_requests(handler: _Handler) -> _Handler:
         if request.version != HttpVersion11 and request.version != HttpVersion10:
             conn.refuse_version()  # written and closing: aiohttp's answer is never sent
             raise web.HTTPVersionNotSupported()
+        conn.front.stats.requests += 1
         conn.request_started(request.content)
         try:
             try:

@@ -10,7 +10,9 @@ A name that matches nothing is an error that lists the domains of this host.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Callable
 
 from mcs.bootstrap import Bootstrap, list_domains, validate_domain
 from mcs.component_record import component_domain
@@ -39,8 +41,9 @@ def target_of(full_name: str) -> Target:
     return Target(domain, component, full_name) if dot else Target(full_name, None, full_name)
 
 
-def describe_domains(existing: list[str]) -> str:
-    """The host's domains, grouped by application: ``a (components: x, y), b``."""
+def describe_domains(existing: list[str], asked: str = "") -> str:
+    """The host's domains, grouped by application: ``a (components: x, y), b``; the ones
+    closest to the ``asked`` name first (a typo finds its domain among many)."""
     groups: dict[str, list[str]] = {}
     for name in existing:
         t = target_of(name)
@@ -50,9 +53,16 @@ def describe_domains(existing: list[str]) -> str:
     if not groups:
         return "there is no mcs domain on this host"
     shown = [name + (f" (components: {', '.join(comps)})" if comps else "")
-             for name, comps in sorted(groups.items())[:LISTED_MAX]]
+             for name, comps in sorted(groups.items(), key=_closest_to(asked))[:LISTED_MAX]]
     more = len(groups) - LISTED_MAX
     return "domains on this host: " + ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+
+
+def _closest_to(asked: str) -> Callable[[tuple[str, list[str]]], tuple[float, str]]:
+    """Sort key: the names most similar to ``asked`` first, then by name."""
+    def key(item: tuple[str, list[str]]) -> tuple[float, str]:
+        return (-difflib.SequenceMatcher(None, asked, item[0]).ratio() if asked else 0.0, item[0])
+    return key
 
 
 def _not_found(name: str, existing: list[str]) -> DomainNotFoundError:
@@ -62,7 +72,8 @@ def _not_found(name: str, existing: list[str]) -> DomainNotFoundError:
         Bootstrap.open(name, create=False, wait=0.0).close()
     except DomainNotFoundError:
         pass
-    return DomainNotFoundError(f"domain {name!r} does not exist; {describe_domains(existing)}")
+    return DomainNotFoundError(
+        f"domain {name!r} does not exist; {describe_domains(existing, name)}")
 
 
 def resolve(name: str, component: str | None = None) -> list[Target]:

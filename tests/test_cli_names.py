@@ -189,3 +189,13 @@ def test_status_works_with_the_name_the_launcher_printed(domain, tmp_path):
                 launcher.kill()
                 launcher.wait()
             launcher.stdout.close()
+
+
+def test_the_closest_domains_are_named_first_among_many():
+    """With more domains than the message lists, the one a typo was aiming at is still named."""
+    from mcs.names import LISTED_MAX, describe_domains
+    others = [f"aaa-other-{i:02d}.worker" for i in range(LISTED_MAX + 10)]
+    line = describe_domains(others + ["shop.registry", "shop.counter"], "shopp")
+    assert line.startswith("domains on this host: shop (components: registry, counter)")
+    assert line.endswith(f"and {len(others) + 1 - LISTED_MAX} more")
+    assert describe_domains(others, "").startswith("domains on this host: aaa-other-00 ")

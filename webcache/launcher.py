@@ -110,7 +110,8 @@ class Supervisor:
             cache_domain = component_domain(a.domain, CACHE_COMPONENT)
             self.log(f"{a.nodes} node(s) serving {a.root} at http://{host}:{a.port}/ "
                      f"(domain {a.domain}, cache domain {cache_domain}: mcs status --domain "
-                     f"{a.domain}; status at /_mcs/status, metrics at /metrics)")
+                     f"{a.domain}; live status page at /_mcs/, JSON at /_mcs/status, "
+                     "metrics at /metrics)")
             print(json.dumps({"url": f"http://{host}:{a.port}/", "domain": a.domain,
                               "cache_domain": cache_domain,
                               "pids": [p.pid for p in self.nodes.values()]}), flush=True)
@@ -201,7 +202,8 @@ def make_demo_site(directory: Path) -> Path:
         "<h1>mcs cooperative web cache</h1>\n"
         "<p>Every node of this domain serves the same files from ONE cache in shared memory. "
         "Kill a node (<code>kill -9</code>): the others keep serving, the launcher restarts it."
-        "</p>\n<p><a href='/_mcs/status'>/_mcs/status</a> · <a href='/metrics'>/metrics</a></p>\n"
+        "</p>\n<p><a href='/_mcs/'>status page</a> · <a href='/_mcs/status'>/_mcs/status</a>"
+        " · <a href='/metrics'>/metrics</a></p>\n"
         f"<ul>\n{rows}\n</ul>\n</body></html>\n")
     for i in range(50):
         (directory / f"page{i}.html").write_text(

@@ -145,7 +145,7 @@ class Stores:
             for i in range(sb.KEYS):
                 txn.put(sb.key(i), sb.value(i))
         self.info["lmdb"] = (f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}, "
-                             "default flags (sync, metasync), on /dev/shm")
+                             "sync and metasync off (its fastest safe setting on a tmpfs), on /dev/shm")
         self.info["lmdb_path"] = path
         return env
 

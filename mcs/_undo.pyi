@@ -1,6 +1,7 @@
 from mcs.types import LogState, RollbackOutcome
 
 LOG_HEADER: int
+LOG_STATE: int
 RECORD_HEADER: int
 
 class UndoLog:

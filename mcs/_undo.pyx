@@ -34,6 +34,7 @@ cdef enum:
 mcs_init_process()
 
 LOG_HEADER = UNDO_HEADER
+LOG_STATE = UNDO_STATE  # offset of the state word in a log (0: IDLE)
 RECORD_HEADER = _RECORD_HEADER
 assert MCS_MUTEX_SLOT_SIZE <= UNDO_STATE, "the log mutex must fit in 64 bytes"
 

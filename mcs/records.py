@@ -539,6 +539,11 @@ class _RecordMeta(type):
         return cast(_RecordMeta, cls)
 
 
+
+# (record class, field, path) -> offset: what Record.offset_of computed already.
+_OFFSETS: dict[tuple[type, str, tuple[str | int, ...]], int] = {}
+
+
 class Record(metaclass=_RecordMeta):
     """Base of every record declaration (see the module docstring); an instance is a view of
     one record in a section, made by :meth:`at`."""
@@ -594,9 +599,14 @@ class Record(metaclass=_RecordMeta):
     @classmethod
     def offset_of(cls, name: str, *path: str | int) -> int:
         """Offset from the record's start of field ``name`` and, for a record or an array
-        field, of ``path`` inside it: ``Bucket.offset_of("refs", 3, "slot")``."""
-        field = cls._field(name)
-        return field.offset + _path_offset(field, path)
+        field, of ``path`` inside it: ``Bucket.offset_of("refs", 3, "slot")``. Computed once per
+        path, then remembered (a layout is fixed; the paths of one are finitely many)."""
+        key = (cls, name, path)
+        offset = _OFFSETS.get(key)
+        if offset is None:
+            field = cls._field(name)
+            offset = _OFFSETS[key] = field.offset + _path_offset(field, path)
+        return offset
 
     # -- on a bound view -------------------------------------------------------------------------
 

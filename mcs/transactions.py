@@ -121,11 +121,9 @@ class TransactionLogs:
         region = self._region_of(area)
         live = {(m.slot, m.incarnation & ((1 << 48) - 1)) for m in view.members}
         rolled = 0
-        for slot in range(layout.MAX_MEMBERS):
-            for lane in range(self.lanes):
-                undo = region.log_for(slot, lane)
-                if undo.state is LogState.IDLE:
-                    continue
+        for slot, lane in region.in_use():  # one load per log; handles only for those in use
+            undo = region.log_for(slot, lane)
+            if undo.state is not LogState.IDLE:
                 owner = undo.owner
                 who = decode_owner(owner)
                 if (who.slot, who.incarnation) in live:

@@ -32,7 +32,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
-from mcs._undo import LOG_HEADER, RECORD_HEADER, UndoLog
+from mcs._undo import LOG_HEADER, LOG_STATE, RECORD_HEADER, UndoLog
 from mcs.layout import MAX_MEMBERS
 from mcs.types import LogState, RollbackOutcome
 
@@ -123,6 +123,13 @@ class LogRegion:
             log = UndoLog.open(self.section, self.offset_of(slot, lane), self.log_size)
             self._logs[slot, lane] = log
         return log
+
+    def in_use(self) -> list[tuple[int, int]]:
+        """The (slot, lane) of every log that is not IDLE, read from the state words alone (no
+        handle opened): what a recovery has to look at, at the cost of one load per log."""
+        load = self.section.load64
+        return [(slot, lane) for slot in range(self.members) for lane in range(self.lanes)
+                if load(self.offset_of(slot, lane) + LOG_STATE) != 0]
 
     def rollback_member(self, slot: int, incarnation: int) -> list[RollbackOutcome]:
         """Recover every lane of a departed member (slot, incarnation): one outcome per lane."""

@@ -434,3 +434,11 @@ def test_no_hand_placed_offsets_remain_in_the_converted_layouts():
         assert not re.search(r"\b(load64|store64|view)\(\s*(off\s*\+\s*)?\d", text), path
         assert not re.search(r"^[A-Z_]*(OFFSET|_SIZE|HEADER)\s*=\s*\d", text, re.M), path
         assert not re.search(r"^[A-Z]_\w*(, [A-Z]_\w*)*\s*=\s*\d", text, re.M), path  # E_X = 8
+
+
+def test_webcache_bucket_offset_is_the_declared_one():
+    """The table's bucket offset is plain arithmetic on the hot path: it must be exactly what
+    the declaration says, for every bucket."""
+    from webcache import layout as L
+    assert all(L.bucket_offset(b) == L.Table.offset_of("buckets", b) for b in range(L.BUCKETS))
+    assert L.Table.offset_of("buckets", 7) == L.Table.offset_of("buckets", 7)  # remembered

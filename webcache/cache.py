@@ -130,6 +130,9 @@ class McsWebCache(McsComponent):
     # board was added (a master of version 1 left an area without it; it is rebuilt).
     master_area_size = L.MASTER_AREA_SIZE
     master_area_version = 2
+    # No transactions: the table is reset by every master phase (on_master), so no undo logs
+    # (a log region would cost every recovery a look at 64 x lanes logs for nothing).
+    transaction_lanes = 0
 
     def __init__(self, domain: str, *, cache_size: int = DEFAULT_CACHE_SIZE,
                  max_entry: int = DEFAULT_MAX_ENTRY, node: str | None = None,

@@ -117,8 +117,12 @@ OFFSET_MASK = (1 << SLOT_SHIFT) - 1
 MAX_CHAIN = 100_000  # a longer walk means a corrupt (cyclic) chain
 
 
+_BUCKETS_AT = Table.offset_of("buckets", 0)
+
+
 def bucket_offset(bucket: int) -> int:
-    return Table.offset_of("buckets", bucket)
+    """Offset of bucket ``bucket`` in the table (on every lookup: plain arithmetic)."""
+    return _BUCKETS_AT + bucket * BUCKET_SIZE
 
 
 def make_ref(slot: int, offset: int) -> int:

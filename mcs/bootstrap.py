@@ -19,13 +19,14 @@ of this user that still map an unlinked object of that name, and refuses
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
 import time
 from typing import Callable, Iterator, TypeVar
 
-from mcs import layout, shmname
+from mcs import layout, procfs, shmname
 from mcs._gsm import HEADER_SIZE, GlobalEvent, GlobalMutex
 from mcs.errors import (BootstrapError, DomainNotFoundError, DomainUnlinkedError, LockUsageError,
                         UninitialisedError)
@@ -39,11 +40,16 @@ DOMAIN_MAX = 63  # characters in a domain name
 OPEN_ATTEMPTS = 100  # opens retried while a concurrent creator keeps removing its half-made root
 CREATOR_POLL = 0.001  # how often a waiting opener looks at a root being initialised
 PIDS_SHOWN = 10  # processes named in a DomainUnlinkedError
+START_SLACK_NS = 1_000_000_000  # a member's process started before it joined (clock-tick precision)
+PID_LIMIT = 1 << 22  # the kernel's largest pid_max
+FUTEX_OWNER_DIED = 0x40000000  # set by the kernel in a robust mutex word whose holder exited
+FUTEX_TID_MASK = 0x3FFFFFFF
 #: what a domain name (and a component name, a part of one) may be
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}" % (DOMAIN_MAX - 1))
 PREFIX = "mcs."
 _TOTAL = HEADER_SIZE + layout.ROOT_SIZE  # the mapping: section header, then the user area
 _T = TypeVar("_T")
+log = logging.getLogger("mcs.bootstrap")
 
 
 def validate_domain(domain: str) -> str:
@@ -225,8 +231,48 @@ class Bootstrap:
         return "dead" if status is LockStatus.ABANDONED else "free"
 
     def live_slots(self) -> list[int]:
-        """Slots whose life mutex is held by a live process (frozen ones count as live)."""
-        return [s for s in range(layout.MAX_MEMBERS) if self.probe_slot(s) == "live"]
+        """Slots whose member is alive: its life mutex is held (frozen ones count as live), or
+        the mutex looks abandoned or free while the slot's own process still runs and maps this
+        root (:meth:`runs_domain`). That second case must never happen (the kernel marks a
+        life mutex abandoned only when its holder thread exits); it is logged, and counted as
+        live so that no re-initialiser or gc ever starts a second domain beside a running
+        member."""
+        live = []
+        for slot in range(layout.MAX_MEMBERS):
+            probe = self.probe_slot(slot)
+            if probe == "live":
+                live.append(slot)
+            elif self.runs_domain(slot):
+                log.error("domain %s: member slot %d (pid %d) still runs the domain although its "
+                          "life mutex was found %s; counting it as live", self.domain, slot,
+                          self._member_word(slot, layout.M_PID), probe)
+                live.append(slot)
+        return live
+
+    def runs_domain(self, slot: int) -> bool:
+        """Whether member ``slot``'s recorded process is still that member's and still runs:
+        the slot is a member, its pid is not ours, the process is not dying, it started before
+        the member joined (so the pid was not reused) and it maps this very root object."""
+        if self._member_word(slot, layout.M_STATE) != layout.SLOT_MEMBER:
+            return False
+        pid = self._member_word(slot, layout.M_PID)
+        if pid in (0, os.getpid()) or pid > PID_LIMIT:
+            return False
+        try:
+            stat = procfs.read_stat(pid)
+        except (OSError, ValueError):
+            return False
+        joined = self._member_word(slot, layout.M_JOINED_NS)
+        return (not stat.dying and stat.started_ns() <= joined + START_SLACK_NS
+                and shmname.maps_object(pid, self.inode))
+
+    def life_word(self, slot: int) -> int:
+        """The futex word of member ``slot``'s life mutex: the holder thread's id, plus the
+        kernel's owner-died bit (:data:`FUTEX_OWNER_DIED`) once that thread has exited."""
+        return self.section.load64(layout.member_offset(slot, layout.M_LIFE_MUTEX)) & 0xFFFFFFFF
+
+    def _member_word(self, slot: int, field: int) -> int:
+        return self.section.load64(layout.member_offset(slot, field))
 
     def reap_dead_members_segments(self) -> list[int]:
         """Reclaim segments left unmarked by members that died (a slot in use whose life mutex

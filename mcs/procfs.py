@@ -12,14 +12,18 @@ descriptor.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from typing import NamedTuple
 
 __all__ = ["SYSV_SHM", "SHM_DEST", "PF_EXITING", "ShmRow", "ProcStat", "shm_segments",
-           "shm_segment", "parse_stat", "read_stat", "stat_path"]
+           "shm_segment", "parse_stat", "read_stat", "stat_path", "boot_time_ns"]
 
 SYSV_SHM = "/proc/sysvipc/shm"
 SHM_DEST = 0o1000  # perms bit: the segment is marked for removal (freed at its last detach)
 PF_EXITING = 0x4  # task flag: the process is in its exit path
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _SHM_COLUMNS = 14  # key .. ctime; newer kernels append rss and swap, which mcs does not read
 
 
@@ -95,6 +99,21 @@ class ProcStat(NamedTuple):
 
     def signal_pending(self, signo: int) -> bool:
         return bool(self.pending & (1 << (signo - 1)))
+
+    @property
+    def dying(self) -> bool:
+        """Exited, exiting, or with a SIGKILL pending (a fatal signal is added to every
+        thread's own pending set): a process that will not run user code again."""
+        return self.exited or self.exiting or self.signal_pending(signal.SIGKILL)
+
+    def started_ns(self) -> int:
+        """When the process started, as CLOCK_REALTIME nanoseconds (clock-tick precision)."""
+        return boot_time_ns() + self.starttime * 1_000_000_000 // _CLK_TCK
+
+
+def boot_time_ns() -> int:
+    """CLOCK_REALTIME of the boot (what ``starttime`` counts from), from the two clocks now."""
+    return time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 def parse_stat(raw: bytes) -> ProcStat:

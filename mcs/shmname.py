@@ -24,11 +24,13 @@ import pwd
 import secrets
 import stat
 from dataclasses import dataclass
+from typing import Iterator
 
 from mcs.errors import BootstrapError, ForeignObjectError, ShmFullError
 
 __all__ = ["Kind", "Entry", "shm_dir", "owner_name", "examine", "check_ours", "open_existing",
-           "create", "is_linked", "remove_if_same", "mappers_of_unlinked", "RETIRED_PREFIX"]
+           "create", "is_linked", "remove_if_same", "mappers_of_unlinked", "maps_object",
+           "RETIRED_PREFIX"]
 
 ENV_DIR = "MCS_SHM_DIR"
 DEFAULT_DIR = "/dev/shm"
@@ -221,16 +223,47 @@ def remove_if_same(name: str, inode: int) -> bool:
     return True
 
 
+def _shm_device() -> bytes | None:
+    """The shm directory's device as /proc/PID/maps prints it (``major:minor`` in hex)."""
+    try:
+        dev = os.stat(shm_dir()).st_dev
+    except OSError:
+        return None
+    return f"{os.major(dev):02x}:{os.minor(dev):02x}".encode()
+
+
+def _maps_fields(pid: int | str, needle: bytes) -> Iterator[list[bytes]]:
+    """The split lines of /proc/PID/maps, if its text contains ``needle`` (nothing when the
+    process is gone or its maps are not ours to read)."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            maps = f.read()
+    except OSError:
+        return
+    if needle in maps:
+        for line in maps.splitlines():
+            yield line.split(maxsplit=5)
+
+
+def maps_object(pid: int, inode: int) -> bool:
+    """Whether process ``pid`` maps the shm object ``inode`` now (by device and inode, so it
+    holds whatever the object's name has become since)."""
+    device = _shm_device()
+    if device is None:
+        return False
+    ino = str(inode).encode()
+    return any(len(f) >= 5 and f[3] == device and f[4] == ino
+               for f in _maps_fields(pid, b" " + ino + b" "))
+
+
 def mappers_of_unlinked(name: str) -> list[int]:
     """Pids of this user's processes that still map ``name`` although it was unlinked by
     somebody else (their ``/proc/PID/maps`` show ``<dir>/<name> (deleted)`` on the directory's
     device). Processes whose maps this user may not read are not seen."""
-    try:
-        dev = os.stat(shm_dir()).st_dev
-    except OSError:
+    device = _shm_device()
+    if device is None:
         return []
     target = (os.path.join(shm_dir(), name) + " (deleted)").encode()
-    device = f"{os.major(dev):02x}:{os.minor(dev):02x}".encode()
     me = os.geteuid()
     pids = []
     for proc in os.scandir("/proc"):
@@ -239,15 +272,9 @@ def mappers_of_unlinked(name: str) -> list[int]:
         try:
             if proc.stat().st_uid != me:
                 continue
-            with open(f"/proc/{proc.name}/maps", "rb") as f:
-                maps = f.read()
         except OSError:
             continue
-        if target not in maps:
-            continue
-        for line in maps.splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5] == target and fields[3] == device:
-                pids.append(int(proc.name))
-                break
+        if any(len(f) == 6 and f[5] == target and f[3] == device
+               for f in _maps_fields(proc.name, target)):
+            pids.append(int(proc.name))
     return sorted(pids)

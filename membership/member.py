@@ -42,7 +42,7 @@ from typing import Callable
 
 from mcs import layout
 from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat
-from mcs.bootstrap import Bootstrap
+from mcs.bootstrap import FUTEX_OWNER_DIED, FUTEX_TID_MASK, Bootstrap
 from mcs.locking import held
 from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
 from mcs.section import reap_orphans
@@ -130,6 +130,7 @@ class Member:
         self._handled = threading.Event()  # set once a view has been handled
         self._leave_event = threading.Event()  # tells the life thread to unlock and end
         self._life: threading.Thread | None = None
+        self._life_tid = 0  # the life thread's kernel id: the one its life mutex's word holds
         self._monitor: threading.Thread | None = None
         self._beat: Heartbeat | None = None
         self.slot = -1
@@ -237,6 +238,7 @@ class Member:
         acquired.wait()
         if isinstance(result[0], BaseException):
             raise result[0]
+        self._life_tid = self._life.native_id
 
     # -- the view -----------------------------------------------------------------------
 
@@ -406,15 +408,26 @@ class Member:
         table = self.table
         if (table.field(self.slot, layout.M_INCARNATION) != self.incarnation
                 or table.field(self.slot, layout.M_FENCED) == self.incarnation):
-            with self._shared:  # the monitor and a watcher may both see it: one stops
-                first = not self._fenced.is_set()
-                self._fenced.set()
-            if first:
-                log.error("member slot %d incarnation %d was fenced; stopping", self.slot,
-                          self.incarnation)
-                self._stop_threads(release=False)
+            self._fence_self("was fenced")
+            return True
+        word = self.boot.life_word(self.slot)
+        if ((word & FUTEX_TID_MASK) != self._life_tid or word & FUTEX_OWNER_DIED) and (
+                not self._closing.is_set()):  # (a leave releases it after setting _closing)
+            # Others now see this member dead (or will at their next look): it must stop
+            # acting as one, exactly as if it had been fenced.
+            self._fence_self(f"lost its life mutex (futex word {word:#x}, life thread "
+                             f"{self._life_tid}): the others count it dead")
             return True
         return False
+
+    def _fence_self(self, why: str) -> None:
+        with self._shared:  # the monitor and a watcher may both see it: one stops
+            first = not self._fenced.is_set()
+            self._fenced.set()
+        if first:
+            log.error("member slot %d incarnation %d %s; stopping", self.slot, self.incarnation,
+                      why)
+            self._stop_threads(release=False)
 
     def _check_heartbeats(self) -> None:
         """Suspect the members silent for ``suspect_after``, evict those silent for

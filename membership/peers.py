@@ -36,9 +36,8 @@ _STAT_MAX = 4096  # /proc/PID/stat is one line of about 52 numbers and a 16-byte
 
 
 def stat_says_dying(stat: procfs.ProcStat) -> bool:
-    """Whether a process's stat shows it has exited, is exiting, or has a SIGKILL pending (a
-    fatal signal is added to every thread's own pending set, the ``signal`` field)."""
-    return stat.exited or stat.exiting or stat.signal_pending(signal.SIGKILL)
+    """Whether a process's stat shows it has exited, is exiting, or has a SIGKILL pending."""
+    return stat.dying
 
 
 def dying_by_path(pid: int) -> bool:

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 import membership
+from conftest import wait_for
+from mcs import gc as mcs_gc
+from mcs import layout
+from mcs.bootstrap import FUTEX_OWNER_DIED, Bootstrap
 
 FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
 
@@ -301,3 +305,58 @@ def test_callbacks_run_once_per_generation_in_order(domain, spawn):
         n.wait_view(has_exactly(alive))
         gens = [v["gen"] for v in n.views]
         assert gens == sorted(set(gens)), f"generations repeated or out of order: {gens}"
+
+
+def _mark_holder_exited(boot, slot: int) -> None:
+    """Store in ``slot``'s life mutex what the kernel stores when the holder thread exits
+    (owner-died, no thread id, the waiters bit kept), although that thread still runs."""
+    off = layout.member_offset(slot, layout.M_LIFE_MUTEX)
+    while True:
+        old = boot.section.load64(off)
+        word = old & 0xFFFFFFFF
+        new = (old & ~0xFFFFFFFF) | FUTEX_OWNER_DIED | (word & 0x80000000)
+        if boot.section.cas64(off, old, new):
+            return
+
+
+def test_a_running_member_whose_life_mutex_reads_abandoned_never_splits_the_domain(
+        domain, spawn):
+    """The kernel marks a life mutex abandoned only when its holder thread exits. Should a
+    running member's ever read abandoned (a stray store, a kernel bug), no joiner re-initialises
+    the member table and no gc retires the root beside it (a second domain), and the member
+    itself stops acting as one (fenced), saying why."""
+    lone = Node(spawn, domain, "lone", FAST)
+    with Bootstrap.open(domain, create=False) as boot:
+        _mark_holder_exited(boot, lone.slot)
+        assert boot.probe_slot(lone.slot) == "dead"  # the probe consumes the abandonment...
+        assert boot.probe_slot(lone.slot) == "free"
+        assert boot.live_slots() == [lone.slot]  # ...but the process still runs the domain
+        result = mcs_gc.collect_domain(domain)
+        assert result.action is mcs_gc.GcAction.KEPT, result
+    assert Path(f"/dev/shm/mcs.{domain}").exists()
+    with membership.join(domain, node="joiner", **FAST) as m:
+        # no re-initialisation: the generation goes on, and the lone member is counted out
+        # (its life mutex is free to any watcher) rather than forming a domain of its own
+        view = m.view
+        assert view.generation > 1, view
+        assert wait_for(lambda: [x.pid for x in m.view.members] == [os.getpid()], 5)
+    lone.child.kill()
+    assert "lost its life mutex" in lone.child.stderr()
+
+
+def test_the_pid_of_a_process_started_after_the_join_is_not_that_member(domain, spawn):
+    """A slot's recorded pid counts as the member's only for a process that started before the
+    member joined and maps this root: a reused pid never keeps a dead domain alive."""
+    node = Node(spawn, domain, "n", FAST)
+    with Bootstrap.open(domain, create=False) as boot:
+        assert boot.runs_domain(node.slot)
+        joined = layout.member_offset(node.slot, layout.M_JOINED_NS)
+        real = boot.section.load64(joined)
+        boot.section.store64(joined, real - 10 * 10**9)  # as if it joined 10 s before it started
+        try:
+            assert not boot.runs_domain(node.slot)
+        finally:
+            boot.section.store64(joined, real)
+        assert boot.runs_domain(node.slot)
+        node.child.kill()
+        assert wait_for(lambda: not boot.runs_domain(node.slot), 5)

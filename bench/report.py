@@ -1007,6 +1007,54 @@ def section_state_recovery(rows: list[dict]) -> list[str]:
     return out
 
 
+def section_recovery_size(rows: list[dict]) -> list[str]:
+    """webcache-recovery-size (bench/test_webcache.py): kill -9 -> stable against the number of
+    cached entries, and the misses on the dead node's entries after its restart."""
+    rows = sorted(rows, key=lambda b: xi(b).get("entries", 0))
+    b0 = xi(rows[0])
+    out = [f"The master holds N synthetic entries; a member process joins with its own "
+           f"{fmt(VICTIM_ENTRIES)}, and is killed with SIGKILL ({fmt(b0.get('kills'))} kills per "
+           "size after a warm-up kill). *kill → stable*: from the kill until the master is in a "
+           "newer epoch and has served one of the dead member's entries; *last_duration_ms*: "
+           "the component's own `stats.last_duration_ms`. Then a replacement joins (it takes "
+           "the dead member's slot and adopts its arena) and the master looks up every entry the "
+           "dead member had cached for 10 s: each miss would have been a disk read. Medians; "
+           f"ratios against {fmt(b0.get('entries'))} entries.", ""]
+    table = []
+    for b in rows:
+        e = xi(b)
+        table.append([fmt(e.get("entries")), fmt(e.get("kill_to_stable_ms")),
+                      fmt_ratio(ratio(e.get("kill_to_stable_ms"), b0.get("kill_to_stable_ms"))),
+                      fmt(e.get("last_duration_ms")),
+                      fmt_ratio(ratio(e.get("last_duration_ms"), b0.get("last_duration_ms"))),
+                      f"{fmt(e.get('restart_misses'))} of {fmt(e.get('restart_lookups'))}",
+                      fmt(e.get("entries_adopted")), fmt(e.get("takeover_scan_ms"))])
+    out += [md_table(["cached entries", "kill → stable ms", "× smallest", "last_duration_ms",
+                      "× smallest", "misses after restart", "entries taken over",
+                      "takeover ready ms"], table), ""]
+    big = xi(rows[-1])
+    if rows[-1] is not rows[0]:
+        growth = ratio(big.get("last_duration_ms"), b0.get("last_duration_ms"))
+        word = compared(big.get("last_duration_ms"), b0.get("last_duration_ms"), "longer",
+                        "shorter", "about as long")
+        out += [f"With {fmt(big.get('entries'))} entries a recovery took {fmt_ratio(growth)} the "
+                f"time it took with {fmt(b0.get('entries'))}: **{word}**.", ""]
+        def verdict(value: Any, ceiling: float) -> str:
+            word = met(value, ceiling, at_least=False)
+            return f"**{word}**" if word == "missed" else word
+
+        verdicts = [
+            f"recovery with {fmt(big.get('entries'))} entries ≤ ×{RECOVERY_SIZE_RATIO} the "
+            f"smallest: {fmt_ratio(growth)} — {verdict(growth, RECOVERY_SIZE_RATIO)}",
+            f"≤ {fmt(RECOVERY_1M_MS)} ms with {fmt(big.get('entries'))}: "
+            f"{fmt(big.get('last_duration_ms'))} ms — "
+            f"{verdict(big.get('last_duration_ms'), RECOVERY_1M_MS)}",
+            f"misses on the dead node's entries after its restart = 0: "
+            f"{fmt(big.get('restart_misses'))} — {verdict(big.get('restart_misses'), 0)}"]
+        out += ["Targets: " + "; ".join(verdicts) + ".", ""]
+    return out
+
+
 def section_state(groups: dict[str, list[dict]]) -> list[str]:
     """The "Shared state" section: one table per group of bench/test_state.py (ops/s and
     SharedDict ÷ each peer), the comparison words and the targets' verdicts computed here."""
@@ -1025,7 +1073,10 @@ def section_state(groups: dict[str, list[dict]]) -> list[str]:
 
 # -- main ----------------------------------------------------------------------------------------
 
-ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison"]
+ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison", "webcache-recovery-size"]
+VICTIM_ENTRIES = 1_000  # bench/test_webcache.py: the killed member's own entries
+RECOVERY_SIZE_RATIO = 1.5  # targets of webcache-recovery-size (issue 16)
+RECOVERY_1M_MS = 20
 STATE_SECTION = "Shared state"  # the state-* groups (bench/test_state.py), in one section
 # ./dev bench makes .venv; matplotlib draws the plots (not an mcs dependency)
 REGENERATE = "./dev bench && .venv/bin/pip install matplotlib && .venv/bin/python bench/report.py"
@@ -1133,6 +1184,9 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
                 continue
             if g == "webcache-hits" and all("rps" in xi(b) for b in rows):
                 lines += section_hits(rows)
+                continue
+            if g == "webcache-recovery-size" and all("entries" in xi(b) for b in rows):
+                lines += section_recovery_size(rows)
                 continue
             if g == "cache-comparison" and all("variant" in xi(b) for b in rows):
                 lines += section_comparison(plt, rows, img_dir, out)

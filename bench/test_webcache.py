@@ -629,3 +629,171 @@ def test_recovery_under_load(benchmark, report, site, tmp_path):
           f"rejoin recovery p50 {info['rejoin_recovery_ms_p50']} ms; "
           f"load: {load.get('rps')} req/s, non-2xx {load.get('non2xx')}, "
           f"socket errors {load.get('socket_errors')}")
+
+
+# -- recovery versus cache size (the table outlives recoveries; warm takeover) --------------------
+
+RECOVERY_ENTRIES = (1_000, 100_000, 1_000_000)
+ENTRY_DATA = 64  # bytes of data per synthetic entry (the header is 640 B; the table is the point)
+VICTIM_ENTRIES = 1_000
+SIZE_KILLS = int(os.environ.get("MCS_WC_SIZE_KILLS", "3"))
+TARGET_SIZE_RATIO = 1.5  # recovery with 1 M entries <= 1.5 x with 1 k
+TARGET_1M_MS = 20.0  # and <= 20 ms
+REREAD_WINDOW = 10.0  # seconds after the restart in which cached files must not be read again
+SIZE_TIMING = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4}
+_SIZE_ROWS: dict[int, dict[str, Any]] = {}
+
+
+class Member:
+    """A bench/webcache_member.py child."""
+
+    def __init__(self, spec: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "webcache_member.py"),
+                                      json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"member {self.pid} exited {self.proc.wait()}: "
+                                 f"{self.proc.stderr.read()[-2000:]}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        rc = self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+        return rc
+
+
+@pytest.fixture
+def size_domain(request):
+    """This process: the master of a web cache holding N synthetic entries."""
+    sys.path.insert(0, str(HERE))
+    import webcache_member as wm
+    from webcache.cache import McsWebCache
+
+    n = request.param
+    domain = f"wcsize{os.getpid()}-{n}"
+    arena = (n + 1024) * 720 + (1 << 20)  # an entry: 640 B header + path + 64 B data
+    cache = McsWebCache(domain, cache_size=arena, max_entry=ENTRY_DATA, **SIZE_TIMING).start()
+    try:
+        t0 = time.perf_counter()
+        stored = wm.fill(cache, "m", n, ENTRY_DATA)
+        assert stored == n, f"stored {stored} of {n}"
+        yield cache, {"domain": domain, "entries": n, "fill_s": round(time.perf_counter() - t0, 3),
+                      "wm": wm}
+    finally:
+        cache.stop()
+
+
+@pytest.mark.timeout(1200)  # filling 1 M entries through store() takes minutes on 2 cores
+@pytest.mark.benchmark(group="webcache-recovery-size")
+@pytest.mark.parametrize("size_domain", RECOVERY_ENTRIES, indirect=True,
+                         ids=[f"{n:_}-entries" for n in RECOVERY_ENTRIES])
+def test_recovery_vs_cache_size(benchmark, report, size_domain):
+    """This process (the master) holds N entries; a member process joins with 1,000 of its own;
+    kill -9 of that member -> this survivor stable again (a newer epoch, then a hit on one of
+    the victim's entries). Then a replacement joins (it takes the victim's slot and adopts its
+    arena), and for REREAD_WINDOW seconds this process looks up every one of the victim's
+    entries: each miss would have been a disk read."""
+    cache, info = size_domain
+    wm = info["wm"]
+    spec = {"domain": info["domain"], "cache_size": 8 << 20, "entries": VICTIM_ENTRIES,
+            "prefix": "v", "data_size": ENTRY_DATA, "timing": SIZE_TIMING}
+    kill_ms: list[float] = []
+    comp_ms: list[float] = []
+    phases: list[dict[str, float]] = []
+    members: list[Member] = []
+
+    def setup():
+        for m in members:  # the last victim, reaped here: not part of the timed kill
+            m.close()
+        victim = Member({**spec, "prefix": f"v{len(members)}"})
+        members.append(victim)
+        ready = victim.read()
+        assert ready["stored"] == VICTIM_ENTRIES, ready
+        assert wait_for(lambda: cache.stats.epoch >= ready["epoch"], 30), "no common epoch"
+        return (victim, cache.stats.epoch, ready["slot"]), {}
+
+    def kill(victim: Member, epoch: int, slot: int) -> None:
+        f = wm.synthetic(f"v{len(members) - 1}", 0, ENTRY_DATA)
+        t0 = time.perf_counter()
+        os.kill(victim.pid, signal.SIGKILL)
+        assert wait_for(lambda: cache.stats.epoch > epoch, 30, 0.0002), "no recovery"
+        hit = cache.lookup(f)  # the dead member's entry, served from its arena
+        kill_ms.append((time.perf_counter() - t0) * 1e3)
+        comp_ms.append(cache.stats.last_duration_ms)
+        phases.append(dict(cache.stats.last_phases_ms))
+        assert hit is not None, "the dead member's entry is not served any more"
+        hit.release()
+
+    try:
+        benchmark.pedantic(kill, setup=setup, rounds=SIZE_KILLS, warmup_rounds=1, iterations=1)
+        # The restart: a replacement takes the last victim's slot and adopts its arena.
+        prefix = f"v{len(members) - 1}"
+        files = [wm.synthetic(prefix, i, ENTRY_DATA) for i in range(VICTIM_ENTRIES)]
+        replacement = Member({**spec, "entries": 0, "prefix": "r"})
+        members.append(replacement)
+        t_restart = time.monotonic()
+        ready = replacement.read()
+        misses = lookups = 0
+        while time.monotonic() - t_restart < REREAD_WINDOW and lookups < 20 * VICTIM_ENTRIES:
+            for f in files:
+                hit = cache.lookup(f)
+                lookups += 1
+                if hit is None:
+                    misses += 1
+                else:
+                    hit.release()
+        takeover = replacement.ask("takeover")
+    finally:
+        for m in members:
+            if m.proc.poll() is None:
+                m.proc.kill()
+            m.close()
+    measured, comp = kill_ms[1:] or kill_ms, comp_ms[1:] or comp_ms
+    row = {"entries": info["entries"], "fill_s": info["fill_s"], "kills": len(measured),
+           "kill_to_stable_ms": round(statistics.median(measured), 3),
+           "kill_to_stable_ms_max": round(max(measured), 3),
+           "last_duration_ms": round(statistics.median(comp), 3),
+           "last_duration_ms_max": round(max(comp), 3),
+           "phases_ms": {k: round(statistics.median(p.get(k, 0.0) for p in phases), 3)
+                         for k in phases[-1]},
+           "restart_lookups": lookups, "restart_misses": misses,
+           "replacement_slot": ready["slot"], "entries_adopted": takeover["entries_adopted"],
+           "entries_dropped": takeover["entries_dropped"],
+           "takeover_scan_ms": takeover["ms"]}
+    _SIZE_ROWS[info["entries"]] = benchmark.extra_info
+    report(row=f"{info['entries']:,} entries", **row)
+    small = _SIZE_ROWS.get(RECOVERY_ENTRIES[0])
+    if small is not None:
+        for e in _SIZE_ROWS.values():
+            for key in ("kill_to_stable_ms", "last_duration_ms"):
+                e[f"{key}_vs_1k"] = round(e[key] / small[key], 3)
+    big = _SIZE_ROWS.get(RECOVERY_ENTRIES[-1])
+    if big is not None and small is not None and big is not small:
+        ratio = big["last_duration_ms_vs_1k"]
+        big["targets"] = {
+            "recovery with 1 M entries <= 1.5x with 1 k (stats.last_duration_ms)": {
+                "ratio": ratio, "at_most": TARGET_SIZE_RATIO, "met": ratio <= TARGET_SIZE_RATIO,
+                "what": "the survivor's recovery duration / the same with 1 k entries"},
+            "recovery with 1 M entries <= 20 ms (stats.last_duration_ms)": {
+                "ratio": big["last_duration_ms"], "at_most": TARGET_1M_MS,
+                "met": big["last_duration_ms"] <= TARGET_1M_MS,
+                "what": "the survivor's recovery duration in ms, 1 M entries"},
+            "misses on the dead node's entries in the 10 s after its restart = 0": {
+                "ratio": big["restart_misses"], "at_most": 0, "met": big["restart_misses"] == 0,
+                "what": "lookups of entries cached before the kill that missed (disk reads)"}}

@@ -5,7 +5,6 @@ a clear error, never touching shared memory (GET /fork-misuse shows it). Needs g
     python examples/workers_app.py [PORT] [WORKERS]     then: curl http://127.0.0.1:8000/hit
 """
 import os, sys
-
 from aiohttp import web
 from gunicorn.app.base import BaseApplication
 
@@ -25,8 +24,9 @@ def worker_exit(server, worker) -> None:
         shared.stop()
 
 
-async def hit(request: web.Request) -> web.Response:  # {"pid": worker, "hits": all workers'}
-    return web.json_response({"pid": os.getpid(), "hits": shared.incr("hits")})
+async def hit(request: web.Request) -> web.Response:  # this worker, all workers' hits, workers now
+    hits, workers = shared.incr("hits"), len(shared.view.members)
+    return web.json_response({"pid": os.getpid(), "hits": hits, "workers": workers})
 
 
 async def fork_misuse(request: web.Request) -> web.Response:

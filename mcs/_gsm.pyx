@@ -632,6 +632,13 @@ cdef class GlobalMutex:
             raise_errno("pthread_mutex_consistent", rc)
 
     @property
+    def recoverable(self):
+        """False once a dead holder's state was released unrepaired: every lock then raises
+        :class:`NotRecoverableError` until the mutex is created again (with nobody using it)."""
+        self._check_magic()
+        return mcs_mutex_meta_of(self._slot).state != MCS_MUTEX_NOTRECOVERABLE
+
+    @property
     def previous_owner(self):
         """Who held the mutex before the last ``ABANDONED`` lock through this handle, or None."""
         return self._previous

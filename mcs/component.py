@@ -38,7 +38,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, overload
 
 from mcs import component_record as rec
 from mcs import faults, layout
@@ -112,6 +112,7 @@ class RecoveryStats:
     tx_repaired: int = 0  # mutexes found abandoned by a transaction and repaired from the log
     tx_aborts: int = 0  # transactions rolled back and retried (recovery request or conflict)
     tx_conflicts: int = 0  # of which: a lock waited too long while holding others
+    contributions_adopted: int = 0  # contributions taken over from this slot's previous holder
 
 
 class _Slot:
@@ -226,6 +227,10 @@ class McsComponent:
     #: seconds a transaction waits for a mutex while holding others before it rolls back and
     #: retries (TransactionConflict): no deadlock between transactions locking in any order
     transaction_lock_wait: float = 0.05
+    #: keep departed members' contributions attached (their data stays readable), and let the
+    #: next member of a slot take over the contribution its previous holder left
+    #: (:meth:`adopt_contribution` decides); False: a departed member's contribution is dropped
+    adopt_contributions: bool = False
 
     def __init__(self, domain: str, *, node: str | None = None, recovery_timeout: float | None = None,
                  **timing: float) -> None:
@@ -448,13 +453,17 @@ class McsComponent:
         if self._gate_closed:
             raise Recovering("a recovery was requested")
 
-    def lock(self, mutex: GlobalMutex, timeout: float | None = None) -> _Held:
+    def lock(self, mutex: GlobalMutex, timeout: float | None = None, *,
+             repair: Callable[[], None] | None = None) -> _Held:
         """Lock a global mutex inside a block: ``with self.lock(m): ...``.
 
         Wakes up with :class:`Recovering` when a recovery is requested. An abandoned mutex means
         its holder died mid-update: it is released *unrepaired* (so nobody can read the
         half-update: every later lock raises NotRecoverable until the master re-creates it), a
-        recovery is requested, and :class:`Recovering` is raised.
+        recovery is requested, and :class:`Recovering` is raised. Unless ``repair`` is given:
+        for data that every step leaves consistent (one publishing store per update, as LMDB
+        does), ``repair()`` runs holding the mutex, which is then marked consistent and held, and
+        no recovery is asked for (the membership sees the death by itself).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -466,6 +475,12 @@ class McsComponent:
                 self.request_recovery(f"not recoverable mutex at offset {mutex.offset}")
                 raise Recovering("mutex not recoverable: recovery requested") from None
             if status is LockStatus.OK:
+                if self._gate_closed:
+                    mutex.unlock()
+                    raise Recovering("a recovery was requested")
+                return _Held(mutex, self)
+            if status is LockStatus.ABANDONED and repair is not None:
+                _repair(mutex, repair)
                 if self._gate_closed:
                     mutex.unlock()
                     raise Recovering("a recovery was requested")
@@ -495,12 +510,17 @@ class McsComponent:
                 return
             time.sleep(DEPARTURE_POLL)
 
-    def recovery_lock(self, mutex: GlobalMutex, timeout: float = 5.0) -> _Held:
+    def recovery_lock(self, mutex: GlobalMutex, timeout: float = 5.0, *,
+                      repair: Callable[[], None] | None = None) -> _Held:
         """Lock a mutex from a recovery hook (``build_shared_state``): ``with
         self.recovery_lock(m):``. A holder that died during this recovery (ABANDONED) or a
-        timeout fails the hook, and the recovery starts over at the next epoch."""
+        timeout fails the hook, and the recovery starts over at the next epoch; with
+        ``repair`` (see :meth:`lock`), an abandoned mutex is repaired and held instead."""
         status = mutex.lock(timeout=timeout)
         if status is LockStatus.OK:
+            return _Held(mutex, self)
+        if status is LockStatus.ABANDONED and repair is not None:
+            _repair(mutex, repair)
             return _Held(mutex, self)
         if status is LockStatus.ABANDONED:
             mutex.unlock()  # unrepaired: the next master phase re-creates it
@@ -662,6 +682,7 @@ class McsComponent:
             self._event.set()
             phase("contribute")
             self._barrier(rec.acked_offset, view, epoch)
+            self._keep_contributions(view)
             self._stable(epoch)
             phase("stable")
             faults.point("recovery.stable")
@@ -892,6 +913,8 @@ class McsComponent:
         if not self.contribution_size:
             return
         sec = self.contribution
+        if sec is None and self.adopt_contributions:
+            sec = self._adopt_previous()
         if sec is None or sec.closed or sec.failed:
             if sec is not None:
                 log.warning("%s: contribution was poisoned; replacing it", self.component_name)
@@ -901,12 +924,61 @@ class McsComponent:
             self.on_new_contribution(sec)
         rec.set_contribution_ident(self._root, self.member.slot, sec.ident)
 
+    def _adopt_previous(self) -> Section | None:
+        """The contribution this slot's previous holder left, if it is still there, has our
+        size, is not poisoned and :meth:`adopt_contribution` accepts it; else None."""
+        slot = self.member.slot
+        with self._contribs_lock:
+            cached = self._contribs.pop(slot, None)
+        try:
+            ident = rec.contribution_ident(self._root, slot)
+            if not ident:
+                return None
+            if cached is not None and cached[0] == ident and not cached[1].closed:
+                sec = cached[1]  # we kept it attached since its holder departed
+                cached = None
+            else:
+                sec = Section.attach(ident)
+        except InvalidIdentifier as exc:
+            log.info("%s: slot %d's previous contribution is gone (%s)", self.component_name,
+                     slot, exc)
+            return None
+        finally:
+            if cached is not None:
+                cached[1].close()
+        if sec.size != self.contribution_size or sec.failed or not self.adopt_contribution(sec):
+            log.info("%s: slot %d's previous contribution not adopted (%s)", self.component_name,
+                     slot, "poisoned" if sec.failed else f"{sec.size} bytes, refused or resized")
+            sec.close()
+            return None
+        self.contribution = sec
+        with self._stats_lock:
+            self.stats.contributions_adopted += 1
+        return sec
+
+    def adopt_contribution(self, section: Section) -> bool:
+        """With :attr:`adopt_contributions`: called in the recovery thread (contribute phase,
+        before :meth:`build_shared_state`) with the contribution this member slot's previous
+        holder left (departed: dead, fenced or left). Return True to keep it as
+        :attr:`contribution` (its data stays where others can read it), False to get a fresh one
+        (:meth:`on_new_contribution`)."""
+        return False
+
     def on_new_contribution(self, section: Section) -> None:
         """Called when the framework (re)creates this member's contribution (first time, or
         after it was poisoned): rewrite it from local memory."""
 
-    def contribution_of(self, slot: int) -> Section:
-        """The contribution of member ``slot`` of the current view (attached once, cached)."""
+    @overload
+    def contribution_of(self, slot: int) -> Section: ...
+
+    @overload
+    def contribution_of(self, slot: int, *, missing_ok: bool) -> Section | None: ...
+
+    def contribution_of(self, slot: int, *, missing_ok: bool = False) -> Section | None:
+        """The contribution of member ``slot`` of the current view (attached once, cached); with
+        :attr:`adopt_contributions`, also the one a departed member left in ``slot``. One that
+        is gone requests a recovery and raises :class:`Recovering` (None with ``missing_ok``,
+        and no request)."""
         if slot == self.member.slot and self.contribution is not None:
             return self.contribution
         with self._contribs_lock:
@@ -923,14 +995,37 @@ class McsComponent:
                     cached[1].close()
                 self._contribs[slot] = (ident, sec)
                 return sec
+        if missing_ok:
+            return None
         self.request_recovery(f"contribution of slot {slot} is gone")
         raise Recovering(f"contribution of slot {slot} is gone")
 
+    def _keep_contributions(self, view: View) -> None:
+        """With :attr:`adopt_contributions`, once every member of ``view`` has published its
+        contribution: attach them all, so that a death leaves its contribution attached here."""
+        if self.adopt_contributions and self.contribution_size:
+            for m in view.members:
+                if m.slot != self.member.slot:
+                    self.contribution_of(m.slot, missing_ok=True)
+
     def _drop_departed(self, view: View) -> None:
+        if self.adopt_contributions:
+            return  # kept until the slot's next holder adopts or replaces it (contribution_of)
         keep = {m.slot for m in view.members}
         with self._contribs_lock:
             for slot in [s for s in self._contribs if s not in keep]:
                 self._contribs.pop(slot)[1].close()
+
+
+def _repair(mutex: GlobalMutex, repair: Callable[[], None]) -> None:
+    """Holding ``mutex`` found ABANDONED: ``repair()``, then mark it consistent (still held);
+    if the repair fails, release it unrepaired (not recoverable) and re-raise."""
+    try:
+        repair()
+        mutex.mark_consistent()
+    except BaseException:
+        mutex.unlock()
+        raise
 
 
 def transaction(method: Callable[..., T]) -> Callable[..., T]:

@@ -285,3 +285,32 @@ def test_shared_state_without_sharedict_says_so(report, tmp_path):
     state = text.split("## Shared state", 1)[1]
     assert state.count("SharedDict did not run in this group: no ratio.") == 2
     assert "Targets:" not in state
+
+
+def recovery_size_doc(big_ms: float, misses: int) -> dict[str, Any]:
+    """A run with the webcache-recovery-size group (bench/test_webcache.py)."""
+    doc = run_doc()
+    for n, ms in ((1_000, 1.0), (100_000, 1.1), (1_000_000, big_ms)):
+        doc["benchmarks"].append(_row("webcache-recovery-size", f"size[{n}]", {
+            "entries": n, "kills": 3, "kill_to_stable_ms": 4.0 * ms, "last_duration_ms": ms,
+            "restart_misses": misses if n == 1_000_000 else 0, "restart_lookups": 20_000,
+            "entries_adopted": 4_000, "takeover_scan_ms": 900.0}))
+    return doc
+
+
+@pytest.mark.parametrize("big_ms, misses, said, not_said", [
+    (1.2, 0, ["| 1,000,000 | 4.80 | ×1.20 | 1.20 | ×1.20 | 0 of 20,000 |", "**longer**",
+              "≤ ×1.5 the smallest: ×1.20 — met", "≤ 20 ms with 1,000,000: 1.20 ms — met",
+              "= 0: 0 — met"], ["**missed**"]),
+    (25.0, 7, ["≤ ×1.5 the smallest: ×25.00 — **missed**", "1,000,000: 25.00 ms — **missed**",
+               "= 0: 7 — **missed**"], ["— met"]),
+    (1.02, 0, ["**about as long**"], ["**longer**"]),
+])
+def test_recovery_size_sentences_follow_the_numbers(report, tmp_path, big_ms, misses, said,
+                                                     not_said):
+    text = build(report, tmp_path, recovery_size_doc(big_ms, misses))
+    section = text.split("## webcache-recovery-size", 1)[1]
+    for sentence in said:
+        assert sentence in section
+    for sentence in not_said:
+        assert sentence not in section

@@ -379,18 +379,20 @@ def test_the_web_cache_layout_keeps_its_offsets():
     from webcache import _hit
     from webcache import layout as L
 
-    assert (L.T_MAGIC, L.T_BUCKETS, L.T_FILL_EVENT, L.TABLE_HEADER) == (0, 8, 64, 128)
+    assert (L.T_MAGIC, L.T_BUCKETS, L.T_TABLE_ID, L.T_FILL_EVENT, L.TABLE_HEADER) == (
+        0, 8, 16, 64, 128)
     assert (L.B_MUTEX, L.B_HEAD, L.B_LEASE_HASH, L.B_LEASE_OWNER, L.B_LEASE_EXPIRY) == (
         0, 64, 72, 80, 88)
     assert L.BUCKET_SIZE == 128 and L.TABLE_SIZE == 128 + 4096 * 128
-    assert (L.A_MAGIC, L.A_ENTRIES, L.A_BYTES, L.ARENA_HEADER) == (0, 8, 16, 4096)
+    assert (L.A_MAGIC, L.A_ENTRIES, L.A_BYTES, L.A_ID, L.ARENA_HEADER) == (0, 8, 16, 24, 4096)
     assert [L.E_NEXT, L.E_STATE, L.E_HASH, L.E_SIZE, L.E_MTIME, L.E_INODE, L.E_DEV, L.E_SUM,
             L.E_ACCESS, L.E_PATH_LEN, L.E_ALLOC, L.E_MAGIC, L.E_CTIME] == list(range(0, 104, 8))
     assert L.E_PINS == 128 and L.ENTRY_HEADER == 128 + 8 * MAX_MEMBERS == 640
     assert [L.bucket_offset(b) for b in (0, 1, 4095)] == [128, 256, 128 + 4095 * 128]
     _hit.check_layout(L)  # the native side agrees
-    # The web cache marks its areas with versioned magics (MCSWC..4), not with fingerprints: a
-    # change of a declaration must come with new magics, so each magic pins its layout here.
+    # The web cache marks its areas with versioned magics (MCSWC..5, entries ..4), not with
+    # fingerprints: a change of a declaration must come with new magics, so each magic pins its
+    # layout here.
     now = {L.TABLE_MAGIC: L.Table.FINGERPRINT, L.ARENA_MAGIC: L.ArenaHeader.FINGERPRINT,
            L.ENTRY_MAGIC: L.EntryHeader.FINGERPRINT}
     for magic, fingerprint in now.items():
@@ -399,8 +401,8 @@ def test_the_web_cache_layout_keeps_its_offsets():
             f"in webcache/layout.py and pin {fingerprint:#x} for it here")
 
 
-PINNED = {int.from_bytes(b"MCSWCTB4", "little"): 0xb52afa6ff805eab3,
-          int.from_bytes(b"MCSWCAR4", "little"): 0x44a4b0234620ac9f,
+PINNED = {int.from_bytes(b"MCSWCTB5", "little"): 0x149fc7e8f8202467,
+          int.from_bytes(b"MCSWCAR5", "little"): 0x85eed11c3c3c2644,
           int.from_bytes(b"MCSWCEN4", "little"): 0x49e6138d4c85eb2d}
 
 

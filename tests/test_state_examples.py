@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 import mcs
+from conftest import wait_for
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -227,6 +228,10 @@ def test_gunicorn_workers_share_one_dict_and_a_forked_handle_refuses(domain, pro
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/hit")
+        # All three workers share the dict before one is killed: a worker killed while it is
+        # the only one (the others still booting, on a loaded machine) takes the dict with it,
+        # as documented ("every member gone").
+        assert wait_for(lambda: http_json(f"{base}/hit")[1]["workers"] == 3, 30, 0.05)
         seen, pids = [], set()
         for _ in range(40):  # one connection per request: any worker may answer
             status, body = http_json(f"{base}/hit")

@@ -339,6 +339,9 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
         "stale_revalidations": cs.stale,
         "disk_reads": cs.disk_reads,
         "served_during_recovery": cs.served_during_recovery,
+        "takeover": {"arenas_adopted": cs.arenas_adopted, "entries_adopted": cs.entries_adopted,
+                     "entries_dropped": cs.entries_dropped, "entries_reread": cs.reread,
+                     "scanning": cache._adopted is not None},
         "recoveries": st.recoveries,
         "last_recovery_ms": round(st.last_duration_ms, 3),
         "last_recovery_phases_ms": {k: round(v, 3) for k, v in st.last_phases_ms.items()},
@@ -393,6 +396,11 @@ _MEMBER_COUNTERS = [
     ("connections_accept_errors", "accept() failures (EMFILE, ENFILE, ENOBUFS, ...)"),
     ("connections_shed", "Connections closed unserved with the reserve descriptor at EMFILE/ENFILE"),
     ("connections_version_refused", "Requests answered 505 (an HTTP version other than 1.x)"),
+    ("arenas_adopted", "Arenas taken over from a departed node (warm takeover)"),
+    ("entries_adopted", "Entries of taken-over arenas found linked and kept"),
+    ("entries_dropped", "Entries of taken-over arenas refused (torn or overlapping)"),
+    ("entries_reread", "Cached entries dropped at a hit (corrupt or stale) and read again"),
+    ("chains_cut", "Bucket chains found corrupt (garbage in shared memory) and cut"),
 ]
 _TIMED_OUT = "connections_timed_out_"
 _DOMAIN_COUNTERS = [(k, h) for k, h in _MEMBER_COUNTERS if k != "recoveries"]

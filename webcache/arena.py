@@ -21,6 +21,28 @@ class Allocator:
         self._free: list[tuple[int, int]] = [(start, end - start)] if end > start else []
         self.used = 0
 
+    @classmethod
+    def around(cls, start: int, end: int,
+               extents: "list[tuple[int, int]]") -> "tuple[Allocator, list[tuple[int, int]]]":
+        """An allocator of ``[start, end)`` in which ``extents`` ((offset, size) pairs, e.g. the
+        entries found in an adopted arena) are in use. Returns it and the extents refused
+        (misaligned, out of range, or overlapping one kept)."""
+        self = cls(start, end)
+        self._free = []
+        refused = []
+        at = start
+        for off, size in sorted(extents):
+            if off % 8 or size <= 0 or size % 8 or off < at or off + size > end:
+                refused.append((off, size))
+                continue
+            if off > at:
+                self._free.append((at, off - at))
+            self.used += size
+            at = off + size
+        if end > at:
+            self._free.append((at, end - at))
+        return self, refused
+
     def alloc(self, size: int) -> int | None:
         """Offset of a free extent of ``size`` bytes, or None if none fits."""
         for i, (off, length) in enumerate(self._free):

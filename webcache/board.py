@@ -57,6 +57,7 @@ COUNTERS = (
     "connections_shed", "connections_version_refused",
     "connections_timed_out_header", "connections_timed_out_body",
     "connections_timed_out_idle", "connections_timed_out_send",
+    "arenas_adopted", "entries_adopted", "entries_dropped", "entries_reread", "chains_cut",
 )
 GAUGES = ("entries", "bytes", "arena_bytes", "max_entry", "connections_open", "max_connections")
 # The phases of a recovery (mcs.component's _recover), in order.
@@ -217,6 +218,9 @@ def local_values(cache: "McsWebCache",
         "coalesced_misses": cs.coalesced, "checksum_failures": cs.checksum_failures,
         "stale_revalidations": cs.stale, "disk_reads": cs.disk_reads,
         "served_during_recovery": cs.served_during_recovery, "recoveries": st.recoveries,
+        "arenas_adopted": cs.arenas_adopted, "entries_adopted": cs.entries_adopted,
+        "entries_dropped": cs.entries_dropped, "entries_reread": cs.reread,
+        "chains_cut": cs.chains_cut,
         "fast_path_served": 0 if fast is None else fast.served,
         "fast_path_handed_over": 0 if fast is None else fast.handed_over,
         "fast_path_connections": 0 if fast is None else fast.connections,

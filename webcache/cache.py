@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -57,6 +58,8 @@ DEFAULT_MAX_ENTRY = 1 << 20  # larger files are streamed from disk, never cached
 # Memoized (encoded path, hash) pairs; cleared when full. 16384 paths are a few MiB at most and
 # cover the hot set of any site a node of this size caches.
 KEYS_MAX = 16384
+SCAN_BATCH = 64  # buckets a warm takeover's scan walks per consistent block
+SCAN_RETRY = 0.01  # seconds the scan waits before it retries a batch a recovery interrupted
 
 # What a cache operation can meet while a recovery rebuilds the shared state (or the cache is
 # closing, or a mutex was left unrecoverable): the request is then served from disk and the
@@ -72,6 +75,20 @@ class Lease(Enum):
     WAIT = "wait"  # another live member is reading it: poll until it is cached
     CACHED = "cached"  # someone cached it meanwhile: read it once more (the next request hits)
     DISK = "disk"  # no lease possible (recovery): read from disk, cache nothing
+
+
+def _consistent() -> None:
+    """The repair of a bucket abandoned by a dead holder: nothing to do. Every update of a
+    chain or a lease is one publishing store, so a holder that dies leaves it whole."""
+
+
+def _entry_in(sec: Section, off: int) -> bool:
+    """Whether an entry header at ``off`` fits in ``sec`` (aligned, after the arena header)."""
+    return L.ARENA_HEADER <= off <= sec.size - L.ENTRY_HEADER and not off % 8
+
+
+def _random_id() -> int:
+    return int.from_bytes(os.urandom(8), "little") | 1  # never 0 ("none")
 
 
 def path_hash(path: str) -> int:
@@ -91,6 +108,11 @@ class CacheStats:
     stale: int = 0
     disk_reads: int = 0
     served_during_recovery: int = 0
+    arenas_adopted: int = 0  # arenas taken over from this slot's previous holder (warm takeover)
+    entries_adopted: int = 0  # entries found linked in them and kept
+    entries_dropped: int = 0  # entries of adopted arenas refused (torn, overlapping) or unlinked
+    reread: int = 0  # entries dropped as corrupt or stale at a hit: their file was read again
+    chains_cut: int = 0  # bucket chains found corrupt (garbage refs) and cut at their head
 
 
 @dataclass
@@ -129,10 +151,13 @@ class McsWebCache(McsComponent):
     # The table, then the board of every member's counters (webcache/board.py). Version 2: the
     # board was added (a master of version 1 left an area without it; it is rebuilt).
     master_area_size = L.MASTER_AREA_SIZE
-    master_area_version = 2
-    # No transactions: the table is reset by every master phase (on_master), so no undo logs
-    # (a log region would cost every recovery a look at 64 x lanes logs for nothing).
+    master_area_version = 3  # 3: pin journals, table and arena ids (the table outlives recoveries)
+    # No transactions: every update of the table is one publishing store under its bucket
+    # mutex, so a dead holder leaves it consistent (LMDB's "recover by design"): no undo logs.
     transaction_lanes = 0
+    # A dead node's arena stays attached and its entries keep serving; the slot's next holder
+    # takes it over (warm takeover), verifying entries by their checksums as they are served.
+    adopt_contributions = True
 
     def __init__(self, domain: str, *, cache_size: int = DEFAULT_CACHE_SIZE,
                  max_entry: int = DEFAULT_MAX_ENTRY, node: str | None = None,
@@ -156,33 +181,228 @@ class McsWebCache(McsComponent):
         self._mutexes: list[GlobalMutex] = []
         self._filling: set[int] = set()  # path hashes this node is reading for the cache
         self._mutex_area: Section | None = None
+        self._table_id = 0  # the table our entries are linked into (0: none yet)
+        self._adopted: Section | None = None  # an adopted arena whose entries are being found
+        self._scanner: threading.Thread | None = None
+        self._sweeper: threading.Thread | None = None
+        self._marks: list[int] = []  # offsets of our free pin journal marks (master area)
 
     def on_new_contribution(self, section: Section) -> None:
         # a new arena (first start, or the old one was poisoned): everything cached is gone
         self._entries.clear()
         self._alloc = Allocator(L.ARENA_HEADER, self.contribution_size)
+        self._adopted = None
+        section.store64(L.A_ID, _random_id())
         section.store64(L.A_MAGIC, L.ARENA_MAGIC)
+
+    def adopt_contribution(self, section: Section) -> bool:
+        # The arena this slot's previous holder left: its linked entries keep serving (each hit
+        # checks the copy against the entry's checksum); which they are, and so the free space,
+        # is found in the background (_scan_adopted). Until then this node caches nothing new.
+        if section.load64(L.A_MAGIC) != L.ARENA_MAGIC or not section.load64(L.A_ID):
+            return False
+        self._entries.clear()
+        self._alloc = Allocator(L.ARENA_HEADER, L.ARENA_HEADER)  # no space until the scan ends
+        self._adopted = section
+        self.cache_stats.arenas_adopted += 1
+        return True
 
     def on_master(self, view: Any) -> None:
         area = self.master_area
+        if (self.master_area_fresh or area.load64(L.T_MAGIC) != L.TABLE_MAGIC
+                or area.load64(L.T_BUCKETS) != L.BUCKETS):
+            self._init_table(area)
+            self._bind()
+        else:
+            # The table outlives the recovery: release what the departed held (their pins, by
+            # their journals) and re-create any bucket mutex left unrecoverable. Leases of
+            # departed fillers are ignored by the next miss (webcache: _take_lease).
+            self._bind()
+            for mutex in self._mutexes:
+                if not mutex.recoverable:  # nobody holds or waits on it: all are quiesced
+                    GlobalMutex.create(area, mutex.offset)
+        self._release_journals(view)  # (a new table: just gives each journal to its member)
+        # The board survives a change of master (the counters of the whole domain's life);
+        # only a fresh master area gets a new one.
+        if self.master_area_fresh or not board.board_ok(area):
+            board.init_board(area)
+
+    def _init_table(self, area: Section) -> None:
+        """Lay out an empty table (first master, or the published one was unusable): every
+        member links its entries again in its contribute phase (``T_TABLE_ID`` changed)."""
         area.view(0, L.TABLE_HEADER)[:] = bytes(L.TABLE_HEADER)
         for b in range(L.BUCKETS):
             off = L.bucket_offset(b)
             area.view(off, L.BUCKET_SIZE)[:] = bytes(L.BUCKET_SIZE)
             GlobalMutex.create(area, off + L.B_MUTEX)
         GlobalEvent.create(area, L.T_FILL_EVENT)
+        area.view(L.JOURNALS_OFFSET, L.Journals.SIZE)[:] = bytes(L.Journals.SIZE)
         area.store64(L.T_BUCKETS, L.BUCKETS)
+        area.store64(L.T_TABLE_ID, _random_id())
         area.store64(L.T_MAGIC, L.TABLE_MAGIC)
-        # The board survives a change of master (the counters of the whole domain's life);
-        # only a fresh master area gets a new one.
-        if self.master_area_fresh or not board.board_ok(area):
-            board.init_board(area)
+
+    def _release_journals(self, view: Any) -> None:
+        """Master phase: for every slot whose journal belongs to an incarnation that is gone,
+        zero the pin counters its marks name (in the arena they name: the arena id must match),
+        clear the marks, and give the journal to the slot's current member. 64 x 4 marks: the
+        cost does not depend on the cache."""
+        area = self.master_area
+        for slot in range(mcs_layout.MAX_MEMBERS):
+            joff = L.journal_offset(slot)
+            member = view.member(slot)
+            incarnation = member.incarnation if member is not None else 0
+            if member is None and area.load64(joff + L.J_ARENA):
+                # A departed slot's arena keeps serving while it is attached somewhere; one that
+                # is gone (every process that had it attached went too) must leave the table.
+                # A poisoned one is dropped whole, as a live owner drops its own.
+                sec = self.contribution_of(slot, missing_ok=True)
+                if (sec is None or sec.failed
+                        or sec.load64(L.A_ID) != area.load64(joff + L.J_ARENA)):
+                    self._purge_slot(slot)
+                    area.store64(joff + L.J_ARENA, 0)
+            if area.load64(joff + L.J_INCARNATION) == incarnation:
+                continue
+            for k in range(L.PIN_JOURNAL):
+                moff = joff + L.J_MARKS + k * L.MARK_SIZE
+                ref = area.load64(moff)
+                if ref:
+                    owner, off = L.split_ref(ref)
+                    sec = (self.contribution_of(owner, missing_ok=True)
+                           if owner < mcs_layout.MAX_MEMBERS else None)
+                    if (sec is not None and sec.load64(L.A_ID) == area.load64(moff + 8)
+                            and _entry_in(sec, off)):
+                        sec.store64(off + L.E_PINS + 8 * slot, 0)
+                    area.store64(moff, 0)
+                    area.store64(moff + 8, 0)
+            area.store64(joff + L.J_INCARNATION, incarnation)
 
     def build_shared_state(self, view: Any) -> None:
         area = self.master_area
         if area.load64(L.T_MAGIC) != L.TABLE_MAGIC or area.load64(L.T_BUCKETS) != L.BUCKETS:
             raise McsError("master table not initialised")
         self._bind()
+        arena = self.contribution
+        me = self.member.slot
+        table_id = area.load64(L.T_TABLE_ID)
+        joff = L.journal_offset(me)
+        if table_id != self._table_id:
+            if self._table_id:
+                self._relink(view)  # a new table: link what we hold (only then: O(our entries))
+            self._table_id = table_id
+        mine = arena.load64(L.A_ID)
+        if area.load64(joff + L.J_ARENA) not in (0, mine):
+            # The table links entries of another arena under this slot (its previous holder's,
+            # which we did not adopt: gone, poisoned or refused). Rare: O(table).
+            self._purge_slot(me)
+        area.store64(joff + L.J_ARENA, mine)
+        self._marks = [joff + L.J_MARKS + k * L.MARK_SIZE for k in range(L.PIN_JOURNAL)
+                       if not area.load64(joff + L.J_MARKS + k * L.MARK_SIZE)]
+        if self._adopted is not None:
+            if self._scanner is None or not self._scanner.is_alive():
+                self._scanner = threading.Thread(target=self._scan_adopted, daemon=True,
+                                                 name=f"mcs-webcache-adopt-{me}")
+                self._scanner.start()
+        else:
+            arena.store64(L.A_ENTRIES, len(self._entries))
+            arena.store64(L.A_BYTES, self._alloc.used)
+
+    def _scan_adopted(self) -> None:
+        """Background, after a warm takeover: find the entries of the adopted arena that the
+        table links (a batch of buckets per consistent block, so recoveries go on), then make
+        them ours: the allocator is rebuilt around them. Entries torn by the previous holder's
+        death, or no longer linked, are dropped; the checksum of each entry is verified at
+        every hit, so a corrupt one is re-read from disk, never served."""
+        me = self.member.slot
+        found: dict[int, _Local] = {}
+        bucket = 0
+        table_id = None
+        try:
+            while bucket < L.BUCKETS:
+                try:
+                    with self.consistent():
+                        area = self.master_area
+                        arena = self._adopted
+                        if arena is None or arena is not self.contribution:
+                            return  # replaced meanwhile (poisoned): nothing to take over
+                        if table_id is None:
+                            table_id = area.load64(L.T_TABLE_ID)
+                        elif area.load64(L.T_TABLE_ID) != table_id:
+                            found.clear()  # a new table: none of the old entries is linked
+                            break
+                        end = min(bucket + SCAN_BATCH, L.BUCKETS)
+                        for b in range(bucket, end):
+                            with self.lock(self._mutexes[b], repair=_consistent):
+                                self._collect(b, me, arena, found)
+                        bucket = end
+                except UNAVAILABLE:
+                    if self._stopping.is_set():
+                        return
+                    time.sleep(SCAN_RETRY)
+            while True:
+                try:
+                    with self.consistent():
+                        if self._adopted is not arena or arena is not self.contribution:
+                            return
+                        self._take_over(arena, found)
+                        return
+                except UNAVAILABLE:
+                    if self._stopping.is_set():
+                        return
+                    time.sleep(SCAN_RETRY)
+        except Exception:
+            if not self._stopping.is_set():
+                log.exception("%s: taking over the adopted arena failed; it caches nothing new "
+                              "until the next recovery", self.component_name)
+
+    def _collect(self, bucket: int, me: int, arena: Section, found: dict[int, _Local]) -> None:
+        """Under the bucket lock: the entries of ``arena`` (slot ``me``) the chain links."""
+        ref = self.master_area.load64(L.bucket_offset(bucket) + L.B_HEAD)
+        for _ in range(L.MAX_CHAIN):
+            if not ref:
+                return
+            owner, off = L.split_ref(ref)
+            if owner >= mcs_layout.MAX_MEMBERS:
+                self._cut_chain(bucket, f"ref slot {owner} out of range")
+                return
+            sec = arena if owner == me else self._section_of(owner)
+            if not _entry_in(sec, off):
+                self._cut_chain(bucket, f"ref slot {owner} offset {off} out of range")
+                return
+            if owner == me:
+                plen = arena.load64(off + L.E_PATH_LEN)
+                if (arena.load64(off + L.E_MAGIC) == L.ENTRY_MAGIC and plen <= L.PATH_MAX
+                        and arena.load64(off + L.E_STATE) == L.STATE_LINKED):
+                    path = os.fsdecode(bytes(arena.view(off + L.ENTRY_HEADER, plen)))
+                    found[off] = _Local(off, arena.load64(off + L.E_ALLOC),
+                                        arena.load64(off + L.E_HASH), path)
+            ref = sec.load64(off + L.E_NEXT)
+        raise McsError(f"bucket {bucket}: chain longer than {L.MAX_CHAIN}")
+
+    def _take_over(self, arena: Section, found: dict[int, _Local]) -> None:
+        """Inside a block: the adopted arena's entries become ours (allocator, LRU, stats)."""
+        alloc, refused = Allocator.around(L.ARENA_HEADER, self.contribution_size,
+                                          [(e.offset, e.alloc) for e in found.values()])
+        for off, _ in refused:  # torn or overlapping: out of the table, never served
+            ent = found.pop(off)
+            bucket = ent.path_hash % L.BUCKETS
+            with self.lock(self._mutexes[bucket], repair=_consistent):
+                hit = self._walk(bucket, ent.path_hash, os.fsencode(ent.path))
+                if hit is not None and hit[0] == L.make_ref(self.member.slot, off):
+                    self._unlink(bucket, hit[0], hit[1])
+        self._entries = found
+        self._alloc = alloc
+        self._adopted = None
+        stats = self.cache_stats
+        stats.entries_adopted += len(found)
+        stats.entries_dropped += len(refused)
+        arena.store64(L.A_ENTRIES, len(found))
+        arena.store64(L.A_BYTES, alloc.used)
+        log.info("%s: took over %d entries (%d bytes) of slot %d's previous arena, dropped %d",
+                 self.component_name, len(found), alloc.used, self.member.slot, len(refused))
+
+    def _relink(self, view: Any) -> None:
+        """Link every entry we hold into a table that was just (re)initialised."""
+        area = self.master_area
         arena = self.contribution
         live_slots = {m.slot for m in view.members}
         me = self.member.slot
@@ -198,12 +418,42 @@ class McsWebCache(McsComponent):
                     self._free_entry(off)
                 continue
             bucket = ent.path_hash % L.BUCKETS
-            with self.recovery_lock(self._mutexes[bucket]):
+            with self.recovery_lock(self._mutexes[bucket], repair=_consistent):
                 boff = L.bucket_offset(bucket)
                 arena.store64(off + L.E_NEXT, area.load64(boff + L.B_HEAD))
                 area.store64(boff + L.B_HEAD, L.make_ref(me, off))
-        arena.store64(L.A_ENTRIES, len(self._entries))
-        arena.store64(L.A_BYTES, self._alloc.used)
+
+    def _purge_slot(self, slot: int) -> int:
+        """Recovery: unlink every entry of the table that names ``slot``; returns how many."""
+        area = self.master_area
+        purged = 0
+        for bucket in range(L.BUCKETS):
+            head = L.bucket_offset(bucket) + L.B_HEAD
+            if not area.load64(head):
+                continue
+            with self.recovery_lock(self._mutexes[bucket], repair=_consistent):
+                pred_sec, pred_at = area, head  # where the ref being looked at is stored
+                ref = area.load64(head)
+                for _ in range(L.MAX_CHAIN):
+                    if not ref:
+                        break
+                    owner, off = L.split_ref(ref)
+                    sec = (None if owner == slot or owner >= mcs_layout.MAX_MEMBERS
+                           else self.contribution_of(owner, missing_ok=True))
+                    if sec is not None and not _entry_in(sec, off):
+                        sec = None
+                    if sec is None:  # its next is in an arena we cannot read: cut the chain
+                        pred_sec.store64(pred_at, 0)
+                        purged += 1
+                        break
+                    pred_sec, pred_at = sec, off + L.E_NEXT
+                    ref = sec.load64(pred_at)
+                else:
+                    raise McsError(f"bucket {bucket}: chain longer than {L.MAX_CHAIN}")
+        if purged:
+            log.info("%s: unlinked %d chain(s) through slot %d's previous arena",
+                     self.component_name, purged, slot)
+        return purged
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -235,12 +485,44 @@ class McsWebCache(McsComponent):
         found = _hit.walk(self.master_area, self._section_of, L.bucket_offset(bucket) + L.B_HEAD,
                           h, path, mcs_layout.MAX_MEMBERS, L.MAX_CHAIN)
         if found.__class__ is str:
-            return self._corrupt(f"bucket {bucket}: {found}")
+            self._cut_chain(bucket, found)
+            return None
         return found
 
-    def _corrupt(self, why: str) -> None:
-        self.request_recovery(f"corrupt master table: {why}")
-        raise Recovering(why)
+    def _cut_chain(self, bucket: int, why: str) -> None:
+        """Under the bucket lock: a chain that is not one (a ref out of range, a cycle, an
+        entry without its magic: garbage in shared memory that no failure reported) is cut at
+        its head. Its entries are then unreachable: never served, and freed by their owners
+        when they evict; the files are read again at the next miss. One store, no recovery:
+        the rest of the table is not touched."""
+        self.master_area.store64(L.bucket_offset(bucket) + L.B_HEAD, 0)
+        self.cache_stats.chains_cut += 1
+        log.warning("%s: bucket %d: %s; chain cut", self.component_name, bucket, why)
+        if self._sweeper is None or not self._sweeper.is_alive():
+            # Garbage in one chain: look at every chain (in the background), since buckets
+            # that no request visits would keep theirs.
+            self._sweeper = threading.Thread(target=self._sweep, daemon=True,
+                                             name=f"mcs-webcache-sweep-{self.member.slot}")
+            self._sweeper.start()
+
+    def _sweep(self) -> None:
+        """Walk every chain once, a batch of buckets per consistent block, cutting corrupt
+        ones (:meth:`_cut_chain`, through :meth:`_walk` with a path no entry has)."""
+        bucket = 0
+        while bucket < L.BUCKETS and not self._stopping.is_set():
+            try:
+                with self.consistent():
+                    end = min(bucket + SCAN_BATCH, L.BUCKETS)
+                    for b in range(bucket, end):
+                        with self.lock(self._mutexes[b], repair=_consistent):
+                            self._walk(b, 0, b"")
+                    bucket = end
+            except UNAVAILABLE:
+                time.sleep(SCAN_RETRY)
+            except Exception:
+                if not self._stopping.is_set():
+                    log.exception("%s: table sweep failed", self.component_name)
+                return
 
     def _unlink(self, bucket: int, ref: int, pred: int) -> None:
         """Under the bucket lock: take ``ref`` out of its chain with one store."""
@@ -285,11 +567,19 @@ class McsWebCache(McsComponent):
         bucket = h % L.BUCKETS
         try:
             with self.consistent():
-                with self.lock(self._mutexes[bucket]):
+                with self.lock(self._mutexes[bucket], repair=_consistent):
                     found = self._walk(bucket, h, path)
                     if found is None:
                         return None
                     ref, _, _, sec = found
+                    if not self._marks:  # every journal mark in use (threads): do not pin
+                        return None
+                    mark = self._marks.pop()
+                    area = self.master_area
+                    # The journal first, then the pin: a reader that dies between the two
+                    # leaves a mark whose counter is 0, which the master zeroes again.
+                    area.store64(mark + 8, sec.load64(L.A_ID))
+                    area.store64(mark, ref)
                     off = ref & L.OFFSET_MASK
                     pin = off + L.E_PINS + 8 * self.member.slot
                     sec.add64(pin, 1)
@@ -302,6 +592,8 @@ class McsWebCache(McsComponent):
                                         f.ctime_ns, into)
                 finally:
                     sec.add64(pin, -1)
+                    area.store64(mark, 0)
+                    self._marks.append(mark)
                 if got is True:
                     data: bytes | memoryview = memoryview(into)[:f.size]  # type: ignore[arg-type]
                 elif got.__class__ is bytes:
@@ -311,6 +603,7 @@ class McsWebCache(McsComponent):
                         stats.checksum_failures += 1  # corrupt: unlinked below, served from disk
                     elif got is _hit.CopyOutcome.STALE:
                         stats.stale += 1
+                    stats.reread += 1
                     self._drop(bucket, ref, h, path)
                     return None
         except UNAVAILABLE:
@@ -322,7 +615,7 @@ class McsWebCache(McsComponent):
 
     def _drop(self, bucket: int, ref: int, h: int, path: bytes) -> None:
         """Unlink a stale or corrupt entry (any member may; the owner reclaims the space)."""
-        with self.lock(self._mutexes[bucket]):
+        with self.lock(self._mutexes[bucket], repair=_consistent):
             found = self._walk(bucket, h, path)
             if found is not None and found[0] == ref:
                 self._unlink(bucket, ref, found[1])
@@ -385,7 +678,7 @@ class McsWebCache(McsComponent):
         area = self.master_area
         boff = L.bucket_offset(bucket)
         with self.consistent() as view:
-            with self.lock(self._mutexes[bucket]):
+            with self.lock(self._mutexes[bucket], repair=_consistent):
                 if self._walk(bucket, h, path) is not None:
                     return Lease.CACHED
                 now = time.monotonic_ns()
@@ -404,7 +697,7 @@ class McsWebCache(McsComponent):
             with self.consistent():
                 area = self.master_area
                 boff = L.bucket_offset(bucket)
-                with self.lock(self._mutexes[bucket]):
+                with self.lock(self._mutexes[bucket], repair=_consistent):
                     if (area.load64(boff + L.B_LEASE_HASH) == h
                             and area.load64(boff + L.B_LEASE_OWNER) == self.member.slot + 1):
                         area.store64(boff + L.B_LEASE_OWNER, 0)
@@ -412,13 +705,24 @@ class McsWebCache(McsComponent):
         except UNAVAILABLE:
             pass  # the table is being rebuilt: leases go with it
 
-    def _store(self, f: ResolvedFile, h: int, path: bytes, bucket: int, data: bytes) -> None:
+    def store(self, f: ResolvedFile, data: bytes) -> bool:
+        """Put ``data``, the bytes of ``f``, in this node's arena, as a miss does after its read
+        (to warm a cache from a list of files, say). True if it is cached now (by this call, or
+        already by someone); False if it was not: larger than ``max_entry``, not the file's size,
+        changed too recently (:data:`SETTLE_NS`), no room, or a recovery is running."""
+        if (len(data) != f.size or f.size > self.max_entry
+                or time.time_ns() - f.ctime_ns < SETTLE_NS or self._gate_closed):
+            return False
+        path, h = self._key(f.path)
+        return self._store(f, h, path, h % L.BUCKETS, data)
+
+    def _store(self, f: ResolvedFile, h: int, path: bytes, bucket: int, data: bytes) -> bool:
         try:
             with self.consistent():
                 size = L.entry_size(len(path), len(data))
                 off = self._allocate(size)
                 if off is None:
-                    return
+                    return False
                 arena = self.contribution
                 arena.view(off, L.ENTRY_HEADER)[:] = bytes(L.ENTRY_HEADER)
                 for field_, value in ((L.E_HASH, h), (L.E_SIZE, f.size), (L.E_MTIME, f.mtime_ns),
@@ -433,10 +737,10 @@ class McsWebCache(McsComponent):
                 self._entries[off] = _Local(off, size, h, f.path)
                 area = self.master_area
                 boff = L.bucket_offset(bucket)
-                with self.lock(self._mutexes[bucket]):
+                with self.lock(self._mutexes[bucket], repair=_consistent):
                     if self._walk(bucket, h, path) is not None:  # someone else was faster
                         self._free_entry(off)
-                        return
+                        return True
                     arena.store64(off + L.E_NEXT, area.load64(boff + L.B_HEAD))
                     arena.store64(off + L.E_STATE, L.STATE_LINKED)
                     faults.point("webcache.store.link")
@@ -444,8 +748,9 @@ class McsWebCache(McsComponent):
                 arena.store64(L.A_ENTRIES, len(self._entries))
                 arena.store64(L.A_BYTES, self._alloc.used)
             self._fill_event.set()
+            return True
         except UNAVAILABLE:
-            pass  # recovery rebuilds from self._entries; an unlinked entry is reclaimed later
+            return False  # an entry not linked yet is reclaimed later (it is in _entries)
 
     def _allocate(self, size: int) -> int | None:
         """Space in our arena, evicting our least recently used unpinned entries if needed."""
@@ -468,7 +773,7 @@ class McsWebCache(McsComponent):
         arena = self.contribution
         if arena.load64(ent.offset + L.E_STATE) == L.STATE_LINKED:
             bucket = ent.path_hash % L.BUCKETS
-            with self.lock(self._mutexes[bucket]):
+            with self.lock(self._mutexes[bucket], repair=_consistent):
                 if self._pinned(ent.offset):
                     return False
                 found = self._walk(bucket, ent.path_hash, os.fsencode(ent.path))

@@ -5,12 +5,12 @@ native hit path, webcache/_layout.pxd, has them too and is checked against them 
 
 Master table (the component's master area)::
 
-    0   magic | 8 bucket count | 64 fill event (GlobalEvent) | 128.. buckets
+    0   magic | 8 bucket count | 16 table id | 64 fill event (GlobalEvent) | 128.. buckets
     bucket (128 B): mutex 64 | head ref 8 | lease hash 8 | lease owner 8 | lease expiry 8
 
 Arena (each node's contribution)::
 
-    0   magic | 8 entries | 16 bytes used | 4096.. entries
+    0   magic | 8 entries | 16 bytes used | 24 arena id | 4096.. entries
     entry: header 640 B | path | data (8-byte aligned)
     header: 0 next ref | 8 state | 16 path hash | 24 size | 32 mtime_ns | 40 inode | 48 dev
             56 checksum of data (mcs.checksum) | 64 last access ns | 72 path length | 80 allocation size
@@ -27,6 +27,11 @@ is domain-owned: a new master adopts it with the table, and a node's death leave
 
 Only the member in a slot writes that slot's NodeBoard (no lock: a seqlock, see
 webcache/board.py); everyone reads every slot.
+
+Pin journals (after the board, at JOURNALS_OFFSET): per member slot, its incarnation and the
+(ref, arena id) of each entry it has pinned now. A reader marks before it pins and clears after it
+unpins, so a dead reader's pins are released from its journal alone: the table and the arenas
+outlive recoveries (a recovery does work in proportion to what the dead held, not to the cache).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from __future__ import annotations
 from mcs import layout as mcs_layout
 from mcs.records import Array, Bytes, Event, LayoutHeader, Mutex, Nested, Pad, Record, UInt64
 
-TABLE_MAGIC = int.from_bytes(b"MCSWCTB4", "little")
-ARENA_MAGIC = int.from_bytes(b"MCSWCAR4", "little")
+TABLE_MAGIC = int.from_bytes(b"MCSWCTB5", "little")
+ARENA_MAGIC = int.from_bytes(b"MCSWCAR5", "little")
 ENTRY_MAGIC = int.from_bytes(b"MCSWCEN4", "little")
 
 BUCKETS = 4096
@@ -55,6 +60,7 @@ class Bucket(Record):
 class TableHeader(Record):
     magic = UInt64()
     bucket_count = UInt64()
+    table_id = UInt64()  # random, new at every (re)initialisation: "the table I linked into"
     fill_event = Event()
 
 
@@ -69,6 +75,7 @@ class ArenaHeader(Record, size=4096):
     magic = UInt64()
     entries = UInt64()
     bytes_used = UInt64()
+    arena_id = UInt64()  # random, new with every arena: a pin journal names its arena by it
 
 
 class EntryHeader(Record):
@@ -92,15 +99,16 @@ class EntryHeader(Record):
 
 
 # The names the rest of the web cache (and webcache/_layout.pxd) use, derived from the records.
-T_MAGIC, T_BUCKETS, T_FILL_EVENT = (TableHeader.offset_of(f)
-                                    for f in ("magic", "bucket_count", "fill_event"))
+T_MAGIC, T_BUCKETS, T_TABLE_ID, T_FILL_EVENT = (
+    TableHeader.offset_of(f) for f in ("magic", "bucket_count", "table_id", "fill_event"))
 TABLE_HEADER = Table.offset_of("buckets")
 BUCKET_SIZE = Bucket.SIZE
 B_MUTEX, B_HEAD, B_LEASE_HASH, B_LEASE_OWNER, B_LEASE_EXPIRY = (
     Bucket.offset_of(f) for f in ("mutex", "head", "lease_hash", "lease_owner", "lease_expiry"))
 TABLE_SIZE = Table.SIZE
 
-A_MAGIC, A_ENTRIES, A_BYTES = (ArenaHeader.offset_of(f) for f in ("magic", "entries", "bytes_used"))
+A_MAGIC, A_ENTRIES, A_BYTES, A_ID = (ArenaHeader.offset_of(f)
+                                    for f in ("magic", "entries", "bytes_used", "arena_id"))
 ARENA_HEADER = ArenaHeader.SIZE
 
 (E_NEXT, E_STATE, E_HASH, E_SIZE, E_MTIME, E_INODE, E_DEV, E_SUM, E_ACCESS, E_PATH_LEN, E_ALLOC,
@@ -201,4 +209,44 @@ class Board(Record, align=64):
 
 BOARD_HEADER = LayoutHeader(BOARD_MAGIC, Board, header=BoardHeader)
 BOARD_OFFSET = (TABLE_SIZE + Board.ALIGN - 1) // Board.ALIGN * Board.ALIGN
-MASTER_AREA_SIZE = BOARD_OFFSET + Board.SIZE  # the table, then the board
+
+
+# -- pin journals: what each member has pinned, so that a dead reader's pins are released -------
+
+PIN_JOURNAL = 4  # entries one member may have pinned at once (the hit path pins one at a time)
+
+
+class PinMark(Record):
+    """One pin in flight: the entry's ref and the id of the arena it was in (0: free mark)."""
+
+    ref = UInt64()
+    arena_id = UInt64()
+
+
+class SlotJournal(Record, align=64):
+    """Member slot's pins in flight (written by that member only, cleared by the master once
+    the incarnation is gone)."""
+
+    incarnation = UInt64()  # whose journal this is (set by the master phase)
+    arena_id = UInt64()  # the arena whose entries the table links under this slot (0: none)
+    marks = Array(PinMark, PIN_JOURNAL)
+
+
+class Journals(Record, align=64):
+    slots = Array(SlotJournal, mcs_layout.MAX_MEMBERS)
+
+
+JOURNALS_OFFSET = ((BOARD_OFFSET + Board.SIZE + Journals.ALIGN - 1)
+                   // Journals.ALIGN * Journals.ALIGN)
+J_INCARNATION = SlotJournal.offset_of("incarnation")
+J_ARENA = SlotJournal.offset_of("arena_id")
+J_MARKS = SlotJournal.offset_of("marks")
+MARK_SIZE = PinMark.SIZE
+
+
+def journal_offset(slot: int) -> int:
+    """Offset of member ``slot``'s pin journal in the master area."""
+    return JOURNALS_OFFSET + slot * SlotJournal.SIZE
+
+
+MASTER_AREA_SIZE = JOURNALS_OFFSET + Journals.SIZE  # the table, the board, the pin journals

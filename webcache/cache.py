@@ -682,13 +682,16 @@ class McsWebCache(McsComponent):
                 if self._walk(bucket, h, path) is not None:
                     return Lease.CACHED
                 now = time.monotonic_ns()
+                # The owner is an incarnation, not a slot: a filler that died is not waited
+                # for, even when a new member already holds its slot.
                 owner = area.load64(boff + L.B_LEASE_OWNER)
-                if (area.load64(boff + L.B_LEASE_HASH) == h and owner
+                me = self.member.incarnation
+                if (area.load64(boff + L.B_LEASE_HASH) == h and owner and owner != me
                         and area.load64(boff + L.B_LEASE_EXPIRY) > now
-                        and view.member(owner - 1) is not None and owner - 1 != self.member.slot):
+                        and any(m.incarnation == owner for m in view.members)):
                     return Lease.WAIT
                 area.store64(boff + L.B_LEASE_HASH, h)
-                area.store64(boff + L.B_LEASE_OWNER, self.member.slot + 1)
+                area.store64(boff + L.B_LEASE_OWNER, me)
                 area.store64(boff + L.B_LEASE_EXPIRY, now + LEASE_NS)
                 return Lease.MINE
 
@@ -699,7 +702,7 @@ class McsWebCache(McsComponent):
                 boff = L.bucket_offset(bucket)
                 with self.lock(self._mutexes[bucket], repair=_consistent):
                     if (area.load64(boff + L.B_LEASE_HASH) == h
-                            and area.load64(boff + L.B_LEASE_OWNER) == self.member.slot + 1):
+                            and area.load64(boff + L.B_LEASE_OWNER) == self.member.incarnation):
                         area.store64(boff + L.B_LEASE_OWNER, 0)
                         area.store64(boff + L.B_LEASE_HASH, 0)
         except UNAVAILABLE:

@@ -53,7 +53,7 @@ class Bucket(Record):
     mutex = Mutex()
     head = UInt64()  # ref of the first entry of the chain
     lease_hash = UInt64()
-    lease_owner = UInt64()
+    lease_owner = UInt64()  # the filler's membership incarnation (0: none)
     lease_expiry = UInt64()
 
 

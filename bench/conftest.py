@@ -9,6 +9,7 @@ file) and are also printed in one table at the end of the run.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import threading
 import time
@@ -63,6 +64,24 @@ def own_children() -> set[int]:
         if ppid == me:
             children.add(int(entry))
     return children
+
+
+_domains = itertools.count()
+
+
+def new_domain(prefix: str) -> str:
+    """A domain name of this run: ``<prefix><pid>-<n>``."""
+    return f"{prefix}{os.getpid()}-{next(_domains)}"
+
+
+def remove_bootstrap(domain: str) -> None:
+    """Unlink the domain's bootstrap objects (/dev/shm/mcs.<domain>[.<component>]) if present."""
+    for name in os.listdir("/dev/shm"):
+        if name == f"mcs.{domain}" or name.startswith(f"mcs.{domain}."):
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> bool:

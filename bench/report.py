@@ -973,6 +973,14 @@ def section_state_group(group: str, rows: list[dict]) -> list[str]:
     return out
 
 
+def growth_sentence(big: dict, small: dict, time_key: str, size_key: str, unit: str) -> str:
+    """How a recovery's ``time_key`` grew from the smallest size to the biggest, in words."""
+    growth = ratio(big.get(time_key), small.get(time_key))
+    word = compared(big.get(time_key), small.get(time_key), "longer", "shorter", "about as long")
+    return (f"With {fmt(big.get(size_key))} {unit} a recovery took {fmt_ratio(growth)} the time "
+            f"it took with {fmt(small.get(size_key))}: **{word}**.")
+
+
 def section_state_recovery(rows: list[dict]) -> list[str]:
     rows = sorted(rows, key=lambda b: xi(b).get("dict_keys", 0))
     base = next((b for b in rows if xi(b).get("baseline")), rows[0])
@@ -996,11 +1004,7 @@ def section_state_recovery(rows: list[dict]) -> list[str]:
                       "× smallest", "kill → stable max ms"], table), ""]
     big = xi(rows[-1])
     if rows[-1] is not base:
-        growth = ratio(big.get("kill_to_stable_ms"), b0.get("kill_to_stable_ms"))
-        word = compared(big.get("kill_to_stable_ms"), b0.get("kill_to_stable_ms"), "longer",
-                        "shorter", "about as long")
-        out += [f"With {fmt(big.get('dict_keys'))} keys a recovery took {fmt_ratio(growth)} the "
-                f"time it took with {fmt(b0.get('dict_keys'))}: **{word}**.", ""]
+        out += [growth_sentence(big, b0, "kill_to_stable_ms", "dict_keys", "keys"), ""]
     targets = state_targets(rows)
     if targets:
         out += ["Targets: " + "; ".join(targets) + ".", ""]
@@ -1035,10 +1039,7 @@ def section_recovery_size(rows: list[dict]) -> list[str]:
     big = xi(rows[-1])
     if rows[-1] is not rows[0]:
         growth = ratio(big.get("last_duration_ms"), b0.get("last_duration_ms"))
-        word = compared(big.get("last_duration_ms"), b0.get("last_duration_ms"), "longer",
-                        "shorter", "about as long")
-        out += [f"With {fmt(big.get('entries'))} entries a recovery took {fmt_ratio(growth)} the "
-                f"time it took with {fmt(b0.get('entries'))}: **{word}**.", ""]
+        out += [growth_sentence(big, b0, "last_duration_ms", "entries", "entries"), ""]
         def verdict(value: Any, ceiling: float) -> str:
             word = met(value, ceiling, at_least=False)
             return f"**{word}**" if word == "missed" else word

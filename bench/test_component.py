@@ -35,6 +35,7 @@ MEMBER_SCRIPT = BENCH / "component_member.py"
 if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
+from conftest import new_domain as named_domain, remove_bootstrap  # noqa: E402
 from registry import Registry  # noqa: E402
 
 #: Timing of the domains: the defaults (heartbeat 0.1 s, suspect 0.5 s, evict 2 s). Crash
@@ -43,21 +44,8 @@ from registry import Registry  # noqa: E402
 #: did not schedule for a while (heartbeats 138 ms apart were seen here), which would end a run.
 TIMING: dict[str, float] = {}
 
-_domains = itertools.count()
-
-
 def new_domain() -> str:
-    return f"bc{os.getpid()}-{next(_domains)}"
-
-
-def remove_bootstrap(domain: str) -> None:
-    """Unlink the domain's bootstrap objects (/dev/shm/mcs.<domain>[.<component>]) if present."""
-    for name in os.listdir("/dev/shm"):
-        if name == f"mcs.{domain}" or name.startswith(f"mcs.{domain}."):
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except FileNotFoundError:
-                pass
+    return named_domain("bc")
 
 
 def percentiles(values: list[float], prefix: str, unit: str = "ms") -> dict[str, float]:

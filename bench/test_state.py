@@ -25,7 +25,6 @@ Run with ``./dev bench bench/test_state.py`` (about a minute); see bench/README.
 
 from __future__ import annotations
 
-import itertools
 import json
 import multiprocessing
 import os
@@ -41,6 +40,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import mcs
+from conftest import new_domain as named_domain, remove_bootstrap
 
 BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
@@ -64,21 +64,8 @@ TARGET_PUT_2PROC = 1.6  # aggregate of two writer processes >= 1.6 x LMDB's
 TARGET_TX = 2.0  # a two-key transaction takes <= 2 x a put
 TARGET_RECOVERY = 1.5  # kill -> stable with 1 M keys <= 1.5 x with 1 k keys
 
-_domains = itertools.count()
-
-
 def new_domain() -> str:
-    return f"bs{os.getpid()}-{next(_domains)}"
-
-
-def remove_bootstrap(domain: str) -> None:
-    """Unlink the domain's bootstrap objects (/dev/shm/mcs.<domain>[.<component>])."""
-    for name in os.listdir("/dev/shm"):
-        if name == f"mcs.{domain}" or name.startswith(f"mcs.{domain}."):
-            try:
-                os.unlink(f"/dev/shm/{name}")
-            except FileNotFoundError:
-                pass
+    return named_domain("bs")
 
 
 def has_sharedict() -> bool:

@@ -928,24 +928,11 @@ class McsComponent:
         """The contribution this slot's previous holder left, if it is still there, has our
         size, is not poisoned and :meth:`adopt_contribution` accepts it; else None."""
         slot = self.member.slot
+        sec = self.contribution_of(slot, missing_ok=True)  # attached (or kept) like any other
         with self._contribs_lock:
-            cached = self._contribs.pop(slot, None)
-        try:
-            ident = rec.contribution_ident(self._root, slot)
-            if not ident:
-                return None
-            if cached is not None and cached[0] == ident and not cached[1].closed:
-                sec = cached[1]  # we kept it attached since its holder departed
-                cached = None
-            else:
-                sec = Section.attach(ident)
-        except InvalidIdentifier as exc:
-            log.info("%s: slot %d's previous contribution is gone (%s)", self.component_name,
-                     slot, exc)
-            return None
-        finally:
-            if cached is not None:
-                cached[1].close()
+            self._contribs.pop(slot, None)  # ours from now on, or closed below
+        if sec is None:
+            return None  # none yet, or gone (nobody kept it attached)
         if sec.size != self.contribution_size or sec.failed or not self.adopt_contribution(sec):
             log.info("%s: slot %d's previous contribution not adopted (%s)", self.component_name,
                      slot, "poisoned" if sec.failed else f"{sec.size} bytes, refused or resized")

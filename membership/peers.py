@@ -29,21 +29,17 @@ from mcs.bootstrap import Bootstrap
 from membership.fdreserve import SHORTAGE_ERRNOS, FdReserve
 from membership.view import MemberInfo
 
-__all__ = ["Peers", "dying_by_path", "stat_says_dying"]
+__all__ = ["Peers", "dying_by_path"]
 
 EXIT_POLL = 0.001  # seconds between two checks of wait_exit
 _STAT_MAX = 4096  # /proc/PID/stat is one line of about 52 numbers and a 16-byte name
 
 
-def stat_says_dying(stat: procfs.ProcStat) -> bool:
-    """Whether a process's stat shows it has exited, is exiting, or has a SIGKILL pending."""
-    return stat.dying
-
-
 def dying_by_path(pid: int) -> bool:
-    """:func:`stat_says_dying` for ``pid``, opening /proc/PID/stat (needs a free descriptor)."""
+    """:attr:`mcs.procfs.ProcStat.dying` for ``pid``, opening /proc/PID/stat (needs a free
+    descriptor); a process already reaped counts as dying."""
     try:
-        return stat_says_dying(procfs.read_stat(pid))
+        return procfs.read_stat(pid).dying
     except (FileNotFoundError, ProcessLookupError):
         return True
 
@@ -137,7 +133,7 @@ class Peers:
             h = self._find(pid)
             if h is not None and h.statfd is not None:
                 try:
-                    return stat_says_dying(procfs.parse_stat(os.pread(h.statfd, _STAT_MAX, 0)))
+                    return procfs.parse_stat(os.pread(h.statfd, _STAT_MAX, 0)).dying
                 except ProcessLookupError:
                     return True  # reaped
         try:

@@ -25,7 +25,7 @@ from mcs.names import target_of
 from mcs.status import Watch, domain_status, format_status
 
 from conftest import wait_for
-from test_webcache import MAX_ENTRY, Cache, make_site
+from test_webcache import MAX_ENTRY, Cache, site  # noqa: F401 (site: a fixture)
 
 # Slower than test_webcache's FAST: these tests scrape hard on a shared machine, and a node
 # evicted for a late heartbeat would be a death the test did not cause.
@@ -34,13 +34,6 @@ TIMING = json.dumps({"heartbeat": 0.05, "suspect_after": 0.5, "evict_after": 2.0
 # A node name a browser or a Prometheus parser would misread if it were not escaped.
 HOSTILE = '<img src=x onerror="document.title=\'owned\'">\\"node'
 CACHED = ["/index.html", "/style.css", "/page.txt", "/f4096.bin", "/f100.bin"]
-
-
-@pytest.fixture
-def site(tmp_path):
-    root = tmp_path / "site"
-    root.mkdir()
-    return root, make_site(root)
 
 
 @pytest.fixture

@@ -66,92 +66,89 @@ def _takeover(cache: Cache, slot: int) -> dict:
     return next(m for m in cache.status()["members"] if m["slot"] == slot)
 
 
-@pytest.mark.slow
-def test_a_killed_nodes_entries_keep_serving_and_its_successor_takes_them_over(site, domain):
+@pytest.fixture
+def warmed(site, domain):
+    """3 nodes (`mcs-webcache serve`) with every file of the site requested 3 times: each
+    cacheable one is cached in one node's arena."""
     _, files = site
     cache = Cache(site[0], domain)
     try:
-        cacheable = {n: d for n, d in files.items() if len(d) <= MAX_ENTRY}
-        _warm(cache, cacheable)
-        victim, slot, entries = _victim_with_entries(cache)
-        before = _totals(cache)
-        with Load(cache, cacheable) as load:
-            load.names = list(cacheable)
-            time.sleep(0.5)
-            os.kill(victim, signal.SIGKILL)
-            time.sleep(1.5)
-        assert load.wrong == []
-        assert load.failures_on_survivors({victim}) == []
-        during = _totals(cache)
-        # Through the death and the restart, the disk was read only for requests that came
-        # while a recovery ran (those are served from disk by design): no entry was lost.
-        assert during["disk_reads"] - before["disk_reads"] == (
-            during["served_during_recovery"] - before["served_during_recovery"]), (before, during)
-        wait_members(cache, 3, exclude={victim})  # the launcher restarted it
-        row = _takeover(cache, slot)
-        assert row["pid"] != victim
-        assert row["counters"]["entries_adopted"] == entries, row
-        assert row["gauges"]["entries"] == entries
-        # After the restart every file cached before the kill is still served from memory.
-        after_restart = _totals(cache)
-        _warm(cache, cacheable, rounds=2)
-        assert _totals(cache)["disk_reads"] == after_restart["disk_reads"]
+        _warm(cache, files)
+        yield cache, files
     finally:
         assert cache.stop() == 0
 
 
 @pytest.mark.slow
-def test_a_corrupted_entry_of_an_adopted_arena_is_read_again_never_served(site, domain):
-    _, files = site
-    cache = Cache(site[0], domain)
-    try:
-        _warm(cache, files)
-        victim, slot, _ = _victim_with_entries(cache)
+def test_a_killed_nodes_entries_keep_serving_and_its_successor_takes_them_over(warmed):
+    cache, files = warmed
+    cacheable = {n: d for n, d in files.items() if len(d) <= MAX_ENTRY}
+    victim, slot, entries = _victim_with_entries(cache)
+    before = _totals(cache)
+    with Load(cache, cacheable) as load:
+        load.names = list(cacheable)
+        time.sleep(0.5)
         os.kill(victim, signal.SIGKILL)
+        time.sleep(1.5)
+    assert load.wrong == []
+    assert load.failures_on_survivors({victim}) == []
+    during = _totals(cache)
+    # Through the death and the restart, the disk was read only for requests that came while a
+    # recovery ran (those are served from disk by design): no entry was lost.
+    assert during["disk_reads"] - before["disk_reads"] == (
+        during["served_during_recovery"] - before["served_during_recovery"]), (before, during)
+    wait_members(cache, 3, exclude={victim})  # the launcher restarted it
+    row = _takeover(cache, slot)
+    assert row["pid"] != victim
+    assert row["counters"]["entries_adopted"] == entries, row
+    assert row["gauges"]["entries"] == entries
+    # After the restart every file cached before the kill is still served from memory.
+    after_restart = _totals(cache)
+    _warm(cache, cacheable, rounds=2)
+    assert _totals(cache)["disk_reads"] == after_restart["disk_reads"]
+
+
+@pytest.mark.slow
+def test_a_corrupted_entry_of_an_adopted_arena_is_read_again_never_served(warmed, domain):
+    cache, files = warmed
+    victim, slot, _ = _victim_with_entries(cache)
+    os.kill(victim, signal.SIGKILL)
+    wait_members(cache, 3, exclude={victim})
+    _takeover(cache, slot)
+    # Flip one byte of a cached file's data in the adopted arena (silently: no memory failure
+    # is reported, so only the entry's checksum can tell).
+    with Section.attach(_arena_ident(domain, slot)) as arena:
+        view = arena.view()
+        image = bytes(view)
+        at, name, data = next(((image.find(data), name, data) for name, data in files.items()
+                               if len(data) >= 64 and image.find(data) > 0), (-1, "", b""))
+        assert at > 0, "no cached file found in the adopted arena"
+        view[at + len(data) // 2] ^= 0xFF
+        view.release()
+    before = _totals(cache)
+    for _ in range(6):  # whichever node answers: never the corrupt byte
+        status, _, body = cache.get(name)
+        assert status == 200 and body == data
+    after = _totals(cache)
+    assert after["checksum_failures"] == before["checksum_failures"] + 1
+    assert after["entries_reread"] == before["entries_reread"] + 1
+    assert after["disk_reads"] >= before["disk_reads"] + 1
+
+
+@pytest.mark.slow
+def test_a_poisoned_arena_is_not_adopted(warmed, domain):
+    cache, files = warmed
+    victim, slot, _ = _victim_with_entries(cache)
+    # attached here too, so the arena outlives its owner whatever the others do
+    with Section.attach(_arena_ident(domain, slot)) as arena:
+        os.kill(victim, signal.SIGKILL)
+        arena._mark_failed()
+        view = arena.view()
+        view[:] = b"\xa5" * len(view)
+        view.release()
         wait_members(cache, 3, exclude={victim})
-        _takeover(cache, slot)
-        # Flip one byte of a cached file's data in the adopted arena (silently: no memory
-        # failure is reported, so only the entry's checksum can tell).
-        with Section.attach(_arena_ident(domain, slot)) as arena:
-            view = arena.view()
-            hit = next(((name, data) for name, data in files.items() if len(data) >= 64
-                        and view.obj is not None and bytes(view).find(data) > 0), None)
-            assert hit is not None, "no cached file found in the adopted arena"
-            name, data = hit
-            at = bytes(view).find(data) + len(data) // 2
-            view[at] ^= 0xFF
-            view.release()
-        before = _totals(cache)
-        for _ in range(6):  # whichever node answers: never the corrupt byte
+        for name, data in files.items():
             status, _, body = cache.get(name)
             assert status == 200 and body == data
-        after = _totals(cache)
-        assert after["checksum_failures"] == before["checksum_failures"] + 1
-        assert after["entries_reread"] == before["entries_reread"] + 1
-        assert after["disk_reads"] >= before["disk_reads"] + 1
-    finally:
-        assert cache.stop() == 0
-
-
-@pytest.mark.slow
-def test_a_poisoned_arena_is_not_adopted(site, domain):
-    _, files = site
-    cache = Cache(site[0], domain)
-    try:
-        _warm(cache, files)
-        victim, slot, _ = _victim_with_entries(cache)
-        # attached here too, so the arena outlives its owner whatever the others do
-        with Section.attach(_arena_ident(domain, slot)) as arena:
-            os.kill(victim, signal.SIGKILL)
-            arena._mark_failed()
-            view = arena.view()
-            view[:] = b"\xa5" * len(view)
-            view.release()
-            wait_members(cache, 3, exclude={victim})
-            for name, data in files.items():
-                status, _, body = cache.get(name)
-                assert status == 200 and body == data
-            row = next(m for m in cache.status()["members"] if m["slot"] == slot)
-            assert row["counters"]["arenas_adopted"] == 0
-    finally:
-        assert cache.stop() == 0
+        row = next(m for m in cache.status()["members"] if m["slot"] == slot)
+        assert row["counters"]["arenas_adopted"] == 0

@@ -263,17 +263,17 @@ class McsWebCache(McsComponent):
             if area.load64(joff + L.J_INCARNATION) == incarnation:
                 continue
             for k in range(L.PIN_JOURNAL):
-                moff = joff + L.J_MARKS + k * L.MARK_SIZE
-                ref = area.load64(moff)
+                moff = L.mark_offset(slot, k)
+                ref = area.load64(moff + L.M_REF)
                 if ref:
                     owner, off = L.split_ref(ref)
                     sec = (self.contribution_of(owner, missing_ok=True)
                            if owner < mcs_layout.MAX_MEMBERS else None)
-                    if (sec is not None and sec.load64(L.A_ID) == area.load64(moff + 8)
+                    if (sec is not None and sec.load64(L.A_ID) == area.load64(moff + L.M_ARENA)
                             and _entry_in(sec, off)):
                         sec.store64(off + L.E_PINS + 8 * slot, 0)
-                    area.store64(moff, 0)
-                    area.store64(moff + 8, 0)
+                    area.store64(moff + L.M_REF, 0)
+                    area.store64(moff + L.M_ARENA, 0)
             area.store64(joff + L.J_INCARNATION, incarnation)
 
     def build_shared_state(self, view: Any) -> None:
@@ -295,8 +295,8 @@ class McsWebCache(McsComponent):
             # which we did not adopt: gone, poisoned or refused). Rare: O(table).
             self._purge_slot(me)
         area.store64(joff + L.J_ARENA, mine)
-        self._marks = [joff + L.J_MARKS + k * L.MARK_SIZE for k in range(L.PIN_JOURNAL)
-                       if not area.load64(joff + L.J_MARKS + k * L.MARK_SIZE)]
+        self._marks = [m for m in (L.mark_offset(me, k) for k in range(L.PIN_JOURNAL))
+                       if not area.load64(m + L.M_REF)]
         if self._adopted is not None:
             if self._scanner is None or not self._scanner.is_alive():
                 self._scanner = threading.Thread(target=self._scan_adopted, daemon=True,
@@ -308,51 +308,57 @@ class McsWebCache(McsComponent):
 
     def _scan_adopted(self) -> None:
         """Background, after a warm takeover: find the entries of the adopted arena that the
-        table links (a batch of buckets per consistent block, so recoveries go on), then make
-        them ours: the allocator is rebuilt around them. Entries torn by the previous holder's
-        death, or no longer linked, are dropped; the checksum of each entry is verified at
-        every hit, so a corrupt one is re-read from disk, never served."""
+        table links, then make them ours: the allocator is rebuilt around them. Entries torn by
+        the previous holder's death, or no longer linked, are dropped; the checksum of each
+        entry is verified at every hit, so a corrupt one is re-read from disk, never served."""
         me = self.member.slot
+        arena = self._adopted
         found: dict[int, _Local] = {}
-        bucket = 0
-        table_id = None
+        table_id = self.master_area.load64(L.T_TABLE_ID)
+
+        def current() -> bool:  # not replaced meanwhile (poisoned): still ours to take over
+            return arena is not None and self._adopted is arena and arena is self.contribution
+
+        def same_table() -> bool:
+            return current() and self.master_area.load64(L.T_TABLE_ID) == table_id
+
         try:
-            while bucket < L.BUCKETS:
-                try:
-                    with self.consistent():
-                        area = self.master_area
-                        arena = self._adopted
-                        if arena is None or arena is not self.contribution:
-                            return  # replaced meanwhile (poisoned): nothing to take over
-                        if table_id is None:
-                            table_id = area.load64(L.T_TABLE_ID)
-                        elif area.load64(L.T_TABLE_ID) != table_id:
-                            found.clear()  # a new table: none of the old entries is linked
-                            break
-                        end = min(bucket + SCAN_BATCH, L.BUCKETS)
-                        for b in range(bucket, end):
-                            with self.lock(self._mutexes[b], repair=_consistent):
-                                self._collect(b, me, arena, found)
-                        bucket = end
-                except UNAVAILABLE:
-                    if self._stopping.is_set():
-                        return
-                    time.sleep(SCAN_RETRY)
-            while True:
-                try:
-                    with self.consistent():
-                        if self._adopted is not arena or arena is not self.contribution:
-                            return
-                        self._take_over(arena, found)
-                        return
-                except UNAVAILABLE:
-                    if self._stopping.is_set():
-                        return
-                    time.sleep(SCAN_RETRY)
+            if not self._walk_buckets(lambda b: self._collect(b, me, arena, found), same_table):
+                if not current():
+                    return
+                found.clear()  # a new table: none of the old entries is linked any more
+            self._retrying(lambda: current() and self._take_over(arena, found))
         except Exception:
             if not self._stopping.is_set():
                 log.exception("%s: taking over the adopted arena failed; it caches nothing new "
                               "until the next recovery", self.component_name)
+
+    def _retrying(self, step: Callable[[], bool]) -> bool:
+        """``step()`` in a consistent block, run again after a recovery interrupted it; its
+        result, or False once the component stops."""
+        while not self._stopping.is_set():
+            try:
+                with self.consistent():
+                    return step()
+            except UNAVAILABLE:
+                time.sleep(SCAN_RETRY)
+        return False
+
+    def _walk_buckets(self, visit: Callable[[int], None],
+                      keep_going: Callable[[], bool] = lambda: True) -> bool:
+        """``visit(bucket)`` under each bucket's lock in turn, SCAN_BATCH buckets per consistent
+        block, so recoveries go on (a batch they interrupt is visited again: ``visit`` must be
+        idempotent); ``keep_going()`` is asked before each batch. True once all were visited."""
+        def batch(start: int) -> bool:
+            if not keep_going():
+                return False
+            for b in range(start, min(start + SCAN_BATCH, L.BUCKETS)):
+                with self.lock(self._mutexes[b], repair=_consistent):
+                    visit(b)
+            return True
+
+        return all(self._retrying(lambda start=start: batch(start))
+                   for start in range(0, L.BUCKETS, SCAN_BATCH))
 
     def _collect(self, bucket: int, me: int, arena: Section, found: dict[int, _Local]) -> None:
         """Under the bucket lock: the entries of ``arena`` (slot ``me``) the chain links."""
@@ -378,7 +384,7 @@ class McsWebCache(McsComponent):
             ref = sec.load64(off + L.E_NEXT)
         raise McsError(f"bucket {bucket}: chain longer than {L.MAX_CHAIN}")
 
-    def _take_over(self, arena: Section, found: dict[int, _Local]) -> None:
+    def _take_over(self, arena: Section, found: dict[int, _Local]) -> bool:
         """Inside a block: the adopted arena's entries become ours (allocator, LRU, stats)."""
         alloc, refused = Allocator.around(L.ARENA_HEADER, self.contribution_size,
                                           [(e.offset, e.alloc) for e in found.values()])
@@ -399,6 +405,7 @@ class McsWebCache(McsComponent):
         arena.store64(L.A_BYTES, alloc.used)
         log.info("%s: took over %d entries (%d bytes) of slot %d's previous arena, dropped %d",
                  self.component_name, len(found), alloc.used, self.member.slot, len(refused))
+        return True
 
     def _relink(self, view: Any) -> None:
         """Link every entry we hold into a table that was just (re)initialised."""
@@ -506,23 +513,13 @@ class McsWebCache(McsComponent):
             self._sweeper.start()
 
     def _sweep(self) -> None:
-        """Walk every chain once, a batch of buckets per consistent block, cutting corrupt
-        ones (:meth:`_cut_chain`, through :meth:`_walk` with a path no entry has)."""
-        bucket = 0
-        while bucket < L.BUCKETS and not self._stopping.is_set():
-            try:
-                with self.consistent():
-                    end = min(bucket + SCAN_BATCH, L.BUCKETS)
-                    for b in range(bucket, end):
-                        with self.lock(self._mutexes[b], repair=_consistent):
-                            self._walk(b, 0, b"")
-                    bucket = end
-            except UNAVAILABLE:
-                time.sleep(SCAN_RETRY)
-            except Exception:
-                if not self._stopping.is_set():
-                    log.exception("%s: table sweep failed", self.component_name)
-                return
+        """Walk every chain once, cutting corrupt ones (:meth:`_cut_chain`, through
+        :meth:`_walk` with a path no entry has)."""
+        try:
+            self._walk_buckets(lambda b: self._walk(b, 0, b""))
+        except Exception:
+            if not self._stopping.is_set():
+                log.exception("%s: table sweep failed", self.component_name)
 
     def _unlink(self, bucket: int, ref: int, pred: int) -> None:
         """Under the bucket lock: take ``ref`` out of its chain with one store."""
@@ -578,8 +575,8 @@ class McsWebCache(McsComponent):
                     area = self.master_area
                     # The journal first, then the pin: a reader that dies between the two
                     # leaves a mark whose counter is 0, which the master zeroes again.
-                    area.store64(mark + 8, sec.load64(L.A_ID))
-                    area.store64(mark, ref)
+                    area.store64(mark + L.M_ARENA, sec.load64(L.A_ID))
+                    area.store64(mark + L.M_REF, ref)
                     off = ref & L.OFFSET_MASK
                     pin = off + L.E_PINS + 8 * self.member.slot
                     sec.add64(pin, 1)
@@ -592,7 +589,7 @@ class McsWebCache(McsComponent):
                                         f.ctime_ns, into)
                 finally:
                     sec.add64(pin, -1)
-                    area.store64(mark, 0)
+                    area.store64(mark + L.M_REF, 0)
                     self._marks.append(mark)
                 if got is True:
                     data: bytes | memoryview = memoryview(into)[:f.size]  # type: ignore[arg-type]

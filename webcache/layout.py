@@ -240,13 +240,17 @@ JOURNALS_OFFSET = ((BOARD_OFFSET + Board.SIZE + Journals.ALIGN - 1)
                    // Journals.ALIGN * Journals.ALIGN)
 J_INCARNATION = SlotJournal.offset_of("incarnation")
 J_ARENA = SlotJournal.offset_of("arena_id")
-J_MARKS = SlotJournal.offset_of("marks")
-MARK_SIZE = PinMark.SIZE
+M_REF, M_ARENA = PinMark.offset_of("ref"), PinMark.offset_of("arena_id")
 
 
 def journal_offset(slot: int) -> int:
     """Offset of member ``slot``'s pin journal in the master area."""
     return JOURNALS_OFFSET + slot * SlotJournal.SIZE
+
+
+def mark_offset(slot: int, k: int) -> int:
+    """Offset of pin mark ``k`` of member ``slot``'s journal in the master area."""
+    return journal_offset(slot) + SlotJournal.offset_of("marks", k)
 
 
 MASTER_AREA_SIZE = JOURNALS_OFFSET + Journals.SIZE  # the table, the board, the pin journals

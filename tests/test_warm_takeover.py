@@ -4,6 +4,7 @@ are served. Real nodes (`mcs-webcache serve`), real kill -9, real HTTP over loop
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -152,3 +153,58 @@ def test_a_poisoned_arena_is_not_adopted(warmed, domain):
             assert status == 200 and body == data
         row = next(m for m in cache.status()["members"] if m["slot"] == slot)
         assert row["counters"]["arenas_adopted"] == 0
+
+
+FILLER = """
+import asyncio, json, os, sys, time
+from webcache.cache import McsWebCache
+from webcache.paths import ResolvedFile
+timing = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4}
+cache = McsWebCache(sys.argv[1], cache_size=1 << 20, max_entry=4096, **timing).start()
+print(json.dumps({"slot": cache.member.slot, "inc": cache.member.incarnation}), flush=True)
+if sys.argv[2] == "fill":  # take the fill lease of the file (for 10 min), then read forever
+    import webcache.cache
+    webcache.cache.LEASE_NS = 600 * 10**9  # so only its death can free it
+    f = ResolvedFile.from_stat(sys.argv[3], os.stat(sys.argv[3]))
+    def read():
+        print("reading", flush=True)
+        time.sleep(600)
+    asyncio.run(cache.fill(f, read))
+sys.stdin.read()
+"""
+
+
+def test_a_dead_fillers_lease_is_not_waited_for_when_its_slot_is_taken_again(domain, spawn,
+                                                                          tmp_path):
+    """A fill lease names its filler by incarnation: once the filler is dead, a miss on that
+    file reads and caches it at once, even though a new member already holds the dead one's
+    slot (a lease naming the slot would keep it waiting: it would give up and read the file
+    without caching it)."""
+    import asyncio
+
+    from webcache.cache import McsWebCache
+    from webcache.paths import ResolvedFile
+
+    page = tmp_path / "page.html"
+    page.write_bytes(b"<p>hello</p>" * 10)
+    os.utime(page, ns=(time.time_ns() - 10**9,) * 2)
+    time.sleep(0.05)  # its ctime settles (SETTLE_NS)
+    timing = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4}
+    cache = McsWebCache(domain, cache_size=1 << 20, max_entry=4096, **timing).start()
+    try:
+        filler = spawn(FILLER, domain, "fill", str(page))
+        first = json.loads(filler.readline())
+        assert filler.readline() == "reading"  # it holds the lease now
+        filler.kill()
+        successor = spawn(FILLER, domain, "idle")
+        again = json.loads(successor.readline())
+        assert again["slot"] == first["slot"] and again["inc"] != first["inc"]
+        assert wait_for(lambda: len(cache.view.members) == 2 and not cache.recovering, 10)
+        f = ResolvedFile.from_stat(str(page), os.stat(page))
+        data = asyncio.run(cache.fill(f, page.read_bytes))
+        assert data == page.read_bytes()
+        hit = cache.lookup(f)
+        assert hit is not None, "not cached: the miss waited out the dead filler's lease"
+        hit.release()
+    finally:
+        cache.stop()

@@ -34,7 +34,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset
 
 from mcs._libc cimport CLOCK_MONOTONIC, EDEADLK, ENOTRECOVERABLE, EOWNERDEAD, ETIMEDOUT
-from mcs._native cimport (mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from mcs._native cimport (mcs_share_held_counters, mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
                           mcs_mutex_mark_consistent, mcs_mutex_meta_of, mcs_mutex_owned,
                           mcs_mutex_release, mcs_now_ns, mcs_pid, mcs_store64, MCS_MUTEX_SLOT_SIZE)
 from mcs._undo cimport (UNDO_ACTIVE, UNDO_BUSY, UNDO_FULL, UNDO_OK, UNDO_STATE, undo_abort,
@@ -46,6 +47,8 @@ from mcs.errors import (ClosedError, CorruptObjectError, DictFullError, ForkedHa
                         TransactionConflict, native_error)
 
 mcs_init_process()
+from mcs._gsm import _held_counters
+mcs_share_held_counters(<uint64_t*>PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
 
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)

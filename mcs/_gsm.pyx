@@ -9,6 +9,7 @@ before any pointer is formed, so bad input raises instead of crashing the interp
 from cpython.buffer cimport (PyBUF_WRITABLE, PyBUF_FORMAT, PyBUF_ND, PyBUF_SIMPLE,
                              PyObject_GetBuffer, PyBuffer_Release)
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.pycapsule cimport PyCapsule_New
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.string cimport memset
 
@@ -45,6 +46,30 @@ cdef object _TIMEOUT = LockStatus.TIMEOUT
 cdef enum:
     KIND_SYSV = 1
     KIND_FILE = 2
+
+# The hold watch: a thread whose wait on a watched mutex timed out (a slice or its deadline)
+# calls this with (mutex, holder pid, holder tag, milliseconds held), at most once per period
+# per thread, so the layer that knows who the holder is (membership) can judge it: frozen,
+# hung, or just busy. Policy lives there.
+cdef object _hold_watch = None
+cdef int64_t _watch_period_ns = 20_000_000
+
+
+def set_hold_watch(watch, double period=0.02):
+    """Install ``watch(mutex, pid, tag, held_ms)`` (None: remove it), called by threads waiting
+    on a watched :class:`GlobalMutex` every ``period`` seconds of their wait."""
+    global _hold_watch, _watch_period_ns
+    if watch is not None and not callable(watch):
+        raise TypeError("the hold watch must be callable or None")
+    if not 0.001 <= period <= 10:
+        raise ValueError("the watch period must be within 1 ms .. 10 s")
+    _watch_period_ns = <int64_t>(period * 1e9)
+    _hold_watch = watch
+
+
+def _held_counters():
+    """The process-wide locks-held counters, for the other native modules to share."""
+    return PyCapsule_New(<void*>mcs_held_counters, "mcs._gsm.held_counters", NULL)
 
 
 def monotonic_ns():
@@ -491,6 +516,9 @@ cdef class GlobalMutex:
     cdef readonly Py_ssize_t offset
     cdef readonly uint64_t tag
     cdef object _previous
+    cdef public bint watched
+    """Whether waiters on this handle consult the hold watch, and its holds count in the
+    process's locks held (False for membership's life mutexes: held for a whole life)."""
 
     @staticmethod
     cdef GlobalMutex _bind(Section section, offset, uint64_t tag):
@@ -499,6 +527,7 @@ cdef class GlobalMutex:
         self._section = section
         self.offset = offset
         self.tag = tag
+        self.watched = True
         return self
 
     @classmethod
@@ -534,7 +563,7 @@ cdef class GlobalMutex:
         return 0
 
     cdef inline object _acquired(self, object status):
-        mcs_mutex_owned(self._slot, self.tag)
+        mcs_mutex_owned_as(self._slot, self.tag, self.watched)
         self._section._holds += 1
         return status
 
@@ -543,17 +572,25 @@ cdef class GlobalMutex:
         cdef int rc
         cdef int64_t now, until
         cdef void* slot = self._slot
+        cdef mcs_mutex_meta* meta = mcs_mutex_meta_of(slot)
+        cdef bint watch = self.watched and _hold_watch is not None
+        cdef int64_t slice_ns = _watch_period_ns if watch and _watch_period_ns < SLICE_NS else SLICE_NS
+        cdef uint32_t pid
         self._section._holds += 1
         try:
             while True:
                 now = mcs_now_ns(CLOCK_MONOTONIC)
-                until = now + SLICE_NS
+                until = now + slice_ns
                 if deadline >= 0 and deadline < until:
                     until = deadline
                 with nogil:
                     rc = mcs_mutex_lock_until(slot, until)
                 if rc != ETIMEDOUT:
                     return rc
+                if watch and _hold_watch is not None and mcs_watch_due(_watch_period_ns):
+                    pid = meta.pid
+                    if pid != 0:
+                        _hold_watch(self, pid, meta.tag, mcs_mutex_held_ms(slot))
                 if deadline >= 0 and mcs_now_ns(CLOCK_MONOTONIC) >= deadline:
                     return rc
                 PyErr_CheckSignals()
@@ -590,6 +627,7 @@ cdef class GlobalMutex:
             mcs_mutex_abandoned(self._slot)
             if meta.pid == <uint32_t>mcs_pid():
                 self._section._holds -= 1  # a thread of ours died holding it: drop its hold
+            mcs_mutex_inherited(self._slot)
             return self._acquired(_ABANDONED)
         if rc == ENOTRECOVERABLE:
             mcs_mutex_not_recoverable(self._slot)
@@ -622,8 +660,7 @@ cdef class GlobalMutex:
         cdef mcs_mutex_meta* meta
         self._check_magic()
         meta = mcs_mutex_meta_of(self._slot)
-        if (meta.state != MCS_MUTEX_INCONSISTENT or meta.pid != <uint32_t>mcs_pid()
-                or meta.tid != <uint32_t>mcs_tid()):
+        if meta.state != MCS_MUTEX_INCONSISTENT or not mcs_mutex_held_by_me(self._slot):
             raise LockUsageError("mark_consistent: this thread does not hold an abandoned lock")
         rc = mcs_mutex_mark_consistent(self._slot)
         if rc == EINVAL:
@@ -642,6 +679,16 @@ cdef class GlobalMutex:
     def previous_owner(self):
         """Who held the mutex before the last ``ABANDONED`` lock through this handle, or None."""
         return self._previous
+
+    @property
+    def held_for(self):
+        """Seconds the current holder has held the mutex (tick resolution), or None if free."""
+        cdef mcs_mutex_meta* meta
+        self._check_magic()
+        meta = mcs_mutex_meta_of(self._slot)
+        if not mcs_load32(&meta.taken) & 1:
+            return None
+        return mcs_mutex_held_ms(self._slot) / 1000.0
 
     @property
     def owner(self):
@@ -764,18 +811,25 @@ cdef class GlobalEvent:
 
 cdef class Heartbeat:
     """A native thread that stores a monotonic stamp at ``stamp_offset`` and bumps the counter at
-    ``counter_offset`` every ``interval`` seconds, without ever taking the GIL."""
+    ``counter_offset`` every ``interval`` seconds, without ever taking the GIL. With
+    ``held_offset``, it also copies the process's locks held (count, and the coarse monotonic
+    ns since which it holds any) to ``held_offset`` and ``held_offset + 8`` at every beat."""
 
     cdef Section _section
     cdef mcs_beat* _beat
 
-    def __cinit__(self, Section section not None, stamp_offset, counter_offset, double interval):
+    def __cinit__(self, Section section not None, stamp_offset, counter_offset, double interval,
+                  held_offset=None):
         cdef void* stamp = section._ptr(stamp_offset, 8, 8)
         cdef void* counter = section._ptr(counter_offset, 8, 8)
+        cdef void* held = NULL
         cdef int err = 0
+        if held_offset is not None:
+            held = section._ptr(held_offset, 16, 8)
         if not (0.0001 <= interval <= 60):
             raise ValueError("heartbeat interval must be within 0.1 ms .. 60 s")
-        self._beat = mcs_beat_start(stamp, counter, <int64_t>(interval * 1e9), &err)
+        self._beat = mcs_beat_start(stamp, counter, held, NULL if held == NULL else <char*>held + 8,
+                                    <int64_t>(interval * 1e9), &err)
         if self._beat == NULL:
             raise_errno("pthread_create", err)
         self._section = section

@@ -36,7 +36,7 @@ cdef extern from "gsm_native.h" nogil:
     ctypedef struct mcs_mutex_meta:
         uint32_t magic
         uint32_t pid
-        uint32_t tid
+        uint32_t taken
         uint32_t state
         uint64_t tag
     ctypedef struct mcs_event_slot:
@@ -70,6 +70,12 @@ cdef extern from "gsm_native.h" nogil:
     int mcs_mutex_trylock(void* slot)
     int mcs_mutex_lock_until(void* slot, int64_t until_ns)
     void mcs_mutex_owned(void* slot, uint64_t tag)
+    void mcs_mutex_owned_as(void* slot, uint64_t tag, int counted)
+    void mcs_mutex_inherited(void* slot)
+    uint32_t mcs_mutex_held_ms(void* slot)
+    bint mcs_watch_due(int64_t period_ns)
+    uint64_t* mcs_held_counters
+    void mcs_share_held_counters(uint64_t* owner)
     void mcs_mutex_abandoned(void* slot)
     void mcs_mutex_not_recoverable(void* slot)
     bint mcs_mutex_held_by_me(void* slot)
@@ -77,5 +83,6 @@ cdef extern from "gsm_native.h" nogil:
     int mcs_mutex_mark_consistent(void* slot)
     int mcs_mutex_lock(void* slot, uint64_t tag, int64_t deadline_ns)
 
-    mcs_beat* mcs_beat_start(void* stamp, void* counter, int64_t interval_ns, int* err)
+    mcs_beat* mcs_beat_start(void* stamp, void* counter, void* held, void* held_since,
+                             int64_t interval_ns, int* err)
     void mcs_beat_stop(mcs_beat* beat)

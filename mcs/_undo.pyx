@@ -18,7 +18,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from mcs._libc cimport EOWNERDEAD, EDEADLK
-from mcs._native cimport (mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from mcs._native cimport (mcs_share_held_counters, mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
                           mcs_mutex_mark_consistent,
                           mcs_mutex_meta_of, mcs_mutex_owned, mcs_mutex_release, mcs_span_ok,
                           mcs_store64, MCS_MUTEX_MAGIC, MCS_MUTEX_SLOT_SIZE)
@@ -32,6 +33,8 @@ cdef enum:
 # This module's copy of the cached pid (gsm_native.h keeps one per extension module), so the
 # log mutexes record their real holder (pid, tid), reset in a forked child.
 mcs_init_process()
+from mcs._gsm import _held_counters
+mcs_share_held_counters(<uint64_t*>PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
 
 LOG_HEADER = UNDO_HEADER
 LOG_STATE = UNDO_STATE  # offset of the state word in a log (0: IDLE)

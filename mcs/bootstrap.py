@@ -212,8 +212,10 @@ class Bootstrap:
 
     def life_mutex(self, slot: int, tag: int = 0) -> GlobalMutex:
         """The life mutex of member ``slot``."""
-        return GlobalMutex.open(self.section, layout.member_offset(slot, layout.M_LIFE_MUTEX),
-                                tag=tag)
+        mutex = GlobalMutex.open(self.section, layout.member_offset(slot, layout.M_LIFE_MUTEX),
+                                 tag=tag)
+        mutex.watched = False  # held for a whole life: never judged by the hold watch
+        return mutex
 
     def probe_slot(self, slot: int) -> str:
         """``"live"`` if a process holds the slot's life mutex, ``"dead"`` if its holder died

@@ -14,6 +14,7 @@ from typing import Sequence
 from mcs import names
 from mcs.errors import McsError
 from mcs.gc import GcResult, collect, collect_domain
+from mcs.pause import MAX_PAUSE, pause_member
 from mcs.poison import check_target, poison
 from mcs.status import Watch, domain_status, format_status
 
@@ -88,6 +89,27 @@ def _cmd_fault_poison(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pause(args: argparse.Namespace) -> int:
+    command = args.command
+    seconds = 0.0 if command == "resume" else args.seconds
+    if not 0 < seconds <= MAX_PAUSE and command == "pause":
+        return _usage_error(command, f"--for must be within 0 .. {MAX_PAUSE:g} seconds")
+    if args.pid <= 0:
+        return _usage_error(command, "--pid must be a positive process id")
+    try:
+        targets = names.resolve(args.domain, args.component)
+    except ValueError as exc:
+        return _usage_error(command, str(exc))
+    results = [r for r in (pause_member(t, args.pid, seconds) for t in targets) if r is not None]
+    if not results:
+        print(f"mcs {command}: error: pid {args.pid} is not a member of "
+              + ", ".join(t.full_name for t in targets), file=sys.stderr)
+        return 1
+    for r in results:
+        print(r.describe())
+    return 0
+
+
 _DOMAIN_HELP = ("the domain as started (webcache-8080: each of its components) or a component's "
                 "full domain (webcache-8080.webcache)")
 
@@ -109,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "departures and recoveries")
     st.add_argument("--interval", type=float, default=0.5, help="refresh period for --watch (s)")
     st.set_defaults(func=_cmd_status)
+    pa = sub.add_parser("pause", help="maintenance pause of a member: the others never fence "
+                        "it (debugger, SIGSTOP) until it resumes or the pause expires")
+    re_ = sub.add_parser("resume", help="end a member's maintenance pause")
+    for p in (pa, re_):
+        p.add_argument("--domain", required=True, help=_DOMAIN_HELP)
+        p.add_argument("--component", help="only this component of the domain")
+        p.add_argument("--pid", type=int, required=True, help="the member's process id")
+        p.set_defaults(func=_cmd_pause)
+    pa.add_argument("--for", dest="seconds", type=float, default=300.0,
+                    help="how long the pause lasts at most (s, default 300)")
     fault = sub.add_parser("fault", help="fault injection into a live domain (tests, chaos)")
     fsub = fault.add_subparsers(dest="fault_command", required=True, metavar="FAULT")
     po = fsub.add_parser("poison", help="poison a section: dummy bytes, failed flag, counter")

@@ -62,7 +62,7 @@ from mcs.transactions import Transaction, TransactionLogs
 from mcs.types import LockStatus, MasterAreaOutcome
 
 import membership
-from membership.member import Member
+from membership.member import Member, ProgressSource
 from membership.view import View
 
 __all__ = ["McsComponent", "RecoveryStats", "transaction", "Transaction", "ComponentRecord",
@@ -620,6 +620,7 @@ class McsComponent:
         seen = self._event.value
         while not self._stopping.is_set():
             try:
+                self._tick()
                 target = root.load64(rec.C_REQUESTED)
                 if target > self._epoch and target >= self._working:
                     self._recover(target)
@@ -640,6 +641,11 @@ class McsComponent:
                     return
                 log.exception("%s: recovery thread error", self.component_name)
                 time.sleep(ERROR_BACKOFF)
+
+    def _tick(self) -> None:
+        """The recovery thread's progress signal: a member whose interpreter is stuck (this
+        thread cannot run) for ``progress_timeout`` is evicted as hung by the others."""
+        self.member.progress(ProgressSource.RECOVERY)
 
     def _recover(self, epoch: int) -> None:
         self._working = epoch
@@ -721,6 +727,7 @@ class McsComponent:
             if not self._has_active_blocks():
                 return
             self._idle.wait(POLL)
+            self._tick()
             if self._stopping.is_set():
                 raise ClosedError("stopping")
             if time.monotonic() > deadline:
@@ -736,6 +743,7 @@ class McsComponent:
             status = mutex.lock(timeout=POLL)
             if status is not LockStatus.TIMEOUT:
                 break
+            self._tick()
             self._check_superseded(epoch)
         with held(mutex, status):
             agreed = root.load64(rec.C_AGREED)
@@ -776,6 +784,7 @@ class McsComponent:
         deadline = time.monotonic() + self._recovery_timeout
         seen = self._event.value
         while not predicate():
+            self._tick()
             self._check_superseded(epoch)
             if time.monotonic() > deadline:
                 self.request_recovery(f"recovery {epoch} timed out")

@@ -30,15 +30,21 @@ typedef struct {
 #define MCS_HEADER_SIZE 64
 _Static_assert(sizeof(mcs_header) == MCS_HEADER_SIZE, "mcs_header must be 64 bytes");
 
-/* A mutex slot: the pthread mutex, then metadata (magic, owner pid/tid, owner tag). */
+/* A mutex slot: the pthread mutex, then metadata (magic, owner pid, when taken, owner tag).
+ * The owner's thread id is the kernel's: the robust futex word (the first word of the pthread
+ * mutex) holds it, which the kernel's robust-list ABI guarantees. */
 typedef struct { pthread_mutex_t mutex; } mcs_mutex_slot;
 typedef struct {
     uint32_t magic;
     uint32_t pid;
-    uint32_t tid;
+    uint32_t taken; /* MCS_TAKEN_HELD | MCS_TAKEN_COUNTED | coarse monotonic ms (mod 2^32); 0: free */
     uint32_t state; /* MCS_MUTEX_CONSISTENT / _INCONSISTENT / _NOTRECOVERABLE */
     uint64_t tag;
 } mcs_mutex_meta;
+#define MCS_TAKEN_HELD 1u
+#define MCS_TAKEN_COUNTED 2u
+#define MCS_TAKEN_FLAGS 3u
+#define MCS_FUTEX_TID_MASK 0x3fffffffu
 
 /* Our own record of the robust state. glibc's trylock on a not-recoverable mutex returns
  * ENOTRECOVERABLE but leaves the lock word owned by the caller (others then see EBUSY forever),
@@ -86,6 +92,17 @@ static void mcs_init_process(void) {
     mcs_cached_pid = (int)getpid();
     pthread_atfork(NULL, NULL, mcs_after_fork_child);
 }
+
+/* Locks this process holds now (every counted mutex, whatever its section) and since when
+ * (coarse CLOCK_MONOTONIC ns of the 0 -> 1 step): process memory, copied into the member slot
+ * by the heartbeat thread, so no thread ever writes into a mapping that may be unmapped under
+ * it. Every native module includes this header: mcs._gsm owns the pair and the others point
+ * at it (mcs_share_held_counters) so that one count covers every locker of the process. */
+static uint64_t mcs_held_own[2];
+static uint64_t *mcs_held_counters = mcs_held_own; /* [0]: count, [1]: since */
+#define mcs_held_count (mcs_held_counters[0])
+#define mcs_held_since_ns (mcs_held_counters[1])
+static inline void mcs_share_held_counters(uint64_t *owner) { if (owner) mcs_held_counters = owner; }
 
 static inline int64_t mcs_now_ns(int clock) {
     struct timespec ts;
@@ -160,12 +177,59 @@ static inline int mcs_mutex_lock_until(void *slot, int64_t until_ns) {
     return pthread_mutex_clocklock((pthread_mutex_t *)slot, CLOCK_MONOTONIC, &ts);
 }
 
+/* Coarse monotonic milliseconds (a vDSO read of the tick clock, a few ns): hold times are judged
+ * in seconds, so the tick's 1-4 ms resolution is plenty. Wraps every 49 days; differences of
+ * two stamps are taken modulo 2^32. */
+static inline uint32_t mcs_coarse_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
+}
+
+/* Whether this thread's hold watch is due again (at most once per period per thread, whatever
+ * the timeouts of the lock calls it makes: a waiter retrying in 5 ms slices is still judged). */
+static __thread int64_t mcs_watch_last_ns;
+static inline int mcs_watch_due(int64_t period_ns) {
+    int64_t now = mcs_now_ns(CLOCK_MONOTONIC_COARSE);
+    if (now - mcs_watch_last_ns < period_ns)
+        return 0;
+    mcs_watch_last_ns = now;
+    return 1;
+}
+
+/* Milliseconds the current holder has held the mutex (0 if free or unknown). */
+static inline uint32_t mcs_mutex_held_ms(void *slot) {
+    uint32_t taken = mcs_load32(&mcs_mutex_meta_of(slot)->taken);
+    if (!(taken & MCS_TAKEN_HELD))
+        return 0;
+    return (mcs_coarse_ms() - (taken & ~MCS_TAKEN_FLAGS)) & ~MCS_TAKEN_FLAGS;
+}
+
+/* Stamp the take once per holding (a repaired abandoned lock keeps its first stamp) and count
+ * it in this process's locks held. */
+static inline void mcs_mutex_taken(mcs_mutex_meta *meta, int counted) {
+    if (meta->taken & MCS_TAKEN_HELD)
+        return;
+    if (counted && __atomic_fetch_add(&mcs_held_count, 1, __ATOMIC_RELAXED) == 0)
+        __atomic_store_n(&mcs_held_since_ns, (uint64_t)mcs_now_ns(CLOCK_MONOTONIC_COARSE),
+                         __ATOMIC_RELAXED);
+    mcs_store32(&meta->taken, (mcs_coarse_ms() & ~MCS_TAKEN_FLAGS) | MCS_TAKEN_HELD
+                              | (counted ? MCS_TAKEN_COUNTED : 0u));
+}
+
 /* Record the calling thread as the holder (after 0 or EOWNERDEAD). */
-static inline void mcs_mutex_owned(void *slot, uint64_t tag) {
+static inline void mcs_mutex_owned_as(void *slot, uint64_t tag, int counted) {
     mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
     meta->pid = (uint32_t)mcs_pid();
-    meta->tid = (uint32_t)mcs_tid();
+    mcs_mutex_taken(meta, counted);
     meta->tag = tag;
+}
+
+static inline void mcs_mutex_owned(void *slot, uint64_t tag) { mcs_mutex_owned_as(slot, tag, 1); }
+
+/* Just got it from a dead holder (EOWNERDEAD): its stamp and count are not ours. */
+static inline void mcs_mutex_inherited(void *slot) {
+    mcs_store32(&mcs_mutex_meta_of(slot)->taken, 0);
 }
 
 /* After EOWNERDEAD: the data is inconsistent until mcs_mutex_mark_consistent. */
@@ -177,16 +241,19 @@ static inline void mcs_mutex_not_recoverable(void *slot) {
     mcs_store32(&mcs_mutex_meta_of(slot)->state, MCS_MUTEX_NOTRECOVERABLE);
 }
 
-/* Whether the calling thread is the recorded holder. */
+/* Whether the calling thread holds the mutex: our pid recorded, our tid in the futex word. */
 static inline int mcs_mutex_held_by_me(void *slot) {
     mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
-    return meta->pid == (uint32_t)mcs_pid() && meta->tid == (uint32_t)mcs_tid();
+    return meta->pid == (uint32_t)mcs_pid()
+        && (mcs_load32(slot) & MCS_FUTEX_TID_MASK) == (uint32_t)mcs_tid();
 }
 
 static inline int mcs_mutex_release(void *slot) {
     mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
+    if (meta->taken & MCS_TAKEN_COUNTED)
+        __atomic_fetch_sub(&mcs_held_count, 1, __ATOMIC_RELAXED);
     meta->pid = 0;
-    meta->tid = 0;
+    mcs_store32(&meta->taken, 0);
     meta->tag = 0;
     if (meta->state == MCS_MUTEX_INCONSISTENT)
         /* Released unrepaired: glibc makes it not recoverable; record that before unlocking. */
@@ -221,7 +288,8 @@ static int mcs_mutex_lock(void *slot, uint64_t tag, int64_t deadline_ns) {
     } else if (rc == EOWNERDEAD) {
         mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
         meta->pid = (uint32_t)mcs_pid();
-        meta->tid = (uint32_t)mcs_tid();
+        mcs_mutex_inherited(slot);
+        mcs_mutex_taken(meta, 1);
         mcs_mutex_abandoned(slot);
     } else if (rc == ENOTRECOVERABLE) {
         mcs_mutex_not_recoverable(slot);
@@ -236,6 +304,8 @@ typedef struct {
     pthread_t thread;
     void *stamp;
     void *counter;
+    void *held;       /* optional: where to copy mcs_held_count and mcs_held_since_ns */
+    void *held_since;
     int64_t interval_ns;
     int stop;
     pthread_mutex_t lock;
@@ -246,6 +316,11 @@ static void *mcs_beat_main(void *arg) {
     mcs_beat *b = (mcs_beat *)arg;
     pthread_mutex_lock(&b->lock);
     while (!b->stop) {
+        if (b->held) {
+            uint64_t n = __atomic_load_n(&mcs_held_count, __ATOMIC_RELAXED);
+            mcs_store64(b->held_since, n ? __atomic_load_n(&mcs_held_since_ns, __ATOMIC_RELAXED) : 0);
+            mcs_store64(b->held, n);
+        }
         mcs_store64(b->stamp, (uint64_t)mcs_now_ns(CLOCK_MONOTONIC));
         mcs_add64(b->counter, 1);
         struct timespec ts;
@@ -258,11 +333,14 @@ static void *mcs_beat_main(void *arg) {
     return NULL;
 }
 
-static mcs_beat *mcs_beat_start(void *stamp, void *counter, int64_t interval_ns, int *err) {
+static mcs_beat *mcs_beat_start(void *stamp, void *counter, void *held, void *held_since,
+                                int64_t interval_ns, int *err) {
     mcs_beat *b = (mcs_beat *)calloc(1, sizeof(mcs_beat));
     if (!b) { *err = ENOMEM; return NULL; }
     b->stamp = stamp;
     b->counter = counter;
+    b->held = held;
+    b->held_since = held_since;
     b->interval_ns = interval_ns;
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);

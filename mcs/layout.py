@@ -32,6 +32,10 @@ VIEW_SEQ = 240  # seqlock around GENERATION/MEMBER_MASK/MASTER_SLOT: odd while b
 HEARTBEAT_NS = 272  # domain timing, set by the first joiner, adopted by the others
 SUSPECT_NS = 280
 EVICT_NS = 288
+HOLD_LIMIT_NS = 296  # a lock held this long while others wait: the holder is hung (0: default)
+PROGRESS_NS = 304  # no progress signal for this long: the member is hung (0: default)
+EVICTIONS = 312  # domain-wide eviction counters, one word per cause (EVICTION_CAUSES)...
+EVICTION_CAUSES = 4  # ...frozen, stopped, hung, stalled (membership.EvictionCause - 1)
 
 # member slot states (M_STATE)
 SLOT_FREE = 0
@@ -56,11 +60,17 @@ M_HEARTBEAT_NS = 88
 M_HEARTBEAT_COUNT = 96
 M_JOINED_NS = 104
 M_FENCED = 112  # incarnation that was fenced in this slot (0: none)
-# 120..127: reserved (an interpreter-progress counter was planned here; nothing writes it)
+M_PROGRESS_NS = 120  # monotonic ns of the recovery thread's last progress (0: not watched)
 M_NODE = 128  # node name, NUL-padded
 NODE_NAME_MAX = 64
 M_EXIT_INCARNATION = 192  # the last incarnation that left this slot...
 M_EXIT_STATE = 200  # ...and how (SLOT_DEAD / SLOT_FENCED / SLOT_LEFT)
+M_APP_PROGRESS_NS = 208  # monotonic ns of the application's last progress() (0: not watched)
+M_PAUSED_UNTIL_NS = 216  # monotonic ns a maintenance pause lasts (or ended) until (0: never)
+M_HELD = 224  # locks the member's process holds (copied by its heartbeat thread)...
+M_HELD_SINCE_NS = 232  # ...and since when (coarse monotonic ns; 0: none held)
+M_RESTARTS = 240  # times a supervisor restarted this member's program (MCS_RESTARTS)
+M_FENCE_CAUSE = 248  # why the incarnation in M_FENCED was fenced (membership.EvictionCause)
 
 
 def member_offset(slot: int, field: int = 0) -> int:
@@ -84,7 +94,8 @@ def _check() -> None:
             f"mcs.layout: the native core's mutex ({MUTEX_SIZE} B) or event ({EVENT_SIZE} B) "
             f"does not fit the {EVENT_SLOT_MAX} B the layout gives it: rebuild mcs._gsm from "
             "this source tree")
-    if (MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE > COMPONENT_AREA
+    if (EVICTIONS + 8 * EVICTION_CAUSES > MEMBER_TABLE or M_FENCE_CAUSE + 8 > MEMBER_SLOT_SIZE
+            or MEMBER_TABLE + MAX_MEMBERS * MEMBER_SLOT_SIZE > COMPONENT_AREA
             or COMPONENT_AREA >= ROOT_SIZE):
         raise LayoutMismatchError("mcs.layout: the member table runs into the component area")
 

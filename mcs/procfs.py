@@ -106,6 +106,12 @@ class ProcStat(NamedTuple):
         thread's own pending set): a process that will not run user code again."""
         return self.exited or self.exiting or self.signal_pending(signal.SIGKILL)
 
+    @property
+    def stopped(self) -> bool:
+        """Stopped by a signal (T: SIGSTOP, SIGTSTP...) or by a tracer (t): runs no code until
+        continued."""
+        return self.state in ("T", "t")
+
     def started_ns(self) -> int:
         """When the process started, as CLOCK_REALTIME nanoseconds (clock-tick precision)."""
         return boot_time_ns() + self.starttime * 1_000_000_000 // _CLK_TCK

@@ -19,7 +19,7 @@ from mcs.component_record import ComponentRecord
 from mcs.errors import CorruptObjectError
 from mcs.names import Target, target_of
 
-from membership.table import MemberTable
+from membership.table import MemberTable, member_state
 from membership.view import View
 
 __all__ = ["domain_status", "format_status", "member_rows", "Watch"]
@@ -29,27 +29,31 @@ WATCH_EVENTS = 12  # lines of history --watch keeps
 
 def member_rows(table: MemberTable, view: View, now_ns: int | None = None) -> list[dict[str, Any]]:
     """Every occupied member slot of a domain's table: slot, pid, node, incarnation, state
-    (``member`` turns ``suspected``/``frozen`` as its heartbeat ages past the domain's
-    thresholds), whether it is in ``view``, and its heartbeat's age and count."""
-    _, suspect, evict = table.timing_ns()
+    (:func:`membership.table.member_state`: member, suspected, paused, frozen, hung, fenced,
+    dead, left), whether it is in ``view``, its heartbeat's age and count, the locks its process
+    holds and for how long, the age of its last progress signal, how long a pause has left, and
+    how many times a supervisor restarted its program."""
+    timing = table.timing()
     now = time.monotonic_ns() if now_ns is None else now_ns
     rows = []
     for rec in table.occupied():
-        age_ns = now - rec.heartbeat_ns
-        state = rec.state_name
-        if state == "member" and age_ns > evict:
-            state = "frozen"
-        elif state == "member" and age_ns > suspect:
-            state = "suspected"
+        stamps = [s for s in (rec.progress_ns, rec.app_progress_ns) if s]
         rows.append({
             "slot": rec.slot,
             "pid": rec.pid,
             "node": rec.node,
             "incarnation": rec.incarnation,
-            "state": state,
+            "state": member_state(rec, timing, now).value,
             "in_view": view.member(rec.slot) is not None,
-            "heartbeat_age_ms": round(age_ns / 1e6, 1),
+            "heartbeat_age_ms": round((now - rec.heartbeat_ns) / 1e6, 1),
             "heartbeats": rec.heartbeat_count,
+            "locks_held": rec.held,
+            "locks_held_for_ms": (round(max(0, now - rec.held_since_ns) / 1e6, 1)
+                                  if rec.held and rec.held_since_ns else None),
+            "progress_age_ms": round((now - max(stamps)) / 1e6, 1) if stamps else None,
+            "paused_for_s": (round((rec.paused_until_ns - now) / 1e9, 1)
+                             if rec.paused_until_ns > now else None),
+            "restarts": rec.restarts,
         })
     return rows
 
@@ -85,7 +89,7 @@ def domain_status(domain: str | Target) -> dict[str, Any]:
     with Bootstrap.open(target.full_name, create=False, wait=0.5) as boot:
         table = MemberTable(boot)
         view = table.read_view()
-        heartbeat, suspect, evict = table.timing_ns()
+        timing = table.timing()
         members = member_rows(table, view)
         status = {
             "domain": target.domain,
@@ -95,8 +99,12 @@ def domain_status(domain: str | Target) -> dict[str, Any]:
             "master": None if view.master is None else {
                 "slot": view.master.slot, "pid": view.master.pid, "node": view.master.node,
                 "incarnation": view.master.incarnation},
-            "timing_ms": {"heartbeat": heartbeat / 1e6, "suspect_after": suspect / 1e6,
-                          "evict_after": evict / 1e6},
+            "timing_ms": {"heartbeat": timing.heartbeat * 1e3,
+                          "suspect_after": timing.suspect_after * 1e3,
+                          "evict_after": timing.evict_after * 1e3,
+                          "hold_limit": timing.hold_limit * 1e3,
+                          "progress_timeout": timing.progress_timeout * 1e3},
+            "evictions": table.evictions(),
             "memory_failures": boot.section.load64(layout.MEMORY_FAILURES),
             "members": members,
             "read_at": time.time(),
@@ -126,15 +134,21 @@ def format_status(status: dict[str, Any], watch: "Watch | None" = None) -> str:
                                   + ("" if area["intact"] else " (descriptor torn)")
                                   if area else "none"))
     rates = watch.rates(status) if watch is not None else {}
-    head = "slot  pid      node                      incarnation  state      heartbeat age"
+    head = ("slot  pid      node                      incarnation  state      heartbeat age"
+            "  locks (held for)  progress  restarts")
     if rec is not None:
         head += "  acked epoch"
     if watch is not None:
         head += "  beats/s"
     lines.append(head)
     for m in status["members"]:
+        held = (f"{m['locks_held']} ({m['locks_held_for_ms'] / 1e3:.1f} s)"
+                if m["locks_held"] and m["locks_held_for_ms"] is not None else "0")
+        progress = "-" if m["progress_age_ms"] is None else f"{m['progress_age_ms']:.0f} ms"
+        state = m["state"] + (f" {m['paused_for_s']:.0f}s" if m["paused_for_s"] else "")
         row = (f"{m['slot']:<5} {m['pid']:<8} {m['node'][:25]:<25} {m['incarnation']:<12} "
-               f"{m['state']:<10} {m['heartbeat_age_ms']:>10.1f} ms")
+               f"{state:<10} {m['heartbeat_age_ms']:>10.1f} ms  {held:>16}  {progress:>8}  "
+               f"{m['restarts']:>8}")
         if rec is not None:
             row += f"  {m.get('acked_epoch', 0):>11}"
         if watch is not None:
@@ -143,6 +157,9 @@ def format_status(status: dict[str, Any], watch: "Watch | None" = None) -> str:
         lines.append(row)
     if not status["members"]:
         lines.append("(no members)")
+    evicted = {cause: n for cause, n in status.get("evictions", {}).items() if n}
+    if evicted:
+        lines.append("evictions: " + ", ".join(f"{n} {cause}" for cause, n in evicted.items()))
     if watch is not None and watch.events.get(status["full_name"]):
         lines.append("recent:")
         lines += [f"  {line}" for line in watch.events[status["full_name"]]]

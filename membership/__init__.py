@@ -6,8 +6,9 @@
 ...     print(member.view)
 """
 
-from membership.member import Member, MemberStats, join
+from membership.member import Member, MemberStats, ProgressSource, join
 from membership.timing import Timing
-from membership.view import MemberInfo, View
+from membership.view import EvictionCause, MemberInfo, MemberState, View
 
-__all__ = ["Member", "MemberInfo", "MemberStats", "Timing", "View", "join"]
+__all__ = ["EvictionCause", "Member", "MemberInfo", "MemberState", "MemberStats",
+           "ProgressSource", "Timing", "View", "join"]

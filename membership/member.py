@@ -10,8 +10,13 @@ Threads of one member:
 * one **watcher** per other member, blocked on that member's life mutex: it returns the moment
   the member dies (ABANDONED) or leaves (OK), and then republishes the view.
 * the **monitor** waits on the domain's view event (or a short period), refreshes the local view,
-  runs the callbacks, and evicts members whose heartbeat is older than ``evict_after``: SIGKILL
-  through a pidfd taken when the member was first seen, never a bare pid.
+  runs the callbacks, and evicts members whose heartbeat is older than ``evict_after`` (frozen)
+  or whose progress signal is older than ``progress_timeout`` (hung): SIGKILL through a pidfd
+  taken when the member was first seen, never a bare pid.
+* any thread of the process that **waits on a global mutex** judges its holder every 20 ms of
+  the wait (the hold watch of :mod:`mcs._gsm`): a holder that procfs shows stopped while its
+  heartbeat is stale is evicted at once, one that held the mutex longer than ``hold_limit`` is
+  evicted as hung. A member under a maintenance pause (:func:`pause`) is never evicted.
 
 Descriptors: a view is *handled* once every other member has a watcher and the descriptors the
 member keeps on it (:mod:`membership.peers`); only then does it become ``member.view`` and reach
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import enum
 import logging
 import os
 import socket
@@ -41,7 +47,7 @@ import time
 from typing import Callable
 
 from mcs import layout
-from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat
+from mcs._gsm import GlobalEvent, GlobalMutex, Heartbeat, set_hold_watch
 from mcs.bootstrap import FUTEX_OWNER_DIED, FUTEX_TID_MASK, Bootstrap
 from mcs.locking import held
 from mcs.errors import BootstrapError, FencedError, McsError, NotRecoverableError
@@ -52,9 +58,9 @@ from membership.fdreserve import FdReserve
 from membership.peers import Peers, dying_by_path
 from membership.table import MemberTable
 from membership.timing import Timing
-from membership.view import MemberInfo, View, choose_master
+from membership.view import EvictionCause, MemberInfo, View, choose_master
 
-__all__ = ["Member", "MemberStats", "join"]
+__all__ = ["Member", "MemberStats", "ProgressSource", "join"]
 
 log = logging.getLogger("mcs.membership")
 
@@ -76,6 +82,64 @@ NODE_GRACE = 0.005  # a node's other members are given this long to be seen dyin
 RESERVE_FDS = 8  # descriptors each member keeps in reserve for its failure detector
 DEFER_LOG_EVERY = 10.0  # seconds between two warnings about views not handled yet
 EXIT_WAIT = 1.0  # seconds an evicting member waits for the one it killed to exit
+STOPPED_BEATS = 3  # a lock holder this many heartbeats late and stopped in procfs is fenced
+MAX_RESTARTS = 1 << 32  # bound on MCS_RESTARTS read from the environment
+
+
+class ProgressSource(enum.Enum):
+    """Who gives a progress signal (each is watched against ``progress_timeout`` once given)."""
+
+    RECOVERY = layout.M_PROGRESS_NS
+    """The component's recovery thread, every loop (:class:`mcs.McsComponent` does it)."""
+    APP = layout.M_APP_PROGRESS_NS
+    """The application: an event-loop ticker, a worker's main loop (the web cache's loop)."""
+
+
+def _restarts_from_env() -> int:
+    """``MCS_RESTARTS`` as set by ``mcs supervise`` (0 when absent or malformed)."""
+    raw = os.environ.get("MCS_RESTARTS", "")
+    return int(raw) if raw.isdigit() and int(raw) < MAX_RESTARTS else 0
+
+
+class _HoldWatch:
+    """The process's hold watch: every live member judges the holders its waiting threads see
+    (installed in mcs._gsm at the first join; one member at a time judges per thread)."""
+
+    def __init__(self) -> None:
+        self._members: list[Member] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._installed = False
+
+    def add(self, member: "Member") -> None:
+        with self._lock:
+            self._members.append(member)
+            if not self._installed:
+                set_hold_watch(self)
+                self._installed = True
+
+    def discard(self, member: "Member") -> None:
+        with self._lock:
+            if member in self._members:
+                self._members.remove(member)
+
+    def __call__(self, mutex: GlobalMutex, pid: int, tag: int, held_ms: int) -> None:
+        if getattr(self._local, "judging", False):
+            return  # an eviction's own waits (the root mutex) are not judged again
+        self._local.judging = True
+        try:
+            with self._lock:
+                members = list(self._members)
+            for member in members:
+                if member._judge_holder(mutex, pid, held_ms):
+                    return
+        except Exception:  # the waiter must go on waiting whatever happens here
+            log.exception("hold watch error")
+        finally:
+            self._local.judging = False
+
+
+_hold_watch = _HoldWatch()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +156,20 @@ class MemberStats:
     """Dying checks of a node peer that had no /proc descriptor and no room to open one."""
     watcher_errors: int = 0
     """Watchers stopped by an error on a life mutex (logged; the heartbeat still evicts)."""
+    evictions: tuple[tuple[str, int], ...] = ()
+    """Evictions this member carried out, by cause (frozen, stopped, hung, stalled)."""
 
 
 def _dying_soon(pids: list[int], grace: float,
                 dying_now: Callable[[int], bool] = dying_by_path) -> set[int]:
     """The pids that are dying (``dying_now``) within ``grace`` seconds, all watched together
     (one grace for the whole node, not one per process): deaths of one node seen together are
-    one change."""
+    one change. The grace is waited only with cause: when at least one of them is already
+    dying at the first look (the node is going down); otherwise nobody is waited for."""
     deadline = time.monotonic() + grace
-    dying: set[int] = set()
+    dying = {pid for pid in pids if dying_now(pid)}
+    if not dying:
+        return dying
     while True:
         dying.update(pid for pid in pids if pid not in dying and dying_now(pid))
         if len(dying) == len(pids) or time.monotonic() >= deadline:
@@ -125,6 +194,8 @@ class Member:
         self._fenced = threading.Event()
         self._deferred = 0  # counters, under _shared
         self._watcher_errors = 0
+        self._evictions: dict[EvictionCause, int] = {}
+        self._paused_logged: set[tuple[int, int]] = set()  # pauses already logged, under _shared
         self._next_defer_log = 0.0
         self._closing = threading.Event()
         self._handled = threading.Event()  # set once a view has been handled
@@ -178,6 +249,7 @@ class Member:
                                          daemon=True)
         self._monitor.start()
         atexit.register(self.leave)
+        _hold_watch.add(self)
         if not self._handled.wait(max(1.0, self.timing.evict_after)):
             self.leave()
             raise McsError(f"domain {self.domain!r}: could not take a descriptor on every member "
@@ -192,10 +264,8 @@ class Member:
             table.reset()
             occupied = []
         if not any(r.state == layout.SLOT_MEMBER for r in occupied):
-            t = self._requested_timing or Timing()
-            table.set_timing_ns(*t.as_ns())
-        hb, suspect, evict = table.timing_ns()
-        self.timing = Timing.from_ns(hb, suspect, evict)
+            table.set_timing(self._requested_timing or Timing())
+        self.timing = table.timing()
         if self._requested_timing is not None and self._requested_timing != self.timing:
             log.warning("domain %s runs with %s; adopting it instead of %s", self.domain,
                         self.timing, self._requested_timing)
@@ -206,11 +276,13 @@ class Member:
         self.incarnation = boot.section.add64(layout.NEXT_INCARNATION, 1) + 1
         self._start_life_thread()
         now = time.monotonic_ns()
-        table.fill(self.slot, os.getpid(), self.incarnation, self._node, now)
+        table.fill(self.slot, os.getpid(), self.incarnation, self._node, now,
+                   _restarts_from_env())
         self._beat = Heartbeat(boot.section,
                                layout.member_offset(self.slot, layout.M_HEARTBEAT_NS),
                                layout.member_offset(self.slot, layout.M_HEARTBEAT_COUNT),
-                               self.timing.heartbeat)
+                               self.timing.heartbeat,
+                               held_offset=layout.member_offset(self.slot, layout.M_HELD))
         self._republish_locked()
         self._refresh_view()
 
@@ -261,8 +333,16 @@ class Member:
         """The failure detector's counters (descriptor reserve, deferred views, watchers)."""
         with self._shared:
             deferred, watcher_errors = self._deferred, self._watcher_errors
+            evictions = tuple((c.label, self._evictions.get(c, 0)) for c in EvictionCause)
         return MemberStats(deferred, self._reserve.held, self._reserve.spent,
-                           self._peers.procfs_fallbacks, watcher_errors)
+                           self._peers.procfs_fallbacks, watcher_errors, evictions)
+
+    def progress(self, source: ProgressSource = ProgressSource.APP) -> None:
+        """Say that ``source`` made progress now. Once a source has said so, the others evict
+        this member as hung when it stays silent for ``progress_timeout``: call it at least
+        every ``timing.progress_every`` seconds (an event-loop ticker, a worker's loop)."""
+        if not self._closing.is_set():
+            self.table.set_field(self.slot, source.value, time.monotonic_ns())
 
     @property
     def info(self) -> MemberInfo:
@@ -431,21 +511,39 @@ class Member:
 
     def _check_heartbeats(self) -> None:
         """Suspect the members silent for ``suspect_after``, evict those silent for
-        ``evict_after`` (the monitor, and a republisher blocked on a frozen holder)."""
+        ``evict_after`` (frozen) and those beating whose progress signal is older than
+        ``progress_timeout`` (hung); members under a pause are left alone, and the time they
+        spent paused does not count (the monitor, and a republisher blocked on a frozen
+        holder)."""
         with self._shared:
             view = self._view
         if view is None:
             return
         now = time.monotonic_ns()
         table = self.table
+        timing = self.timing
+        paused = set()
         for m in view.members:
             if m.slot == self.slot:
                 continue
-            age = now - table.field(m.slot, layout.M_HEARTBEAT_NS)
-            key = (m.slot, m.incarnation)
-            if age > self.timing.evict_after_ns:
-                self._evict(m)
+            paused_until = table.paused_until(m.slot)
+            if paused_until > now:
+                paused.add(m.slot)
                 continue
+            age = now - max(table.field(m.slot, layout.M_HEARTBEAT_NS), paused_until)
+            key = (m.slot, m.incarnation)
+            if age > timing.evict_after_ns:
+                self._evict(m, EvictionCause.FROZEN,
+                            lambda m=m: self._silent_for(m) > timing.evict_after_ns)
+                continue
+            if age <= timing.suspect_after_ns:
+                late = self._progress_late(m.slot, now, paused_until)
+                if late is not None:
+                    self._evict(m, EvictionCause.STALLED,
+                                lambda s=m.slot: self._progress_late(
+                                    s, time.monotonic_ns(), table.paused_until(s)) is not None,
+                                f"no progress from its {late[0]} for {late[1] / 1e6:.0f} ms")
+                    continue
             with self._shared:
                 newly = age > self.timing.suspect_after_ns and key not in self._suspected
                 if age > self.timing.suspect_after_ns:
@@ -454,46 +552,110 @@ class Member:
                     self._suspected.discard(key)
             if newly:
                 log.warning("member %s suspected (silent for %.0f ms)", m, age / 1e6)
+        if view.paused != paused:
+            with self._shared:
+                if self._view is not None and self._view.generation == view.generation:
+                    self._view = dataclasses.replace(self._view, paused=frozenset(paused))
 
-    def _evict(self, m: MemberInfo) -> None:
-        """Fence a frozen member: mark it, SIGKILL it through its pidfd, publish the view."""
+    def _silent_for(self, m: MemberInfo) -> int:
+        """Nanoseconds since ``m``'s last heartbeat or the end of its pause (0 while paused)."""
+        now = time.monotonic_ns()
+        paused_until = self.table.paused_until(m.slot)
+        if paused_until > now:
+            return 0
+        return now - max(self.table.field(m.slot, layout.M_HEARTBEAT_NS), paused_until)
+
+    def _progress_late(self, slot: int, now: int, paused_until: int) -> tuple[str, int] | None:
+        """(source, ns) of a progress signal of ``slot`` older than ``progress_timeout``."""
+        for source in ProgressSource:
+            stamp = self.table.field(slot, source.value)
+            if stamp and now - max(stamp, paused_until) > self.timing.progress_timeout_ns:
+                return source.name.lower(), now - max(stamp, paused_until)
+        return None
+
+    def _judge_holder(self, mutex: GlobalMutex, pid: int, held_ms: int) -> bool:
+        """A thread of this process has waited on ``mutex`` for a watch period; ``pid`` holds it
+        for ``held_ms``. If ``pid`` is another member of this domain (and not paused): evict it
+        when it is provably stopped (heartbeat ``STOPPED_BEATS`` late, procfs state T/t), or hung
+        (held longer than ``hold_limit`` with a live heartbeat). True if it was judged here."""
+        if self._closing.is_set() or self._fenced.is_set():
+            return False
+        with self._shared:
+            view = self._view
+        m = None if view is None else next(
+            (m for m in view.members if m.pid == pid and m.slot != self.slot), None)
+        if m is None:
+            return False
+        key = (m.slot, m.incarnation)
+        now = time.monotonic_ns()
+        if self.table.paused_until(m.slot) > now:
+            with self._shared:
+                first = key not in self._paused_logged
+                self._paused_logged.add(key)
+            if first:
+                log.warning("member %s is paused and holds a lock others wait for (held %d ms)",
+                            m, held_ms)
+            return True
+        timing = self.timing
+        silent = self._silent_for(m)
+        if silent > STOPPED_BEATS * timing.heartbeat * 1e9 and self._peers.stopped(pid):
+            self._evict(m, EvictionCause.STOPPED,
+                        lambda: self._silent_for(m) > STOPPED_BEATS * timing.heartbeat * 1e9
+                        and self._peers.stopped(pid),
+                        f"stopped (procfs) and silent for {silent / 1e6:.0f} ms while holding a "
+                        "lock others wait for")
+        elif held_ms * 1_000_000 >= timing.hold_limit_ns and silent <= timing.suspect_after_ns:
+            self._evict(m, EvictionCause.HUNG, lambda: _still_held(mutex, pid, timing.hold_limit),
+                        f"held a lock for {held_ms} ms (hold_limit {timing.hold_limit:g} s) "
+                        "while another member waited")
+        return True
+
+    def _evict(self, m: MemberInfo, cause: EvictionCause, still: Callable[[], bool],
+               why: str = "") -> None:
+        """Fence a frozen or hung member: mark it, SIGKILL it through its pidfd, publish the
+        view. ``still()`` re-checks the cause under the root mutex (it may have woken up)."""
         root = self.boot.root_mutex(tag=self.incarnation)
         status = root.lock(timeout=self.timing.check_interval)
         if status is LockStatus.TIMEOUT:
             # The root mutex may be held by the frozen member itself: fence it without the lock;
             # its death releases the root mutex (ABANDONED) and the next locker republishes.
-            if root.owner.tag == m.incarnation:
-                self._fence(m, "it holds the root mutex")
+            if root.owner.tag == m.incarnation and still():
+                self._fence(m, cause, why or "it holds the root mutex")
             return
         with held(root, status):
             table = self.table
-            age = time.monotonic_ns() - table.field(m.slot, layout.M_HEARTBEAT_NS)
             if (table.field(m.slot, layout.M_INCARNATION) != m.incarnation
                     or table.state(m.slot) != layout.SLOT_MEMBER
-                    or age <= self.timing.evict_after_ns):
-                return  # somebody else already acted, or it woke up
-            killed = self._fence(m, f"silent for {age / 1e6:.0f} ms")
+                    or table.paused_until(m.slot) > time.monotonic_ns() or not still()):
+                return  # somebody else already acted, or it woke up, or it was paused
+            killed = self._fence(m, cause, why or f"silent for {self._silent_for(m) / 1e6:.0f} ms")
             self._republish_locked()
         if killed:  # an unsignalled one is not waited for: it may never exit
             self._peers.wait_exit((m.slot, m.incarnation), EXIT_WAIT)
         self._reap_pending()
 
-    def _fence(self, m: MemberInfo, why: str) -> bool:
-        """Record the fence and SIGKILL the member through the pidfd taken when first seen;
-        whether it was signalled (False: no verified pidfd, the pid may be a stranger's: the
-        fence stands, and the member stops itself if it ever runs again). Logged once."""
+    def _fence(self, m: MemberInfo, cause: EvictionCause, why: str) -> bool:
+        """Record the fence (and its cause) and SIGKILL the member through the pidfd taken when
+        first seen; whether it was signalled (False: no verified pidfd, the pid may be a
+        stranger's: the fence stands, and the member stops itself if it ever runs again).
+        Logged and counted once."""
         table = self.table
         newly = table.field(m.slot, layout.M_FENCED) != m.incarnation
+        if newly:
+            table.set_field(m.slot, layout.M_FENCE_CAUSE, cause)
+            table.count_eviction(cause)
+            with self._shared:
+                self._evictions[cause] = self._evictions.get(cause, 0) + 1
         table.set_field(m.slot, layout.M_FENCED, m.incarnation)
         # Marked before the kill, so that watchers that see it die report "fenced", not "dead".
         table.sec.cas64(layout.member_offset(m.slot, layout.M_STATE),
                         layout.SLOT_MEMBER, layout.SLOT_FENCED)
         killed = self._peers.kill((m.slot, m.incarnation))
         if newly and killed:
-            log.warning("member %s evicted and fenced (%s)", m, why)
+            log.warning("member %s evicted and fenced as %s (%s)", m, cause.label, why)
         elif newly:
-            log.warning("member %s fenced (%s) but not signalled: no verified pidfd on it", m,
-                        why)
+            log.warning("member %s fenced as %s (%s) but not signalled: no verified pidfd on it",
+                        m, cause.label, why)
         return killed
 
     # -- publishing ---------------------------------------------------------------------
@@ -567,6 +729,7 @@ class Member:
             if self._closing.is_set():
                 return
             self._closing.set()
+        _hold_watch.discard(self)
         if not self._fenced.is_set():
             try:
                 root = self.boot.root_mutex(tag=self.incarnation)
@@ -585,6 +748,7 @@ class Member:
         atexit.unregister(self.leave)
 
     def _stop_threads(self, release: bool) -> None:
+        _hold_watch.discard(self)
         with self._shared:  # under the lock: no watcher is added after the copy below
             self._closing.set()
         if self._beat is not None:
@@ -613,10 +777,17 @@ class Member:
                 f"incarnation={self.incarnation}{' fenced' if self._fenced.is_set() else ''}>")
 
 
+def _still_held(mutex: GlobalMutex, pid: int, limit: float) -> bool:
+    """Whether ``pid`` still holds ``mutex``, for ``limit`` seconds or more."""
+    held_for = mutex.held_for
+    return mutex.owner.pid == pid and held_for is not None and held_for >= limit
+
+
 def join(domain: str, *, node: str | None = None, **timing: float) -> Member:
     """Join ``domain`` (creating it if needed) and return the live :class:`Member`.
 
-    ``timing`` takes ``heartbeat``, ``suspect_after`` and ``evict_after`` in seconds (see
-    :class:`membership.Timing`); the first member of a domain sets them for everyone.
+    ``timing`` takes ``heartbeat``, ``suspect_after``, ``evict_after``, ``hold_limit`` and
+    ``progress_timeout`` in seconds (see :class:`membership.Timing`); the first member of a
+    domain sets them for everyone.
     """
     return Member(domain, node=node, timing=Timing(**timing) if timing else None)

@@ -127,24 +127,41 @@ class Peers:
     def dying(self, pid: int) -> bool:
         """Whether ``pid`` has exited, is exiting or has a SIGKILL pending, without opening a
         descriptor when one is held for it. With none held and no room to open /proc, the
-        pidfd says whether it has exited (a pending SIGKILL is then not seen). The lock is held
-        only while a held descriptor is read (it must not be closed meanwhile)."""
+        pidfd says whether it has exited (a pending SIGKILL is then not seen)."""
+        try:
+            stat = self._stat(pid)
+        except OSError as exc:
+            if exc.errno not in SHORTAGE_ERRNOS:
+                raise
+            with self._lock:
+                self.procfs_fallbacks += 1
+                h = self._find(pid)
+                return h is not None and h.pidfd is not None and _exited(h.pidfd)
+        return stat is None or stat.dying
+
+    def stopped(self, pid: int) -> bool:
+        """Whether ``pid`` is stopped (procfs state T or t); False when it cannot be read."""
+        try:
+            stat = self._stat(pid)
+        except OSError:
+            return False
+        return stat is not None and stat.stopped
+
+    def _stat(self, pid: int) -> procfs.ProcStat | None:
+        """``pid``'s /proc stat through the descriptor held for it, else by path; None once
+        reaped. The lock is held only while a held descriptor is read (it must not be closed
+        meanwhile). OSError when it cannot be opened (no descriptor left)."""
         with self._lock:
             h = self._find(pid)
             if h is not None and h.statfd is not None:
                 try:
-                    return procfs.parse_stat(os.pread(h.statfd, _STAT_MAX, 0)).dying
+                    return procfs.parse_stat(os.pread(h.statfd, _STAT_MAX, 0))
                 except ProcessLookupError:
-                    return True  # reaped
+                    return None
         try:
-            return dying_by_path(pid)
-        except OSError as exc:
-            if exc.errno not in SHORTAGE_ERRNOS:
-                raise
-        with self._lock:
-            self.procfs_fallbacks += 1
-            h = self._find(pid)
-            return h is not None and h.pidfd is not None and _exited(h.pidfd)
+            return procfs.read_stat(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
 
     def _find(self, pid: int) -> _Handles | None:
         return next((h for h in self._handles.values() if h.pid == pid), None)

@@ -14,9 +14,10 @@ from mcs import layout
 from mcs.bootstrap import Bootstrap
 from mcs.section import Section
 
-from membership.view import MemberInfo, View
+from membership.timing import Timing
+from membership.view import EvictionCause, MemberInfo, MemberState, View
 
-__all__ = ["SlotRecord", "MemberTable"]
+__all__ = ["SlotRecord", "MemberTable", "member_state"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,13 @@ class SlotRecord:
     heartbeat_count: int
     joined_ns: int
     fenced: int
+    progress_ns: int = 0
+    app_progress_ns: int = 0
+    paused_until_ns: int = 0
+    held: int = 0
+    held_since_ns: int = 0
+    restarts: int = 0
+    fence_cause: int = 0
 
     @property
     def info(self) -> MemberInfo:
@@ -40,6 +48,30 @@ class SlotRecord:
     @property
     def state_name(self) -> str:
         return layout.SLOT_STATE_NAMES.get(self.state, f"corrupt({self.state})")
+
+
+def member_state(rec: SlotRecord, timing: Timing, now_ns: int) -> MemberState:
+    """How the others see the member in ``rec`` now: paused while its pause lasts; suspected
+    or frozen as its heartbeat (counted from the end of a pause) ages past the thresholds, or
+    suspected when a progress signal is late; once fenced, frozen or hung by its cause."""
+    if rec.state == layout.SLOT_FENCED or (rec.state != layout.SLOT_FREE
+                                            and rec.fenced == rec.incarnation):
+        try:
+            return EvictionCause(rec.fence_cause).state
+        except ValueError:
+            return MemberState.FENCED
+    if rec.state != layout.SLOT_MEMBER:
+        return MemberState(layout.SLOT_STATE_NAMES.get(rec.state, "dead"))
+    if rec.paused_until_ns > now_ns:
+        return MemberState.PAUSED
+    age = now_ns - max(rec.heartbeat_ns, rec.paused_until_ns)
+    if age > timing.evict_after_ns:
+        return MemberState.FROZEN
+    late = any(stamp and now_ns - max(stamp, rec.paused_until_ns) > timing.progress_timeout_ns / 2
+               for stamp in (rec.progress_ns, rec.app_progress_ns))
+    if age > timing.suspect_after_ns or late:
+        return MemberState.SUSPECTED
+    return MemberState.MEMBER
 
 
 class MemberTable:
@@ -76,6 +108,13 @@ class MemberTable:
             heartbeat_count=f(slot, layout.M_HEARTBEAT_COUNT),
             joined_ns=f(slot, layout.M_JOINED_NS),
             fenced=f(slot, layout.M_FENCED),
+            progress_ns=f(slot, layout.M_PROGRESS_NS),
+            app_progress_ns=f(slot, layout.M_APP_PROGRESS_NS),
+            paused_until_ns=f(slot, layout.M_PAUSED_UNTIL_NS),
+            held=f(slot, layout.M_HELD),
+            held_since_ns=f(slot, layout.M_HELD_SINCE_NS),
+            restarts=f(slot, layout.M_RESTARTS),
+            fence_cause=f(slot, layout.M_FENCE_CAUSE),
         )
 
     def exit_reason(self, slot: int, incarnation: int) -> str:
@@ -92,14 +131,19 @@ class MemberTable:
         return [self.read(s) for s in range(layout.MAX_MEMBERS)
                 if self.state(s) != layout.SLOT_FREE]
 
-    def fill(self, slot: int, pid: int, incarnation: int, node: bytes, now_ns: int) -> None:
+    def fill(self, slot: int, pid: int, incarnation: int, node: bytes, now_ns: int,
+             restarts: int = 0) -> None:
         """Write a joining member's fields; the state is stored last."""
         base = layout.member_offset(slot)
         self.sec.view(base + layout.M_NODE, layout.NODE_NAME_MAX)[:] = node.ljust(
             layout.NODE_NAME_MAX, b"\0")
         for field, value in ((layout.M_PID, pid), (layout.M_INCARNATION, incarnation),
                              (layout.M_HEARTBEAT_NS, now_ns), (layout.M_HEARTBEAT_COUNT, 0),
-                             (layout.M_JOINED_NS, time.time_ns()), (layout.M_FENCED, 0)):
+                             (layout.M_JOINED_NS, time.time_ns()), (layout.M_FENCED, 0),
+                             (layout.M_PROGRESS_NS, 0), (layout.M_APP_PROGRESS_NS, 0),
+                             (layout.M_PAUSED_UNTIL_NS, 0), (layout.M_HELD, 0),
+                             (layout.M_HELD_SINCE_NS, 0), (layout.M_RESTARTS, restarts),
+                             (layout.M_FENCE_CAUSE, 0)):
             self.set_field(slot, field, value)
         self.set_field(slot, layout.M_STATE, layout.SLOT_MEMBER)
 
@@ -119,14 +163,32 @@ class MemberTable:
 
     # -- timing -------------------------------------------------------------------------
 
-    def timing_ns(self) -> tuple[int, int, int]:
-        return (self.sec.load64(layout.HEARTBEAT_NS), self.sec.load64(layout.SUSPECT_NS),
-                self.sec.load64(layout.EVICT_NS))
+    _TIMING_WORDS = (layout.HEARTBEAT_NS, layout.SUSPECT_NS, layout.EVICT_NS,
+                     layout.HOLD_LIMIT_NS, layout.PROGRESS_NS)
 
-    def set_timing_ns(self, heartbeat: int, suspect: int, evict: int) -> None:
-        self.sec.store64(layout.HEARTBEAT_NS, heartbeat)
-        self.sec.store64(layout.SUSPECT_NS, suspect)
-        self.sec.store64(layout.EVICT_NS, evict)
+    def timing(self) -> Timing:
+        """The domain's timing (set by its first member)."""
+        return Timing.from_ns(*(self.sec.load64(w) for w in self._TIMING_WORDS))
+
+    def set_timing(self, timing: Timing) -> None:
+        for word, value in zip(self._TIMING_WORDS, timing.as_ns()):
+            self.sec.store64(word, value)
+
+    # -- detection records --------------------------------------------------------------
+
+    def count_eviction(self, cause: EvictionCause) -> None:
+        self.sec.add64(layout.EVICTIONS + 8 * (cause - 1), 1)
+
+    def evictions(self) -> dict[str, int]:
+        """Evictions in this domain since its root was made, by cause name."""
+        return {c.label: self.sec.load64(layout.EVICTIONS + 8 * (c - 1)) for c in EvictionCause}
+
+    def paused_until(self, slot: int) -> int:
+        return self.field(slot, layout.M_PAUSED_UNTIL_NS)
+
+    def pause(self, slot: int, until_ns: int) -> None:
+        """Mark ``slot`` paused until the monotonic time ``until_ns`` (now: resume)."""
+        self.set_field(slot, layout.M_PAUSED_UNTIL_NS, until_ns)
 
     # -- the view -----------------------------------------------------------------------
 

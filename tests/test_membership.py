@@ -23,8 +23,11 @@ FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
 
 MEMBER = """
 import json, sys, threading, time
+import os
 import membership
 timing = json.loads(sys.argv[3])
+if len(sys.argv) > 4:  # join a process group (0: lead a new one): a node killed at once
+    os.setpgid(0, int(sys.argv[4]))
 m = membership.join(sys.argv[1], node=sys.argv[2], **timing)
 lock = threading.Lock()
 
@@ -55,8 +58,9 @@ for line in sys.stdin:
 class Node:
     """A member running in a child process; keeps the views it reported."""
 
-    def __init__(self, spawn, domain: str, node: str, timing: dict) -> None:
-        self.child = spawn(MEMBER, domain, node, json.dumps(timing))
+    def __init__(self, spawn, domain: str, node: str, timing: dict, pgid: int | None = None) -> None:
+        self.child = spawn(MEMBER, domain, node, json.dumps(timing),
+                           *(() if pgid is None else (str(pgid),)))
         hello = json.loads(self.child.readline())
         self.pid, self.slot, self.incarnation = hello["pid"], hello["slot"], hello["inc"]
         self.views: list[dict] = []
@@ -150,16 +154,18 @@ def test_master_is_stable_across_joins(domain, spawn):
 
 
 def test_whole_node_dying_at_once_is_one_change(domain, spawn):
+    # "At once": one kill of the node's process group (as a cgroup kill or a lost machine):
+    # its members all have SIGKILL pending when the first death is seen.
     a = start(spawn, domain, 2, node="alpha")
-    b = [Node(spawn, domain, "beta", FAST) for _ in range(2)]
+    b = [Node(spawn, domain, "beta", FAST, pgid=0)]
+    b.append(Node(spawn, domain, "beta", FAST, pgid=b[0].pid))
     everyone = a + b
     pids = sorted(n.pid for n in everyone)
     for n in everyone:
         n.wait_view(has_exactly(pids))
         n.mark()
     before = {n.pid: n.views[-1]["gen"] for n in a}
-    for n in b:
-        os.kill(n.pid, signal.SIGKILL)
+    os.killpg(b[0].pid, signal.SIGKILL)
     for n in a:
         view = n.wait_view(lambda v: not set(v["pids"]) & {x.pid for x in b})
         assert view["pids"] == sorted(x.pid for x in a)
@@ -286,6 +292,9 @@ def test_deaths_of_one_node_are_waited_for_together():
         start = time.monotonic()
         assert _dying_soon([p.pid for p in procs[:2]], 5.0) == {procs[0].pid, procs[1].pid}
         assert time.monotonic() - start < 1.0  # all dying: no wait at all
+        start = time.monotonic()
+        assert _dying_soon([procs[2].pid], 5.0) == set()
+        assert time.monotonic() - start < 1.0  # none dying: no cause, no grace
     finally:
         for p in procs:
             p.kill()

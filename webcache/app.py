@@ -218,13 +218,23 @@ async def _start_publishing(app: web.Application) -> None:
     writer = app[BOARD]
     writer.fast = app.get(FAST)
     writer.publish()
-    app[_PUBLISHER] = asyncio.get_running_loop().create_task(_publish_forever(writer))
+    app[_PUBLISHER] = asyncio.get_running_loop().create_task(
+        _publish_forever(writer, app[CACHE]))
 
 
-async def _publish_forever(writer: B.BoardWriter) -> None:
+async def _publish_forever(writer: B.BoardWriter, cache: McsWebCache) -> None:
+    """The node's ticker: publishes its counters and gives the event loop's progress signal
+    (a loop blocked for ``progress_timeout`` gets this node evicted as hung)."""
+    member = cache.member
+    every = min(B.PUBLISH_INTERVAL, member.timing.progress_every)
+    next_publish = 0.0
     while True:
-        await asyncio.sleep(B.PUBLISH_INTERVAL)
-        writer.publish()
+        member.progress()
+        now = asyncio.get_running_loop().time()
+        if now >= next_publish:
+            writer.publish()
+            next_publish = now + B.PUBLISH_INTERVAL
+        await asyncio.sleep(every)
 
 
 async def _stop_publishing(app: web.Application) -> None:

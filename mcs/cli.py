@@ -142,8 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options of `mcs supervise` that take a value: (flags, default, metavar, help). They are
+# taken as text and checked by mcs.supervise, so that a bad one is one line, exit status 2.
+_SUPERVISE_OPTIONS = [
+    (("-n", "--members"), "1", "N", "members"),
+    (("--restart-intensity",), "5/10", "MAX/SECONDS",
+     "give a slot up after more than MAX crashes within SECONDS"),
+    (("--backoff",), "0.1:10", "MIN:MAX", "restart delay: MIN doubled per consecutive crash, "
+     "at most MAX; a run of MAX seconds resets it"),
+    (("--ready-timeout",), "30", "S",
+     "with --ready notify: kill a member not ready within S seconds, a crash"),
+    (("--stop-timeout",), "10", "S",
+     "on SIGTERM/SIGINT: SIGKILL members still running after S seconds"),
+]
+
+
 def _add_supervise(sub: argparse._SubParsersAction) -> None:
-    # Numbers are taken as text and checked by mcs.supervise: a bad one is one line, exit 2.
     sv = sub.add_parser(
         "supervise", help="run N members of a program, restart them with back-off",
         usage="mcs supervise [-n N] [--restart-intensity MAX/SECONDS] [--backoff MIN:MAX] "
@@ -153,25 +167,15 @@ def _add_supervise(sub: argparse._SubParsersAction) -> None:
                     "back-off, gives a slot up when it crashes more than MAX times within "
                     "SECONDS, exits 1 when no slot is left. sd_notify both ways; members get "
                     "SIGTERM if the supervisor dies. See docs/supervise.md.")
-    sv.add_argument("-n", "--members", default="1", metavar="N", help="members (default 1)")
-    sv.add_argument("--restart-intensity", default="5/10", metavar="MAX/SECONDS",
-                    help="give a slot up after more than MAX crashes within SECONDS "
-                         "(default 5/10)")
-    sv.add_argument("--backoff", default="0.1:10", metavar="MIN:MAX",
-                    help="restart delay: MIN doubled per consecutive crash, at most MAX; a run "
-                         "of MAX seconds resets it (default 0.1:10)")
+    for flags, default, metavar, text in _SUPERVISE_OPTIONS:
+        sv.add_argument(*flags, default=default, metavar=metavar,
+                        help=f"{text} (default {default})")
     sv.add_argument("--ready", choices=[m.value for m in ReadyMode], default="notify",
                     help="a member is ready when it sends READY=1 on NOTIFY_SOCKET (notify, "
                          "the default) or once started (started)")
-    sv.add_argument("--ready-timeout", default="30", metavar="S",
-                    help="with --ready notify: kill a member not ready within S seconds, a "
-                         "crash (default 30)")
     sv.add_argument("--restart", choices=[p.value for p in RestartPolicy], default="on-failure",
                     help="on-failure (default): a clean exit (status 0) ends the slot; always: "
                          "every exit is restarted")
-    sv.add_argument("--stop-timeout", default="10", metavar="S",
-                    help="on SIGTERM/SIGINT: SIGKILL members still running after S seconds "
-                         "(default 10)")
     sv.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                     help="the program to run, after --")
     sv.set_defaults(func=_cmd_supervise)

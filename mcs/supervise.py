@@ -84,6 +84,14 @@ def parse_count(text: str, what: str, *, least: int = 1) -> int:
     return value
 
 
+def _halves(text: str, sep: str, option: str, form: str) -> tuple[str, str]:
+    """``text`` split at ``sep``; without one, an error saying the ``form`` expected."""
+    first, found, second = text.partition(sep)
+    if not found:
+        raise SupervisorError(f"{option}: {text!r} is not {form}")
+    return first, second
+
+
 @dataclass(frozen=True)
 class RestartIntensity:
     """At most ``max_restarts`` crashes of one slot within ``period`` seconds (OTP's
@@ -95,9 +103,7 @@ class RestartIntensity:
     @classmethod
     def parse(cls, text: str) -> RestartIntensity:
         """``"MAX/SECONDS"``, e.g. ``"5/10"``."""
-        count, sep, period = text.partition("/")
-        if not sep:
-            raise SupervisorError(f"--restart-intensity: {text!r} is not MAX/SECONDS (e.g. 5/10)")
+        count, period = _halves(text, "/", "--restart-intensity", "MAX/SECONDS (e.g. 5/10)")
         return cls(parse_count(count, "--restart-intensity MAX", least=0),
                    parse_seconds(period, "--restart-intensity SECONDS"))
 
@@ -119,9 +125,7 @@ class Backoff:
     @classmethod
     def parse(cls, text: str) -> Backoff:
         """``"MIN:MAX"`` in seconds, e.g. ``"0.1:10"``."""
-        low, sep, high = text.partition(":")
-        if not sep:
-            raise SupervisorError(f"--backoff: {text!r} is not MIN:MAX in seconds (e.g. 0.1:10)")
+        low, high = _halves(text, ":", "--backoff", "MIN:MAX in seconds (e.g. 0.1:10)")
         backoff = cls(parse_seconds(low, "--backoff MIN"), parse_seconds(high, "--backoff MAX"))
         if backoff.min > backoff.max:
             raise SupervisorError(f"--backoff: MIN {low} is more than MAX {high}")

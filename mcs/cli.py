@@ -1,4 +1,5 @@
-"""The ``mcs`` command line: operator tools for domains on this host.
+"""The ``mcs`` command line: operator tools for domains on this host, and ``mcs supervise``,
+a supervisor for any program (docs/supervise.md).
 
 Every ``--domain`` takes the name the operator knows (the application's, e.g. ``webcache-8080``,
 or the full ``webcache-8080.webcache``), resolved in one place: :func:`mcs.names.resolve`."""
@@ -12,11 +13,13 @@ import time
 from typing import Sequence
 
 from mcs import names
-from mcs.errors import McsError
+from mcs.errors import McsError, SupervisorError
 from mcs.gc import GcResult, collect, collect_domain
 from mcs.pause import MAX_PAUSE, pause_member
 from mcs.poison import check_target, poison
 from mcs.status import Watch, domain_status, format_status
+from mcs.supervise import (Backoff, ReadyMode, RestartIntensity, RestartPolicy, Supervisor,
+                           parse_count, parse_seconds)
 
 __all__ = ["main"]
 
@@ -110,6 +113,24 @@ def _cmd_pause(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_supervise(args: argparse.Namespace) -> int:
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    try:
+        if not command:
+            raise SupervisorError("give the command to supervise after --: "
+                                  "mcs supervise -n N -- CMD ARGS...")
+        supervisor = Supervisor(
+            command, parse_count(args.members, "-n"),
+            intensity=RestartIntensity.parse(args.restart_intensity),
+            backoff=Backoff.parse(args.backoff), ready=ReadyMode(args.ready),
+            ready_timeout=parse_seconds(args.ready_timeout, "--ready-timeout"),
+            stop_timeout=parse_seconds(args.stop_timeout, "--stop-timeout", zero=True),
+            restart=RestartPolicy(args.restart))
+    except SupervisorError as exc:
+        return _usage_error("supervise", str(exc))
+    return supervisor.run()
+
+
 _DOMAIN_HELP = ("the domain as started (webcache-8080: each of its components) or a component's "
                 "full domain (webcache-8080.webcache)")
 
@@ -149,7 +170,47 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--master", action="store_true", help="poison the master area")
     po.add_argument("--slot", type=int, help="poison the contribution of member SLOT")
     po.set_defaults(func=_cmd_fault_poison)
+    _add_supervise(sub)
     return parser
+
+
+# The options of `mcs supervise` that take a value: (flags, default, metavar, help). They are
+# taken as text and checked by mcs.supervise, so that a bad one is one line, exit status 2.
+_SUPERVISE_OPTIONS = [
+    (("-n", "--members"), "1", "N", "members"),
+    (("--restart-intensity",), "5/10", "MAX/SECONDS",
+     "give a slot up after more than MAX crashes within SECONDS"),
+    (("--backoff",), "0.1:10", "MIN:MAX", "restart delay: MIN doubled per consecutive crash, "
+     "at most MAX; a run of MAX seconds resets it"),
+    (("--ready-timeout",), "30", "S",
+     "with --ready notify: kill a member not ready within S seconds, a crash"),
+    (("--stop-timeout",), "10", "S",
+     "on SIGTERM/SIGINT: SIGKILL members still running after S seconds"),
+]
+
+
+def _add_supervise(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser(
+        "supervise", help="run N members of a program, restart them with back-off",
+        usage="mcs supervise [-n N] [--restart-intensity MAX/SECONDS] [--backoff MIN:MAX] "
+              "[--ready {notify,started}] [--ready-timeout S] [--restart {on-failure,always}] "
+              "[--stop-timeout S] -- CMD [ARGS...]",
+        description="Runs N members of CMD; restarts a crashed one after an exponential "
+                    "back-off, gives a slot up when it crashes more than MAX times within "
+                    "SECONDS, exits 1 when no slot is left. sd_notify both ways; members get "
+                    "SIGTERM if the supervisor dies. See docs/supervise.md.")
+    for flags, default, metavar, text in _SUPERVISE_OPTIONS:
+        sv.add_argument(*flags, default=default, metavar=metavar,
+                        help=f"{text} (default {default})")
+    sv.add_argument("--ready", choices=[m.value for m in ReadyMode], default="notify",
+                    help="a member is ready when it sends READY=1 on NOTIFY_SOCKET (notify, "
+                         "the default) or once started (started)")
+    sv.add_argument("--restart", choices=[p.value for p in RestartPolicy], default="on-failure",
+                    help="on-failure (default): a clean exit (status 0) ends the slot; always: "
+                         "every exit is restarted")
+    sv.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                    help="the program to run, after --")
+    sv.set_defaults(func=_cmd_supervise)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,7 @@ __all__ = [
     "ForkedHandleError",
     "TransactionConflict",
     "NoTransactionError",
+    "SupervisorError",
     "native_error",
 ]
 
@@ -166,3 +167,11 @@ class TransactionConflict(McsError):
 class NoTransactionError(McsError):
     """A transaction operation outside a transaction, or a component without transaction
     logs (``transaction_lanes = 0`` or no master area)."""
+
+
+# -- issue 12: supervision (mcs.supervise) --------------------------------------------------
+
+class SupervisorError(McsError):
+    """A supervisor was given a malformed policy (``--restart-intensity``, ``--backoff``...),
+    no command or no member, or was run where it cannot supervise (outside the main thread, or
+    a second time)."""

@@ -6,9 +6,12 @@
                        [--send-timeout S] [--max-connections N]
     mcs-webcache demo  [--dir DIR] [same options]   # generates a demo site, then serves it
 
-The supervisor starts N node processes that share the port (SO_REUSEPORT) and one cache in
-shared memory, restarts a node that dies (it rejoins as a new incarnation), and on Ctrl-C or
-SIGTERM stops every node and leaves no shared memory behind.
+The launcher runs N node processes under :class:`mcs.supervise.Supervisor` (``mcs supervise``'s
+engine): they share the port (SO_REUSEPORT) and one cache in shared memory; a node that dies is
+restarted with back-off (it rejoins as a new incarnation) and given up after more than 5 crashes
+within 10 s; on Ctrl-C or SIGTERM every node stops and no shared memory is left behind. If the
+launcher itself is killed, the nodes get SIGTERM and stop cleanly (``mcs gc`` then removes the
+domain's root).
 """
 
 from __future__ import annotations
@@ -17,16 +20,14 @@ import argparse
 import errno
 import json
 import re
-import select
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 from mcs.component_record import component_domain
+from mcs.supervise import Backoff, RestartIntensity, RestartPolicy, SlotStatus, Supervisor
 from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments
 
 __all__ = ["main", "parse_size"]
@@ -34,7 +35,10 @@ __all__ = ["main", "parse_size"]
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 READY_TIMEOUT = 30.0
-RESTART_WINDOW, RESTART_BURST = 10.0, 5
+# A node that crashes more than 5 times within 10 s is given up; the first restart is at
+# once (50 ms), later ones in a row wait longer (docs/supervise.md has the rules).
+RESTART_INTENSITY = RestartIntensity(5, 10.0)
+BACKOFF = Backoff(0.05, 5.0)
 CACHE_COMPONENT = "webcache"  # the cache's domain is "<--domain>.webcache"
 
 
@@ -63,13 +67,14 @@ def check_port(host: str, port: int) -> int:
         return probe.getsockname()[1]
 
 
-class Supervisor:
+class Launcher:
+    """The cache's nodes as members of an :class:`mcs.supervise.Supervisor`: node ``i`` is
+    slot ``i`` (restarted as ``node<i>``, a new incarnation), ready when it serves (it says
+    READY=1); once every node is ready, the URL and the pids are printed. After the nodes stop,
+    the domain's root is removed."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.nodes: dict[int, subprocess.Popen] = {}  # index -> process
-        self.restarts: dict[int, list[float]] = {}
-        self.pending: dict[int, float] = {}  # index -> when to (re)start it
-        self.stopping = False
 
     def command(self, index: int) -> list[str]:
         # -P: never put the current directory first on sys.path (run from a source checkout,
@@ -80,105 +85,39 @@ class Supervisor:
                 "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing] + (
                     ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
-    def start_node(self, index: int) -> subprocess.Popen:
-        proc = subprocess.Popen(self.command(index), stdout=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT)
-        line = proc.stdout.readline() if ready else ""
-        if not line.startswith("{"):
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            raise RuntimeError(f"node{index} did not start (exit status {proc.returncode})")
-        info = json.loads(line)
-        self.log(f"node{index} pid {info['pid']} serving (slot {info['slot']}, "
-                 f"generation {info['generation']})")
-        proc.stdout.close()
-        self.nodes[index] = proc
-        return proc
-
     def log(self, message: str) -> None:
         print(f"mcs-webcache: {message}", flush=True)
 
     def run(self) -> int:
-        a = self.args
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        # A node's own stdout line is for whoever starts one by hand: the launcher's stdout
+        # carries only its log and its JSON line.
+        supervisor = Supervisor(self.command, self.args.nodes, intensity=RESTART_INTENSITY,
+                                backoff=BACKOFF, ready_timeout=READY_TIMEOUT,
+                                restart=RestartPolicy.ALWAYS, stdout=subprocess.DEVNULL,
+                                log=self.log, on_ready=self.serving)
         try:
-            for i in range(a.nodes):
-                self.start_node(i)
-            host = f"[{a.host}]" if ":" in a.host else a.host
-            cache_domain = component_domain(a.domain, CACHE_COMPONENT)
-            self.log(f"{a.nodes} node(s) serving {a.root} at http://{host}:{a.port}/ "
-                     f"(domain {a.domain}, cache domain {cache_domain}: mcs status --domain "
-                     f"{a.domain}; live status page at /_mcs/, JSON at /_mcs/status, "
-                     "metrics at /metrics)")
-            print(json.dumps({"url": f"http://{host}:{a.port}/", "domain": a.domain,
-                              "cache_domain": cache_domain,
-                              "pids": [p.pid for p in self.nodes.values()]}), flush=True)
-            while not self.stopping:
-                self._reap_and_restart()
-                time.sleep(0.05)
-        except RuntimeError as exc:
-            self.log(f"error: {exc}")
-            return 1
+            return supervisor.run()
         finally:
-            self.shutdown()
-        return 0
+            self._remove_roots()
 
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = True
-
-    def _reap_and_restart(self) -> None:
-        now = time.monotonic()
-        for index, proc in list(self.nodes.items()):
-            if proc.poll() is None:
-                continue
-            self.log(f"node{index} pid {proc.pid} exited ({_describe(proc.returncode)}); restarting")
-            del self.nodes[index]
-            self.pending[index] = now
-        for index, when in sorted(self.pending.items()):
-            if self.stopping or when > now:
-                continue
-            recent = [t for t in self.restarts.get(index, []) if now - t < RESTART_WINDOW]
-            self.restarts[index] = recent + [now]
-            try:
-                self.start_node(index)
-                del self.pending[index]
-            except RuntimeError as exc:
-                delay = 1.0 if len(recent) < RESTART_BURST else RESTART_WINDOW
-                self.log(f"{exc}; retrying in {delay:.0f}s")
-                self.pending[index] = time.monotonic() + delay
-
-    def shutdown(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for proc in self.nodes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.nodes.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.nodes.clear()
-        self._remove_roots()
-        self.log("stopped")
+    def serving(self, slots: list[SlotStatus]) -> None:
+        a = self.args
+        host = f"[{a.host}]" if ":" in a.host else a.host
+        cache_domain = component_domain(a.domain, CACHE_COMPONENT)
+        pids = [s.pid for s in slots if s.pid is not None]  # a node that gave up has none
+        self.log(f"{len(pids)} node(s) serving {a.root} at http://{host}:{a.port}/ "
+                 f"(domain {a.domain}, cache domain {cache_domain}: mcs status --domain "
+                 f"{a.domain}; live status page at /_mcs/, JSON at /_mcs/status, "
+                 "metrics at /metrics)")
+        print(json.dumps({"url": f"http://{host}:{a.port}/", "domain": a.domain,
+                          "cache_domain": cache_domain, "pids": pids}),
+              flush=True)
 
     def _remove_roots(self) -> None:
         """Nodes that were killed leave their domain's root behind: remove it (never a live one)."""
         from mcs.gc import collect_domain
 
         collect_domain(component_domain(self.args.domain, CACHE_COMPONENT))
-
-
-def _describe(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"status {status}"
 
 
 def make_demo_site(directory: Path) -> Path:
@@ -268,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mcs-webcache: error: {exc}", file=sys.stderr)
         return 2
-    return Supervisor(args).run()
+    return Launcher(args).run()
 
 
 def _refuse_live_domain(domain: str) -> None:

@@ -1,7 +1,8 @@
 """One cache node: an McsWebCache member serving HTTP on a shared port (SO_REUSEPORT).
 
-Started by the launcher (``python -m webcache.node ...``); prints one JSON line
-``{"ready": ..., "pid": ..., "slot": ...}`` when it serves, and stops cleanly on SIGTERM/SIGINT.
+Started by the launcher (``python -m webcache.node ...``); when it serves it prints one JSON line
+``{"ready": ..., "pid": ..., "slot": ...}`` and says ``READY=1`` to its supervisor (sd_notify,
+when NOTIFY_SOCKET is set), and stops cleanly on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from mcs.sdnotify import notify
 from webcache import ratelog
 from webcache.acceptor import Acceptor, listening_sockets
 from webcache.app import FAST, make_app
@@ -82,6 +84,8 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     print(json.dumps({"ready": True, "pid": os.getpid(), "slot": cache.slot,
                       "generation": cache.view.generation, "fast_path": front.enabled}),
           flush=True)
+    notify(f"READY=1\nSTATUS=serving as member slot {cache.slot}, generation "
+           f"{cache.view.generation}")
     try:
         while not stop.is_set():
             try:

@@ -62,6 +62,7 @@ from mcs.transactions import Transaction, TransactionLogs
 from mcs.types import LockStatus, MasterAreaOutcome
 
 import membership
+from mcs import sdnotify
 from membership.member import Member, ProgressSource
 from membership.view import View
 
@@ -217,6 +218,9 @@ class McsComponent:
     contribution_size: int = 0
     #: component name (default: the class name, lower-cased)
     name: str = ""
+    #: say ``READY=1`` (sd_notify: to ``mcs supervise`` or systemd) once :meth:`start` returns
+    #: consistent; False for a program that is ready only later (the web cache: once it serves)
+    notify_ready: bool = True
     #: layout version of the master area: a new master adopts a published area only if it has
     #: this version (raise it when the layout of the area changes)
     master_area_version: int = 1
@@ -312,6 +316,9 @@ class McsComponent:
                     if time.monotonic() >= deadline:
                         self.stop()
                         raise TimeoutError(f"{self.component_name}: no consistent state in {timeout}s")
+        if self.notify_ready:
+            sdnotify.notify(f"READY=1\nSTATUS={self.component_name}: member slot "
+                            f"{self.member.slot} of {self.domain}")
         return self
 
     def stop(self) -> None:

@@ -148,6 +148,7 @@ class McsWebCache(McsComponent):
     than ``max_entry`` are never cached."""
 
     name = "webcache"
+    notify_ready = False  # the node says READY=1 once it serves (webcache.node)
     # The table, then the board of every member's counters (webcache/board.py). Version 2: the
     # board was added (a master of version 1 left an area without it; it is rebuilt).
     master_area_size = L.MASTER_AREA_SIZE

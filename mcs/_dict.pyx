@@ -48,7 +48,7 @@ from mcs.errors import (ClosedError, CorruptObjectError, DictFullError, ForkedHa
 
 mcs_init_process()
 from mcs._gsm import _held_counters
-mcs_share_held_counters(<uint64_t*>PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
+mcs_share_held_counters(PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
 
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned int usec)

@@ -69,7 +69,7 @@ def set_hold_watch(watch, double period=0.02):
 
 def _held_counters():
     """The process-wide locks-held counters, for the other native modules to share."""
-    return PyCapsule_New(<void*>mcs_held_counters, "mcs._gsm.held_counters", NULL)
+    return PyCapsule_New(mcs_held_counters, "mcs._gsm.held_counters", NULL)
 
 
 def monotonic_ns():

@@ -74,8 +74,8 @@ cdef extern from "gsm_native.h" nogil:
     void mcs_mutex_inherited(void* slot)
     uint32_t mcs_mutex_held_ms(void* slot)
     bint mcs_watch_due(int64_t period_ns)
-    uint64_t* mcs_held_counters
-    void mcs_share_held_counters(uint64_t* owner)
+    void* mcs_held_counters
+    void mcs_share_held_counters(void* owner)
     void mcs_mutex_abandoned(void* slot)
     void mcs_mutex_not_recoverable(void* slot)
     bint mcs_mutex_held_by_me(void* slot)

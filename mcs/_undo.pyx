@@ -34,7 +34,7 @@ cdef enum:
 # log mutexes record their real holder (pid, tid), reset in a forked child.
 mcs_init_process()
 from mcs._gsm import _held_counters
-mcs_share_held_counters(<uint64_t*>PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
+mcs_share_held_counters(PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
 
 LOG_HEADER = UNDO_HEADER
 LOG_STATE = UNDO_STATE  # offset of the state word in a log (0: IDLE)

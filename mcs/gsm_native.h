@@ -94,15 +94,75 @@ static void mcs_init_process(void) {
 }
 
 /* Locks this process holds now (every counted mutex, whatever its section) and since when
- * (coarse CLOCK_MONOTONIC ns of the 0 -> 1 step): process memory, copied into the member slot
- * by the heartbeat thread, so no thread ever writes into a mapping that may be unmapped under
- * it. Every native module includes this header: mcs._gsm owns the pair and the others point
- * at it (mcs_share_held_counters) so that one count covers every locker of the process. */
-static uint64_t mcs_held_own[2];
-static uint64_t *mcs_held_counters = mcs_held_own; /* [0]: count, [1]: since */
-#define mcs_held_count (mcs_held_counters[0])
-#define mcs_held_since_ns (mcs_held_counters[1])
-static inline void mcs_share_held_counters(uint64_t *owner) { if (owner) mcs_held_counters = owner; }
+ * (coarse CLOCK_MONOTONIC ns of the 0 -> 1 step), for the operator: process memory, summed into
+ * the member slot by the heartbeat thread, so no thread ever writes into a mapping that may be
+ * unmapped under it. Each thread counts in its own cell (a plain store, no atomic: the lock path
+ * stays cheap), cache-line sized; threads beyond MCS_HELD_CELLS share an atomic overflow cell.
+ * Every native module includes this header: mcs._gsm owns the table and the others point at it
+ * (mcs_share_held_counters), so one count covers every locker of the process. */
+#define MCS_HELD_CELLS 256
+typedef struct { uint64_t count; uint64_t since_ns; char pad[48]; } mcs_held_cell;
+typedef struct {
+    uint64_t next;
+    char pad[56];
+    mcs_held_cell cells[MCS_HELD_CELLS];
+    mcs_held_cell overflow;
+} mcs_held_table;
+static mcs_held_table mcs_held_own;
+static mcs_held_table *mcs_held_counters = &mcs_held_own;
+static __thread mcs_held_cell *mcs_held_mine;
+static inline void mcs_share_held_counters(void *owner) {
+    if (owner) mcs_held_counters = (mcs_held_table *)owner;
+}
+
+static inline mcs_held_cell *mcs_held_cell_of_thread(void) {
+    mcs_held_cell *c = mcs_held_mine;
+    if (!c) {
+        uint64_t i = __atomic_fetch_add(&mcs_held_counters->next, 1, __ATOMIC_RELAXED);
+        c = i < MCS_HELD_CELLS ? &mcs_held_counters->cells[i] : &mcs_held_counters->overflow;
+        mcs_held_mine = c;
+    }
+    return c;
+}
+
+static inline void mcs_held_add(int64_t now_ns) {
+    mcs_held_cell *c = mcs_held_cell_of_thread();
+    if (c == &mcs_held_counters->overflow) {
+        if (__atomic_fetch_add(&c->count, 1, __ATOMIC_RELAXED) == 0)
+            __atomic_store_n(&c->since_ns, (uint64_t)now_ns, __ATOMIC_RELAXED);
+        return;
+    }
+    uint64_t n = c->count;
+    if (n == 0)
+        __atomic_store_n(&c->since_ns, (uint64_t)now_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->count, n + 1, __ATOMIC_RELEASE);
+}
+
+static inline void mcs_held_sub(void) {
+    mcs_held_cell *c = mcs_held_cell_of_thread();
+    if (c == &mcs_held_counters->overflow)
+        __atomic_fetch_sub(&c->count, 1, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&c->count, c->count - 1, __ATOMIC_RELEASE);
+}
+
+/* The process's locks held now and the oldest 0 -> 1 step among the threads holding any. */
+static inline uint64_t mcs_held_total(uint64_t *since_ns) {
+    mcs_held_table *t = mcs_held_counters;
+    uint64_t used = __atomic_load_n(&t->next, __ATOMIC_RELAXED), total = 0, since = 0;
+    if (used > MCS_HELD_CELLS) used = MCS_HELD_CELLS;
+    for (uint64_t i = 0; i <= used; i++) {
+        mcs_held_cell *c = i < used ? &t->cells[i] : &t->overflow;
+        uint64_t n = __atomic_load_n(&c->count, __ATOMIC_ACQUIRE);
+        if (n == 0 || n > (1u << 30)) /* 0, or a transient torn value: skip */
+            continue;
+        uint64_t s = __atomic_load_n(&c->since_ns, __ATOMIC_RELAXED);
+        total += n;
+        if (s && (since == 0 || s < since)) since = s;
+    }
+    *since_ns = since;
+    return total;
+}
 
 static inline int64_t mcs_now_ns(int clock) {
     struct timespec ts;
@@ -177,14 +237,14 @@ static inline int mcs_mutex_lock_until(void *slot, int64_t until_ns) {
     return pthread_mutex_clocklock((pthread_mutex_t *)slot, CLOCK_MONOTONIC, &ts);
 }
 
-/* Coarse monotonic milliseconds (a vDSO read of the tick clock, a few ns): hold times are judged
- * in seconds, so the tick's 1-4 ms resolution is plenty. Wraps every 49 days; differences of
- * two stamps are taken modulo 2^32. */
-static inline uint32_t mcs_coarse_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
-}
+/* Coarse monotonic time (a vDSO read of the tick clock, ~10 ns where CLOCK_MONOTONIC costs
+ * 45): hold times are judged in seconds, so the tick's 1-4 ms resolution is plenty. */
+static inline int64_t mcs_coarse_ns(void) { return mcs_now_ns(CLOCK_MONOTONIC_COARSE); }
+
+/* Milliseconds of a coarse time, modulo 2^32 (wraps every 49 days; differences of two stamps
+ * are taken modulo 2^32). */
+static inline uint32_t mcs_ms32(int64_t ns) { return (uint32_t)((uint64_t)ns / 1000000u); }
+static inline uint32_t mcs_coarse_ms(void) { return mcs_ms32(mcs_coarse_ns()); }
 
 /* Whether this thread's hold watch is due again (at most once per period per thread, whatever
  * the timeouts of the lock calls it makes: a waiter retrying in 5 ms slices is still judged). */
@@ -210,10 +270,10 @@ static inline uint32_t mcs_mutex_held_ms(void *slot) {
 static inline void mcs_mutex_taken(mcs_mutex_meta *meta, int counted) {
     if (meta->taken & MCS_TAKEN_HELD)
         return;
-    if (counted && __atomic_fetch_add(&mcs_held_count, 1, __ATOMIC_RELAXED) == 0)
-        __atomic_store_n(&mcs_held_since_ns, (uint64_t)mcs_now_ns(CLOCK_MONOTONIC_COARSE),
-                         __ATOMIC_RELAXED);
-    mcs_store32(&meta->taken, (mcs_coarse_ms() & ~MCS_TAKEN_FLAGS) | MCS_TAKEN_HELD
+    int64_t now = mcs_coarse_ns();
+    if (counted)
+        mcs_held_add(now);
+    mcs_store32(&meta->taken, (mcs_ms32(now) & ~MCS_TAKEN_FLAGS) | MCS_TAKEN_HELD
                               | (counted ? MCS_TAKEN_COUNTED : 0u));
 }
 
@@ -251,7 +311,7 @@ static inline int mcs_mutex_held_by_me(void *slot) {
 static inline int mcs_mutex_release(void *slot) {
     mcs_mutex_meta *meta = mcs_mutex_meta_of(slot);
     if (meta->taken & MCS_TAKEN_COUNTED)
-        __atomic_fetch_sub(&mcs_held_count, 1, __ATOMIC_RELAXED);
+        mcs_held_sub();
     meta->pid = 0;
     mcs_store32(&meta->taken, 0);
     meta->tag = 0;
@@ -304,7 +364,7 @@ typedef struct {
     pthread_t thread;
     void *stamp;
     void *counter;
-    void *held;       /* optional: where to copy mcs_held_count and mcs_held_since_ns */
+    void *held;       /* optional: where to copy mcs_held_total() and its since */
     void *held_since;
     int64_t interval_ns;
     int stop;
@@ -317,8 +377,8 @@ static void *mcs_beat_main(void *arg) {
     pthread_mutex_lock(&b->lock);
     while (!b->stop) {
         if (b->held) {
-            uint64_t n = __atomic_load_n(&mcs_held_count, __ATOMIC_RELAXED);
-            mcs_store64(b->held_since, n ? __atomic_load_n(&mcs_held_since_ns, __ATOMIC_RELAXED) : 0);
+            uint64_t since, n = mcs_held_total(&since);
+            mcs_store64(b->held_since, since);
             mcs_store64(b->held, n);
         }
         mcs_store64(b->stamp, (uint64_t)mcs_now_ns(CLOCK_MONOTONIC));

@@ -15,3 +15,4 @@ def test_short_chaos_soak(seed):
     assert summary["faults"] >= 5, summary
     assert summary["requests_ok"] > 0 and summary["wrong_bytes"] == 0
     assert summary["leaks"] == []
+    assert set(summary["evictions"]) == {"frozen", "stopped", "hung", "stalled"}, summary

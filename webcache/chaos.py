@@ -1,6 +1,6 @@
 """``mcs-chaos``: a bounded, seeded chaos soak of the cooperative web cache.
 
-    mcs-chaos [--seconds 600] [--faults 200] [--seed S] [--nodes 3] [--clients 4]
+    mcs-chaos [--seconds 600] [--faults 200] [--seed S] [--nodes 3] [--clients 4] [--burners N]
 
 Starts ``mcs-webcache serve`` on a generated site (loopback, a free port), keeps client threads
 requesting files on keep-alive connections and comparing every body with the file on disk, and
@@ -10,7 +10,10 @@ After each fault it waits until every node is back (the launcher restarts the de
 checks the shared structures' invariants (webcache/check.py). At the end it stops the cache and
 checks that no shared memory leaked. It prints a summary and exits 1 on any violation: a wrong
 byte, a failed request on a connection to a node that was not killed, a broken invariant, a node
-that does not come back, or a leak. Bounded by ``--seconds`` and ``--faults``.
+that does not come back, a leak, or a member evicted as hung or stalled (the soak never hangs a
+member: such an eviction is a false positive of the hang detectors; frozen ones are the SIGSTOP
+faults). ``--burners N`` keeps N busy-looping processes running meanwhile, to soak with the CPUs
+saturated. Bounded by ``--seconds`` and ``--faults``.
 """
 
 from __future__ import annotations
@@ -127,8 +130,27 @@ def _status(port: int) -> dict[str, Any] | None:
         return None
 
 
+def _start_burners(n: int, stack: contextlib.ExitStack) -> None:
+    """``n`` processes that spin on a CPU until the soak ends (killed on the way out)."""
+    for _ in range(n):
+        burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        stack.callback(burner.wait)
+        stack.callback(burner.kill)
+
+
+def _evictions(domain: str) -> dict[str, int]:
+    """The cache domain's eviction counters by cause (empty if it cannot be read)."""
+    from mcs.component_record import component_domain
+    from mcs.status import domain_status
+
+    try:
+        return dict(domain_status(component_domain(domain, "webcache"))["evictions"])
+    except Exception:  # the soak's verdict does not depend on reading it
+        return {}
+
+
 def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 4,
-         log=print) -> dict[str, Any]:
+         log=print, burners: int = 0) -> dict[str, Any]:
     """Run the soak; returns the summary (``violations`` lists what went wrong)."""
     from mcs.poison import poison
     from webcache.cache import McsWebCache
@@ -136,6 +158,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
 
     rng = random.Random(seed)
     violations: list[str] = []
+    evictions: dict[str, int] = {}
     by_kind: dict[str, int] = {}
     recovery_ms: list[float] = []
     killed: set[int] = set()
@@ -151,6 +174,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         exe = str(Path(sys.executable).with_name("mcs-webcache"))
         nodes_log_file = open(Path(tmp, "nodes.log"), "w")
         stack.callback(nodes_log_file.close)
+        _start_burners(burners, stack)
         launcher = subprocess.Popen(
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "16M", "--max-entry", "256K",
@@ -275,6 +299,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
             violations.append(str(exc))
         finally:
             load.finish()
+            evictions = _evictions(domain)
             launcher.send_signal(signal.SIGTERM)
             try:
                 launcher.wait(60)
@@ -291,6 +316,9 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
                           f"{survivors_failed[:3]}")
     if load.wrong:
         violations.append(f"{len(load.wrong)} wrong response(s): {load.wrong[:3]}")
+    false_hangs = {k: n for k, n in evictions.items() if k in ("hung", "stalled") and n}
+    if false_hangs:
+        violations.append(f"members evicted as hung although none was: {false_hangs}")
     time.sleep(0.2)
     leaked_shm = {n for n in os.listdir("/dev/shm") if n.startswith(f"mcs.{domain}")}
     leaked_seg = _segments(node_pids)
@@ -310,6 +338,8 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         "recovery_ms_p50": round(statistics.median(ms), 2) if ms else None,
         "recovery_ms_p99": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2) if ms else None,
         "recovery_ms_max": round(ms[-1], 2) if ms else None,
+        "evictions": evictions,
+        "burners": burners,
         "leaks": sorted(leaked_shm) + sorted(map(str, leaked_seg)),
         "violations": violations,
     }
@@ -322,14 +352,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--burners", type=int, default=0,
+                        help="busy-looping processes to saturate the CPUs meanwhile (default 0)")
     args = parser.parse_args(argv)
-    if args.nodes < 2 or args.clients < 1 or args.seconds <= 0 or args.faults < 1:
-        parser.error("need --nodes >= 2, --clients >= 1, positive --seconds and --faults")
+    if (args.nodes < 2 or args.clients < 1 or args.seconds <= 0 or args.faults < 1
+            or not 0 <= args.burners <= 64):
+        parser.error("need --nodes >= 2, --clients >= 1, positive --seconds and --faults, "
+                     "--burners 0..64")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     print(f"mcs-chaos: seed {seed}, up to {args.faults} faults in {args.seconds:.0f}s, "
-          f"{args.nodes} nodes, {args.clients} clients", flush=True)
+          f"{args.nodes} nodes, {args.clients} clients, {args.burners} burners", flush=True)
     try:
-        summary = soak(args.seconds, args.faults, seed, args.nodes, args.clients)
+        summary = soak(args.seconds, args.faults, seed, args.nodes, args.clients,
+                       burners=args.burners)
     except Violation as exc:
         summary = {"seed": seed, "violations": [str(exc)]}
     except KeyboardInterrupt:  # the nodes were stopped and checked on the way out

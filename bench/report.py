@@ -1056,6 +1056,79 @@ def section_recovery_size(rows: list[dict]) -> list[str]:
     return out
 
 
+STALL_ROWS = {  # stall-behind-holder row -> (what it is, the row it is compared with)
+    "hung-watch-off": ("hung holder, hold watch off (before: the holder's whole sleep)", None),
+    "hung-hold_limit-5s-default": ("hung holder, `hold_limit` 5 s (the default)", "hung-watch-off"),
+    "hung-hold_limit-1s": ("hung holder, `hold_limit` 1 s", "hung-watch-off"),
+    "frozen-watch-off": ("frozen holder (SIGSTOP), hold watch off (before: `evict_after`)", None),
+    "frozen-watch-on-default": ("frozen holder (SIGSTOP), stopped holder fenced (the default)",
+                                "frozen-watch-off"),
+}
+
+
+def _stall_row(b: dict) -> str:
+    return b["name"].split("[", 1)[-1].rstrip("]")
+
+
+def section_stall(rows: list[dict]) -> list[str]:
+    """stall-behind-holder (bench/test_supervision.py): how long a member waits behind a hung or
+    frozen holder of the mutex it needs, with the hold watch off (before) and on."""
+    by = {_stall_row(b): xi(b) for b in rows}
+    first = xi(rows[0])
+    out = [f"One member (this process) needs a global mutex that another member process holds: "
+           f"*hung* (alive, heartbeat beating, asleep for {fmt(first.get('holder_sleep_s'))} s "
+           "with the mutex) or *frozen* (SIGSTOP while it holds it). *Stall*: "
+           f"{first.get('stall_definition', 'from the hold until the waiter holds it')}. Rows "
+           "with the hold watch off show what a waiter saw before it existed. Medians of "
+           f"{fmt(first.get('rounds'))} rounds.", ""]
+    table = []
+    for name, (what, against) in STALL_ROWS.items():
+        e = by.get(name)
+        if e is None:
+            continue
+        base = by.get(against) if against else None
+        table.append([what, fmt(e.get("stall_s_median")),
+                      fmt_ratio(ratio(e.get("stall_s_median"), base.get("stall_s_median")))
+                      if base else "", ", ".join(f"{k} {v}" for k, v in
+                                                 (e.get("evictions") or {}).items() if v) or "none"])
+    out += [md_table(["holder", "stall s", "× before", "evictions"], table), ""]
+    sentences = []
+    for name, (what, against) in STALL_ROWS.items():
+        e, base = by.get(name), by.get(against) if against else None
+        if e is None or base is None:
+            continue
+        sentences.append(f"{what.split(',')[0]} with {what.split(', ', 1)[1]}: "
+                         f"{fmt(e.get('stall_s_median'))} s instead of "
+                         f"{fmt(base.get('stall_s_median'))} s "
+                         f"({compared(e.get('stall_s_median'), base.get('stall_s_median'), 'longer', '**shorter**', 'about the same')})")
+    if sentences:
+        text = "; ".join(sentences) + "."
+        out += [text[0].upper() + text[1:], ""]
+    return out
+
+
+def section_restart(rows: list[dict]) -> list[str]:
+    """supervise-restart (bench/test_supervision.py): kill -> restarted member ready."""
+    e = xi(rows[0])
+    return [f"`mcs supervise -n 2` runs a component program; one member is killed with SIGKILL "
+            f"{fmt(e.get('rounds'))} times (each after running longer than the back-off's max, "
+            f"so each restart waits the minimum back-off, {fmt(e.get('backoff_min_s'))} s). "
+            f"*Restart*: {e.get('restart_definition', '')}.", "",
+            md_table(["p50 ms", "min ms", "max ms"],
+                     [[fmt(e.get("restart_ms_p50")), fmt(e.get("restart_ms_min")),
+                       fmt(e.get("restart_ms_max"))]]), "",
+            f"A killed member serves again {fmt(e.get('restart_ms_p50'))} ms after the kill "
+            f"(p50), of which {fmt((e.get('backoff_min_s') or 0) * 1e3)} ms is the back-off.", ""]
+
+
+ROW_SECTIONS = {  # group -> (the extra_info key its every row has, the section it renders)
+    "webcache-hits": ("rps", section_hits),
+    "webcache-recovery-size": ("entries", section_recovery_size),
+    "stall-behind-holder": ("stall_s_median", section_stall),
+    "supervise-restart": ("restart_ms_p50", section_restart),
+}
+
+
 def section_state(groups: dict[str, list[dict]]) -> list[str]:
     """The "Shared state" section: one table per group of bench/test_state.py (ops/s and
     SharedDict ÷ each peer), the comparison words and the targets' verdicts computed here."""
@@ -1074,7 +1147,8 @@ def section_state(groups: dict[str, list[dict]]) -> list[str]:
 
 # -- main ----------------------------------------------------------------------------------------
 
-ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison", "webcache-recovery-size"]
+ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison", "webcache-recovery-size",
+         "stall-behind-holder", "supervise-restart"]
 VICTIM_ENTRIES = 1_000  # bench/test_webcache.py: the killed member's own entries
 RECOVERY_SIZE_RATIO = 1.5  # targets of webcache-recovery-size (issue 16)
 RECOVERY_1M_MS = 20
@@ -1183,11 +1257,9 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
             if g == "webcache-scaling" and all("nodes" in xi(b) for b in rows):
                 lines += section_scaling(plt, rows, img_dir, out)
                 continue
-            if g == "webcache-hits" and all("rps" in xi(b) for b in rows):
-                lines += section_hits(rows)
-                continue
-            if g == "webcache-recovery-size" and all("entries" in xi(b) for b in rows):
-                lines += section_recovery_size(rows)
+            key, render = ROW_SECTIONS.get(g, ("", None))
+            if render is not None and all(key in xi(b) for b in rows):
+                lines += render(rows)
                 continue
             if g == "cache-comparison" and all("variant" in xi(b) for b in rows):
                 lines += section_comparison(plt, rows, img_dir, out)

@@ -314,3 +314,33 @@ def test_recovery_size_sentences_follow_the_numbers(report, tmp_path, big_ms, mi
         assert sentence in section
     for sentence in not_said:
         assert sentence not in section
+
+
+def stall_doc(watched: float) -> dict[str, Any]:
+    """A run with the stall-behind-holder and supervise-restart groups."""
+    doc = run_doc()
+    for row, stall in (("hung-watch-off", 8.0), ("hung-hold_limit-5s-default", watched),
+                       ("hung-hold_limit-1s", 1.0), ("frozen-watch-off", 2.0),
+                       ("frozen-watch-on-default", 0.3)):
+        doc["benchmarks"].append(_row("stall-behind-holder", f"test_stall[{row}]", {
+            "stall_s_median": stall, "rounds": 2, "holder_sleep_s": 8.0,
+            "evictions": {"hung": 2} if "hung-h" in row else {}}))
+    doc["benchmarks"].append(_row("supervise-restart", "test_restart", {
+        "restart_ms_p50": 190.0, "restart_ms_min": 160.0, "restart_ms_max": 240.0, "rounds": 9,
+        "backoff_min_s": 0.05, "restart_definition": "kill -> READY=1"}))
+    return doc
+
+
+@pytest.mark.parametrize("watched, said", [
+    (5.0, "Hung holder with `hold_limit` 5 s (the default): 5.00 s instead of 8.00 s (**shorter**)"),
+    (8.1, "Hung holder with `hold_limit` 5 s (the default): 8.10 s instead of 8.00 s (about the same)"),
+    (12.0, "Hung holder with `hold_limit` 5 s (the default): 12.00 s instead of 8.00 s (longer)"),
+])
+def test_stall_sentences_follow_the_numbers(report, tmp_path, watched, said):
+    text = build(report, tmp_path, stall_doc(watched))
+    section = text.split("## stall-behind-holder", 1)[1]
+    assert said in section
+    assert "frozen holder (SIGSTOP) with stopped holder fenced (the default): 0.300 s instead of " \
+           "2.00 s (**shorter**)" in section
+    restart = text.split("## supervise-restart", 1)[1]
+    assert "serves again 190.0 ms after the kill (p50), of which 50.00 ms is the back-off" in restart

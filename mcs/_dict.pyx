@@ -35,7 +35,9 @@ from libc.string cimport memcmp, memcpy, memset
 
 from mcs._libc cimport CLOCK_MONOTONIC, EDEADLK, ENOTRECOVERABLE, EOWNERDEAD, ETIMEDOUT
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from mcs._native cimport (mcs_share_held_counters, mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
+from cpython.exc cimport PyErr_CheckSignals
+from mcs._native cimport (mcs_share_held_counters, mcs_watch_due, mcs_mutex_held_ms, mcs_mutex_meta,
+                          mcs_init_process, mcs_load64, mcs_mutex_init, mcs_mutex_lock,
                           mcs_mutex_mark_consistent, mcs_mutex_meta_of, mcs_mutex_owned,
                           mcs_mutex_release, mcs_now_ns, mcs_pid, mcs_store64, MCS_MUTEX_SLOT_SIZE)
 from mcs._undo cimport (UNDO_ACTIVE, UNDO_BUSY, UNDO_FULL, UNDO_OK, UNDO_STATE, undo_abort,
@@ -47,6 +49,7 @@ from mcs.errors import (ClosedError, CorruptObjectError, DictFullError, ForkedHa
                         TransactionConflict, native_error)
 
 mcs_init_process()
+from mcs import _gsm
 from mcs._gsm import _held_counters
 mcs_share_held_counters(PyCapsule_GetPointer(_held_counters(), "mcs._gsm.held_counters"))
 
@@ -493,9 +496,24 @@ cdef class Table:
         """Lock stripe ``st``: 0 held, 1 timed out. An abandoned stripe is repaired first."""
         cdef void* m = st + S_MUTEX
         cdef int rc = mcs_mutex_lock(m, tag, 0)
+        cdef int64_t until, period
+        cdef mcs_mutex_meta* meta
         if rc == ETIMEDOUT and deadline != 0:
-            with nogil:
-                rc = mcs_mutex_lock(m, tag, deadline)
+            # Wait in slices: between two, signals run and the hold watch judges the holder
+            # (a member that holds a stripe past hold_limit while we wait is evicted as hung).
+            period = _gsm.hold_watch_period_ns()
+            meta = mcs_mutex_meta_of(m)
+            while True:
+                until = mcs_now_ns(CLOCK_MONOTONIC) + period
+                if deadline > 0 and deadline < until:
+                    until = deadline
+                with nogil:
+                    rc = mcs_mutex_lock(m, tag, until)
+                if rc != ETIMEDOUT or (deadline > 0 and mcs_now_ns(CLOCK_MONOTONIC) >= deadline):
+                    break
+                PyErr_CheckSignals()
+                if mcs_watch_due(period):
+                    _gsm.call_hold_watch(None, meta.pid, meta.tag, mcs_mutex_held_ms(m))
         if rc == 0:
             return 0
         if rc == ETIMEDOUT:

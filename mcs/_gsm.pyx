@@ -67,6 +67,18 @@ def set_hold_watch(watch, double period=0.02):
     _hold_watch = watch
 
 
+cpdef object call_hold_watch(object mutex, uint32_t pid, uint64_t tag, uint32_t held_ms):
+    """Let the hold watch judge a holder (for native lockers outside this module: ``mutex``
+    may be None, then the judge cannot re-read it before it acts)."""
+    if _hold_watch is not None and pid != 0:
+        _hold_watch(mutex, pid, tag, held_ms)
+
+
+def hold_watch_period_ns():
+    """How often (at most) a waiting thread calls the hold watch."""
+    return _watch_period_ns
+
+
 def _held_counters():
     """The process-wide locks-held counters, for the other native modules to share."""
     return PyCapsule_New(mcs_held_counters, "mcs._gsm.held_counters", NULL)

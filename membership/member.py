@@ -123,7 +123,7 @@ class _HoldWatch:
             if member in self._members:
                 self._members.remove(member)
 
-    def __call__(self, mutex: GlobalMutex, pid: int, tag: int, held_ms: int) -> None:
+    def __call__(self, mutex: GlobalMutex | None, pid: int, tag: int, held_ms: int) -> None:
         if getattr(self._local, "judging", False):
             return  # an eviction's own waits (the root mutex) are not judged again
         self._local.judging = True
@@ -573,7 +573,7 @@ class Member:
                 return source.name.lower(), now - max(stamp, paused_until)
         return None
 
-    def _judge_holder(self, mutex: GlobalMutex, pid: int, held_ms: int) -> bool:
+    def _judge_holder(self, mutex: GlobalMutex | None, pid: int, held_ms: int) -> bool:
         """A thread of this process has waited on ``mutex`` for a watch period; ``pid`` holds it
         for ``held_ms``. If ``pid`` is another member of this domain (and not paused): evict it
         when it is provably stopped (heartbeat ``STOPPED_BEATS`` late, procfs state T/t), or hung
@@ -605,7 +605,8 @@ class Member:
                         f"stopped (procfs) and silent for {silent / 1e6:.0f} ms while holding a "
                         "lock others wait for")
         elif held_ms * 1_000_000 >= timing.hold_limit_ns and silent <= timing.suspect_after_ns:
-            self._evict(m, EvictionCause.HUNG, lambda: _still_held(mutex, pid, timing.hold_limit),
+            self._evict(m, EvictionCause.HUNG,
+                        lambda: mutex is None or _still_held(mutex, pid, timing.hold_limit),
                         f"held a lock for {held_ms} ms (hold_limit {timing.hold_limit:g} s) "
                         "while another member waited")
         return True

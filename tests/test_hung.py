@@ -138,10 +138,42 @@ def test_a_live_member_sleeping_with_a_lock_held_is_evicted_as_hung(domain, spaw
         assert child.proc.wait(5) == -signal.SIGKILL  # fenced through its pidfd
         assert gave_way - taken <= timing["hold_limit"] + 0.1, gave_way - taken
         assert after > recoveries  # the waiter went on through a recovery
-        assert hello["pid"] not in {m.pid for m in waiter.view.members}
+        assert wait_for(lambda: hello["pid"] not in {m.pid for m in waiter.view.members})
         assert dict(waiter.member.stats.evictions)["hung"] == 1
         st = status(domain)
         assert st["evictions"] == {"frozen": 0, "stopped": 0, "hung": 1, "stalled": 0}
+
+
+DICT_HOLDER = """
+import json, os, sys, time
+from mcs import SharedDict
+d = SharedDict(sys.argv[1], capacity=1000, **json.loads(sys.argv[2])).start()
+print(json.dumps({"pid": os.getpid()}), flush=True)
+sys.stdin.readline()
+with d.transaction() as tx:
+    tx["k"] = 1
+    print(json.dumps({"holding": time.monotonic()}), flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_shared_dict_writer_behind_a_hung_transaction_goes_on(domain, spawn):
+    # The native stripe locker waits in slices and consults the same hold watch.
+    from mcs import SharedDict
+
+    timing = {**BASE, "evict_after": 2.0, "hold_limit": 1.0}
+    with SharedDict(domain, capacity=1000, **timing) as d:
+        child = spawn(DICT_HOLDER, domain, json.dumps(timing))
+        pid = json.loads(child.readline(30))["pid"]
+        child.send("go")
+        holding = json.loads(child.readline(30))["holding"]
+        d["k"] = 2  # blocks behind the sleeping transaction until its holder is evicted
+        done = time.monotonic()
+        assert child.proc.wait(5) == -signal.SIGKILL
+        assert done - holding <= timing["hold_limit"] + 0.1, done - holding
+        assert d["k"] == 2  # the dead transaction was rolled back, the write went through
+        assert wait_for(lambda: pid not in {m.pid for m in d.member.view.members})
+        assert dict(d.member.stats.evictions)["hung"] == 1
 
 
 def test_a_member_whose_interpreter_makes_no_progress_is_evicted(domain, spawn):

@@ -169,12 +169,16 @@ def test_ten_scrapes_through_the_shared_port_each_describe_every_member(cache, h
         want = {(m["node"], m["slot"], m["incarnation"]) for m in members.values()}
         for family in ("mcs_webcache_requests_total", "mcs_webcache_hits_total",
                        "mcs_webcache_misses_total", "mcs_webcache_node_bytes",
-                       "mcs_webcache_heartbeat_age_seconds"):
+                       "mcs_webcache_heartbeat_age_seconds", "mcs_webcache_locks_held",
+                       "mcs_webcache_progress_age_seconds", "mcs_webcache_member_restarts"):
             assert series_of(samples, family) == want, family
         for family in ("mcs_webcache_domain_requests_total", "mcs_webcache_domain_hits_total",
                        "mcs_webcache_generation", "mcs_webcache_members", "mcs_webcache_entries"):
             assert (family, frozenset()) in samples, family
         assert samples[("mcs_webcache_members", frozenset())] == len(expected)
+        assert {dict(k[1])["cause"] for k in samples
+                if k[0] == "mcs_webcache_domain_member_evictions_total"} == {
+            "frozen", "stopped", "hung", "stalled"}
         assert sum(1 for k in samples if k[0] == "mcs_webcache_master") == 1
         # Per member the parts add up to the domain's total (no member has departed).
         per_member = sum(v for (n, _), v in samples.items() if n == "mcs_webcache_hits_total")
@@ -252,14 +256,18 @@ def test_status_document_is_the_whole_domain_from_any_node(cache):
     assert sorted(m["pid"] for m in doc["members"]) == sorted(cache.pids)
     for m in doc["members"]:
         for key in ("slot", "pid", "node", "incarnation", "state", "heartbeat_age_ms",
-                    "counters", "gauges", "hit_ratio", "last_recovery_phases_ms", "master"):
+                    "counters", "gauges", "hit_ratio", "last_recovery_phases_ms", "master",
+                    "locks_held", "progress_age_ms", "restarts"):
             assert key in m, key
         assert m["state"] == "member" and m["heartbeat_age_ms"] >= 0
+        assert m["progress_age_ms"] is not None  # the node's event loop gives its progress
     assert sum(m["master"] for m in doc["members"]) == 1
     # what every node served, within a publication interval
     assert wait_for(lambda: cache.status()["domain"]["totals"]["requests"] >= 30, 10, 0.05)
     assert doc["domain"]["cache"]["capacity_bytes"] == 3 * 8 * 1024 * 1024
     assert doc["domain"]["board_created"] <= time.time()
+    assert doc["domain"]["member_evictions"] == {"frozen": 0, "stopped": 0, "hung": 0,
+                                                 "stalled": 0}
 
 
 def test_mcs_status_watch_shows_a_death_and_a_restart(cache):

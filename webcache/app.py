@@ -336,6 +336,7 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
         {"slot": view.master.slot, "pid": view.master.pid, "node": view.master.node},
         "members": members,
         "domain": {"name": cache.domain, "generation": view.generation if view else None,
+                   "member_evictions": cache.member.table.evictions(),
                    "cache": {"entries": entries, "bytes": used,
                              "capacity_bytes": domain.pop("capacity_bytes")}, **domain},
         "cache": {"entries": entries, "bytes": used,
@@ -463,6 +464,17 @@ def metrics_text(doc: dict[str, Any]) -> bytes:
     out.family("mcs_webcache_heartbeat_age_seconds", "gauge",
                "Age of the member's last heartbeat",
                [(lab, m["heartbeat_age_ms"] / 1000) for lab, m in labels])
+    out.family("mcs_webcache_locks_held", "gauge",
+               "Global mutexes the member's process holds now (copied every heartbeat)",
+               [(lab, m["locks_held"]) for lab, m in labels])
+    out.family("mcs_webcache_progress_age_seconds", "gauge",
+               "Age of the member's last progress signal (a stuck event loop or interpreter "
+               "grows it; evicted past progress_timeout)",
+               [(lab, m["progress_age_ms"] / 1000) for lab, m in labels
+                if m["progress_age_ms"] is not None])
+    out.family("mcs_webcache_member_restarts", "gauge",
+               "Times the supervisor restarted the member's slot before this incarnation",
+               [(lab, m["restarts"]) for lab, m in labels])
     out.family("mcs_webcache_member_start_time_seconds", "gauge",
                "When the member's incarnation started publishing (Unix time)",
                [(lab, m["started"]) for lab, m in labels if m["started"] is not None])
@@ -474,6 +486,9 @@ def metrics_text(doc: dict[str, Any]) -> bytes:
         out.family(f"mcs_webcache_domain_{key}_total", "counter",
                    help_ + ", the whole domain (departed members included)",
                    [({}, dom["totals"][key])])
+    out.family("mcs_webcache_domain_member_evictions_total", "counter",
+               "Members evicted and fenced, by cause (frozen, stopped, hung, stalled)",
+               [({"cause": c}, n) for c, n in dom["member_evictions"].items()])
     last = dom["last_recovery"]
     gauges = [
         ("entries", "Entries cached in the whole domain", dom["cache"]["entries"]),

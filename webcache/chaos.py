@@ -150,13 +150,15 @@ def _evictions(domain: str) -> dict[str, int]:
 
 
 def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 4,
-         log=print, burners: int = 0) -> dict[str, Any]:
+         log=print, burners: int = 0, evict_after: float | None = None) -> dict[str, Any]:
     """Run the soak; returns the summary (``violations`` lists what went wrong)."""
     from mcs.poison import poison
     from webcache.cache import McsWebCache
     from webcache.check import check_domain
 
     rng = random.Random(seed)
+    timing = TIMING if evict_after is None else {
+        "heartbeat": 0.1, "suspect_after": min(0.5, evict_after), "evict_after": evict_after}
     violations: list[str] = []
     evictions: dict[str, int] = {}
     by_kind: dict[str, int] = {}
@@ -178,7 +180,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         launcher = subprocess.Popen(
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "16M", "--max-entry", "256K",
-             "--timing", json.dumps(TIMING)],
+             "--timing", json.dumps(timing)],
             stdout=subprocess.PIPE, stderr=nodes_log_file, text=True,
             env=env)
         launcher_log: list[str] = []
@@ -340,6 +342,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         "recovery_ms_max": round(ms[-1], 2) if ms else None,
         "evictions": evictions,
         "burners": burners,
+        "timing": timing,
         "leaks": sorted(leaked_shm) + sorted(map(str, leaked_seg)),
         "violations": violations,
     }
@@ -352,19 +355,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--evict-after", type=float, default=None,
+                        help="evict frozen nodes after this long, with the default 100 ms "
+                             "heartbeat (default: the soak's fast timing, 20 ms / 400 ms)")
     parser.add_argument("--burners", type=int, default=0,
                         help="busy-looping processes to saturate the CPUs meanwhile (default 0)")
     args = parser.parse_args(argv)
     if (args.nodes < 2 or args.clients < 1 or args.seconds <= 0 or args.faults < 1
-            or not 0 <= args.burners <= 64):
+            or not 0 <= args.burners <= 64
+            or args.evict_after is not None and not 0.2 <= args.evict_after <= 60):
         parser.error("need --nodes >= 2, --clients >= 1, positive --seconds and --faults, "
-                     "--burners 0..64")
+                     "--burners 0..64, --evict-after 0.2..60")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     print(f"mcs-chaos: seed {seed}, up to {args.faults} faults in {args.seconds:.0f}s, "
           f"{args.nodes} nodes, {args.clients} clients, {args.burners} burners", flush=True)
     try:
         summary = soak(args.seconds, args.faults, seed, args.nodes, args.clients,
-                       burners=args.burners)
+                       burners=args.burners, evict_after=args.evict_after)
     except Violation as exc:
         summary = {"seed": seed, "violations": [str(exc)]}
     except KeyboardInterrupt:  # the nodes were stopped and checked on the way out

@@ -213,10 +213,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
 class _Logged:
     """A child process whose stdout lines are queued and whose stderr goes to a file."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log
         self._log = open(log, "a")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env=None if env is None else {**os.environ, **env})
         self.lines: queue.Queue[str | None] = queue.Queue()
         self._drain = threading.Thread(target=self._read, daemon=True)
         self._drain.start()
@@ -267,8 +268,9 @@ class Host:
 
     def __init__(self, ns: Netns | None, root: Path, workdir: Path, *, name: str, domain: str,
                  port: int = 8080, nodes: int = 1, cache_size: str = "8M",
-                 max_entry: str = "1M", extra: tuple[str, ...] = ()) -> None:
-        self.ns, self.root, self.workdir = ns, root, workdir
+                 max_entry: str = "1M", extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.ns, self.root, self.workdir, self.env = ns, root, workdir, env
         self.name, self.domain, self.port = name, domain, port
         self.ip = ns.inner if ns is not None else "127.0.0.1"
         self.options = ["--root", str(root), "--host", self.ip, "--nodes", str(nodes),
@@ -286,7 +288,7 @@ class Host:
         assert self.launcher is None
         argv = [MCS_WEBCACHE, "serve", "--port", str(self.port), *self.options]
         self.launcher = _Logged(argv if self.ns is None else self.ns.argv(argv),
-                                self.workdir / f"{self.name}.log")
+                                self.workdir / f"{self.name}.log", self.env)
         try:
             info = self.launcher.json_line(90)
         except BaseException:

@@ -7,7 +7,9 @@ network namespaces is tests/test_hosts.py."""
 from __future__ import annotations
 
 import collections
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from webcache.front import (Address, Backend, FrontConfig, FrontError, engine_ar
                             render_nginx)
 
 MCS_WEBCACHE = str(Path(sys.executable).with_name("mcs-webcache"))
+FAST = json.dumps({"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4})
 THREE = "h1=10.0.0.2:8080,h2=10.0.0.6:8080,h3=[fd00::2]:8080"
 
 
@@ -212,3 +215,38 @@ def test_nginx_in_front_of_two_hosts_on_loopback(tmp_path):
             h.gc()
     assert codes == [0, 0, 0], codes  # nginx exits 0 on SIGTERM
     assert not any(h.shm_left() for h in hosts)
+
+
+@pytest.mark.slow
+def test_a_host_is_ready_only_while_its_domain_is_stable(tmp_path):
+    """/_mcs/ready (the front's health check) says 503 while the domain recovers, when
+    /_mcs/status still says 200: a node restarted after kill -9 sleeps 2 s in its first
+    recovery (a fault point armed through MCS_FAULTS_FILE, which only processes started after
+    it was written read), and the survivor waits for it."""
+    root = tmp_path / "site"
+    root.mkdir()
+    faults = tmp_path / "faults"
+    faults.write_text("")
+    host = hostlab.Host(None, root, tmp_path, name="r", port=0, nodes=2,
+                        domain=f"ready{os.getpid()}", extra=("--timing", FAST),
+                        env={"MCS_FAULTS_FILE": str(faults)})
+    seen: dict[int, bytes] = {}
+    try:
+        assert host.get("/_mcs/ready")[::2] == (200, b"ready\n")
+        faults.write_text("recovery.contribute=sleep:2")
+        os.kill(host.pids[1], signal.SIGKILL)
+
+        def answer(want: int) -> bool:
+            status, _, body = host.get("/_mcs/ready")
+            seen.setdefault(status, body)
+            return status == want
+
+        assert hostlab.wait_for(lambda: answer(503), 20, 0.01), seen
+        status, _, body = host.get("/_mcs/status")  # within the 2 s of that recovery
+        assert status == 200 and json.loads(body)["recovering"] is True
+        assert hostlab.wait_for(lambda: answer(200), 30, 0.05), seen
+    finally:
+        code = host.stop()
+        host.gc()
+    assert seen[503] == b"not ready: its domain is recovering\n"
+    assert code == 0 and not host.shm_left()

@@ -374,6 +374,8 @@ class Front:
             raise AssertionError(f"{self.engine} exited: {self.proc.log_tail()}")
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            if self.socket is not None:
+                self.stats()
             return True
         except OSError:
             return False

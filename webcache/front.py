@@ -16,8 +16,8 @@ failures in a row, plus the live traffic's errors, ``observe layer7``; nginx: ``
 ``fail_timeout``, passive) and retries a failed request on another host.
 
 Without ``--run`` or ``--check`` the configuration goes to ``--out`` (default: stdout).
-``--check`` asks the engine whether it accepts it (``haproxy -c``, ``nginx -t``); ``--run`` writes it
-and replaces this process with the engine in the foreground. Install the engines with
+``--check`` asks the engine whether it accepts it (``haproxy -c``, ``nginx -t``); ``--run`` writes
+it and replaces this process with the engine in the foreground. Install the engines with
 ``apt-get install haproxy`` or ``apt-get install nginx`` (Debian/Ubuntu). docs/hosts.md has the
 deployment: systemd units per host, node crash against host crash, capacity planning.
 """

@@ -1215,11 +1215,13 @@ def section_hosts(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
                       fmt(e.get("hit_ratio")), fmt(e.get("ideal_hit_ratio_this_split")),
                       fmt(e.get("req_per_s")),
                       fmt_ratio(ratio(e.get("req_per_s"), base.get("req_per_s"))),
-                      fmt(e.get("latency_us_p99")), _per_host(e)])
+                      fmt(e.get("fast_path_share")), fmt(e.get("latency_us_p99")),
+                      _per_host(e)])
     return [
         hosts_intro(rows), "",
         md_table(["balance", "hosts", "hit ratio", "ideal", "req/s", "× round-robin",
-                  "p99 µs", "per host: hit ratio (share of the working set)"], table), "",
+                  "fast path", "p99 µs", "per host: hit ratio (share of the working set)"],
+                 table), "",
         *_figure(plt, lambda p, path: plot_hosts(p, rows, path), img_dir, out,
                  "hosts-balance.png"),
         *[s + "\n" for s in hosts_findings(rows)],
@@ -1234,7 +1236,7 @@ def sweep_findings(rows: list[dict]) -> list[str]:
     rps = compared(hi.get("req_per_s"), lo.get("req_per_s"), "rose", "fell",
                    "stayed about the same")
     best = max(rows, key=lambda b: xi(b).get("req_per_s") or 0)
-    return [f"From {fmt(lo.get('fraction_of_working_set'))}× to "
+    out = [f"From {fmt(lo.get('fraction_of_working_set'))}× to "
             f"{fmt(hi.get('fraction_of_working_set'))}× the working set "
             f"({fmt_bytes(lo['cache_bytes'])} to {fmt_bytes(hi['cache_bytes'])} of cache), the "
             f"hit ratio {hr} ({fmt(lo.get('hit_ratio'))} → {fmt(hi.get('hit_ratio'))}) and "
@@ -1242,6 +1244,33 @@ def sweep_findings(rows: list[dict]) -> list[str]:
             f"{fmt_ratio(ratio(hi.get('req_per_s'), lo.get('req_per_s')))}); the most req/s "
             f"came with {fmt_bytes(xi(best)['cache_bytes'])} "
             f"({fmt(xi(best).get('fraction_of_working_set'))}× the working set)."]
+    return out + fast_path_findings(rows)
+
+
+def fast_path_findings(rows: list[dict]) -> list[str]:
+    """What a miss costs beyond itself: rows without any miss against those with misses."""
+    def rps(b: dict) -> float:
+        return xi(b).get("req_per_s") or 0
+
+    clean = [b for b in rows if xi(b).get("misses") == 0]
+    missed = [b for b in rows if _num(xi(b).get("misses")) and xi(b)["misses"] > 0]
+    if not clean or not missed:
+        return []
+    c, m = xi(max(clean, key=rps)), xi(max(missed, key=rps))
+    word = compared(c.get("req_per_s"), m.get("req_per_s"), "more", "fewer", "about as many")
+    out = [f"Without any miss ({fmt_bytes(c['cache_bytes'])} of cache) the fast path answered "
+           f"{fmt(c.get('fast_path_share'))} of the requests, and req/s were "
+           f"{fmt_ratio(ratio(c.get('req_per_s'), m.get('req_per_s')))} ({word}) the most with "
+           f"misses: {fmt(m.get('req_per_s'))} req/s with {fmt_bytes(m['cache_bytes'])}, a hit "
+           f"ratio of {fmt(m.get('hit_ratio'))} and {fmt(m.get('fast_path_share'))} of the "
+           "requests on the fast path."]
+    share, hit = m.get("fast_path_share"), m.get("hit_ratio")
+    if _num(share) and _num(hit) and share < hit:
+        out[-1] += (" Hits too went through aiohttp there: a miss is answered by aiohttp, and "
+                    "the keep-alive connection it came on stays with aiohttp afterwards "
+                    "(docs/webcache.md, the fast path), so a few misses take most requests off "
+                    "the fast path.")
+    return out
 
 
 def plot_sweep(plt, rows: list[dict], path: Path) -> None:
@@ -1278,14 +1307,15 @@ def section_sweep(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
               fmt(xi(b).get("hit_ratio")), fmt(xi(b).get("ideal_hit_ratio")),
               fmt(xi(b).get("req_per_s")),
               fmt_ratio(ratio(xi(b).get("req_per_s"), e0.get("req_per_s"))),
-              fmt(xi(b).get("latency_us_p99"))] for b in rows]
+              fmt(xi(b).get("fast_path_share")), fmt(xi(b).get("latency_us_p99"))]
+             for b in rows]
     return [
         f"One host ({fmt(e0.get('nodes'))} node, on loopback, no front), the workload of "
         f"hosts-balance with a cache of {fmt(e0.get('fraction_of_working_set'))}× to "
         f"{fmt(xi(rows[-1]).get('fraction_of_working_set'))}× the working set: " +
         zipf_workload(e0), "",
         md_table(["cache", "× working set", "hit ratio", "ideal", "req/s", "× smallest",
-                  "p99 µs"], table), "",
+                  "fast path", "p99 µs"], table), "",
         *_figure(plt, lambda p, path: plot_sweep(p, rows, path), img_dir, out,
                  "cache-size-sweep.png"),
         *[s + "\n" for s in sweep_findings(rows)],

@@ -325,7 +325,8 @@ _ZIPF = {"files": 600, "file_set_bytes": 9_800_000, "file_bytes_min": 4096,
 
 
 def hosts_doc(*, con3: float = 0.97, rr3: float = 0.68, con_rps: float = 2500.0,
-              rr_rps: float = 1800.0, sweep_rps_big: float = 2400.0) -> dict[str, Any]:
+              rr_rps: float = 1800.0, sweep_rps_big: float = 2400.0,
+              sweep_big_hits: float = 0.94) -> dict[str, Any]:
     """A run with the hosts-balance and cache-size-sweep groups."""
     doc = run_doc()
     hit = {("consistent", 1): 0.67, ("consistent", 2): 0.88, ("consistent", 3): con3,
@@ -341,11 +342,12 @@ def hosts_doc(*, con3: float = 0.97, rr3: float = 0.68, con_rps: float = 2500.0,
             "per_host": {f"h{k}": {"hit_ratio": ratio, "share_of_working_set": 1 / n}
                          for k in range(1, n + 1)}}))
     for fraction, ratio, rps in ((0.125, 0.44, 1250.0), (0.5, 0.78, 2000.0),
-                                 (1.0, 0.94, sweep_rps_big)):
+                                 (1.0, sweep_big_hits, sweep_rps_big)):
         doc["benchmarks"].append(_row("cache-size-sweep", f"sweep[{fraction:g}x]", {
             "fraction_of_working_set": fraction, "baseline": fraction == 0.125,
             "cache_bytes": int(10_200_000 * fraction), "nodes": 1, **_ZIPF,
             "hit_ratio": ratio, "ideal_hit_ratio": min(1.0, ratio + 0.1), "req_per_s": rps,
+            "misses": 0 if ratio == 1.0 else 500, "fast_path_share": ratio / 4,
             "latency_us_p99": 8000.0}))
     return doc
 
@@ -359,7 +361,7 @@ def hosts_doc(*, con3: float = 0.97, rr3: float = 0.68, con_rps: float = 2500.0,
           "(0.670 → 0.680;",
           "consistent hashing served 2,500 req/s, more than round-robin's 1,800 (×1.39)",
           "the working set is 3.00× one host's cache",
-          "| consistent hashing | 3 | 0.970 | 0.990 | 2,500 | ×1.39 | 9,000 | h1 0.970 (33 %), "],
+          "| consistent hashing | 3 | 0.970 | 0.990 | 2,500 | ×1.39 | — | 9,000 | h1 0.970 (33 %), "],
      ["**missed**"]),
     ({"con3": 0.93}, ["is **missed**."], ["is met."]),
     ({"con3": 0.97, "rr3": 0.95}, ["is **missed**."], ["is met."]),
@@ -384,9 +386,21 @@ def test_hosts_sentences_follow_the_numbers(report, tmp_path, numbers, said, not
 def test_cache_size_sweep_sentences_follow_the_numbers(report, tmp_path, big_rps, said):
     text = build(report, tmp_path, hosts_doc(sweep_rps_big=big_rps))
     section = text.split("## cache-size-sweep", 1)[1].split("\n## ", 1)[0]
-    assert "| 1.2 MiB | 0.125 | 0.440 | 0.540 | 1,250 | ×1.00 | 8,000 |" in section
+    assert "| 1.2 MiB | 0.125 | 0.440 | 0.540 | 1,250 | ×1.00 | 0.110 | 8,000 |" in section
     for sentence in said:
         assert sentence in section
+    assert "Without any miss" not in section  # every row had misses
+
+
+@pytest.mark.parametrize("big_rps, word", [(16000.0, "×8.00 (more)"), (2000.0, "×1.00 (about "
+                                                                                "as many)")])
+def test_what_a_miss_costs_the_fast_path_follows_the_numbers(report, tmp_path, big_rps, word):
+    text = build(report, tmp_path, hosts_doc(sweep_rps_big=big_rps, sweep_big_hits=1.0))
+    section = text.split("## cache-size-sweep", 1)[1].split("\n## ", 1)[0]
+    assert (f"Without any miss (9.7 MiB of cache) the fast path answered 0.250 of the requests, "
+            f"and req/s were {word} the most with misses: 2,000 req/s with 4.9 MiB, a hit ratio "
+            "of 0.780 and 0.195 of the requests on the fast path. Hits too went through "
+            "aiohttp there") in section
 
 
 def test_groups_taken_from_a_kept_report_keep_their_source(report, tmp_path):

@@ -1102,6 +1102,16 @@ def zipf_workload(e: dict) -> str:
             "measured run.")
 
 
+def load_average(rows: list[dict]) -> str:
+    """The machine's load around the measured runs, as the rows recorded it."""
+    values = [v for b in rows for v in xi(b).get("load_average_1m") or [] if _num(v)]
+    if not values:
+        return ""
+    return (f" The machine's 1-minute load average around the measured runs was "
+            f"{fmt(min(values))}–{fmt(max(values))}, on {xi(rows[0]).get('cores', '?')} cores: "
+            "req/s here also moves with whatever else the machine runs.")
+
+
 def hosts_intro(rows: list[dict]) -> str:
     e = xi(rows[0])
     counts = sorted({xi(b)["hosts"] for b in rows})
@@ -1112,7 +1122,7 @@ def hosts_intro(rows: list[dict]) -> str:
             f"cache), with consistent hashing on the URI against round-robin (the baseline of "
             f"the same number of hosts). " + zipf_workload(e) + " *Ideal*: a cache that holds "
             "the hottest files that fit (consistent hashing: each host the hottest of its own "
-            "share, as the front split the files in this run).")
+            "share, as the front split the files in this run)." + load_average(rows))
 
 
 def hosts_findings(rows: list[dict]) -> list[str]:
@@ -1313,7 +1323,7 @@ def section_sweep(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
         f"One host ({fmt(e0.get('nodes'))} node, on loopback, no front), the workload of "
         f"hosts-balance with a cache of {fmt(e0.get('fraction_of_working_set'))}× to "
         f"{fmt(xi(rows[-1]).get('fraction_of_working_set'))}× the working set: " +
-        zipf_workload(e0), "",
+        zipf_workload(e0) + load_average(rows), "",
         md_table(["cache", "× working set", "hit ratio", "ideal", "req/s", "× smallest",
                   "fast path", "p99 µs"], table), "",
         *_figure(plt, lambda p, path: plot_sweep(p, rows, path), img_dir, out,

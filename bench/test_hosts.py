@@ -22,7 +22,8 @@ every derived number goes into ``extra_info``.
     working set: hit ratio and req/s against cache memory (the MCS paper's Fig. 8). The
     smallest cache is the baseline row.
 
-Every process is stopped and checked: exit status 0, no ``/dev/shm/mcs.<domain>*`` left (and
+The machine's 1-minute load average before and after each measured run is recorded
+(``load_average_1m``): other work on the machine shows there. Every process is stopped and checked: exit status 0, no ``/dev/shm/mcs.<domain>*`` left (and
 ``mcs gc`` finds nothing); the namespaces and veths are removed and checked afterwards. All of
 it shares this machine's cores: req/s here weighs the work a request costs (a hit on the fast
 path, a miss through aiohttp and a disk read), not the capacity of N machines.
@@ -168,9 +169,11 @@ def measure(benchmark, port: int, site: Site,
              connections=CONNECTIONS)
     time.sleep(PUBLISH_INTERVAL + 0.1)  # every node's counters published
     before = {h.name: h.totals() for h in hosts}
+    benchmark.extra_info["load_average_1m"] = [round(os.getloadavg()[0], 2)]
     load = benchmark.pedantic(run_load, args=(port, site.ranked),
                               kwargs={"cdf": site.cdf, "seed": SEED + 1, "duration": RUN_S,
                                       "connections": CONNECTIONS}, rounds=1, iterations=1)
+    benchmark.extra_info["load_average_1m"].append(round(os.getloadavg()[0], 2))
     time.sleep(PUBLISH_INTERVAL + 0.1)
     after = {h.name: h.totals() for h in hosts}
     counts = {name: {k: after[name][k] - before[name][k] for k in COUNTED} for name in before}

@@ -174,9 +174,29 @@ def test_host_crash_behind_haproxy_moves_only_its_share(lab, tmp_path, seed):
         warm = counted(hosts, front, uris)
         assert warm == {h: {"hits": share[h], "misses": 0} for h in share}, warm
 
-        # A host crash under load: every process of h2 killed at once.
         load = Load(front.port, files, seed)
         time.sleep(1.0)
+        # A node crash under load is the host's business: the front does not take the host
+        # out (h1 never leaves UP; the launcher restarts the node, the other node serves
+        # meanwhile). Requests in flight on the killed node's connections are sent again to
+        # another host (HAProxy counts each as a redispatch).
+        h1 = hosts[0]
+        node = h1.status()["members"][0]["pid"]
+        downs = int(front.stats()[h1.name]["chkdown"])
+        moved = int(front.stats()[h1.name]["wredis"])
+        os.kill(node, signal.SIGKILL)
+        states = set()
+        deadline = time.monotonic() + (FALL + 2) * INTER_MS / 1000
+        while time.monotonic() < deadline:
+            states.add(front.stats()[h1.name]["status"])
+            time.sleep(0.01)
+        assert all(s.startswith("UP") for s in states), states  # "UP 1/2": one failed check
+        assert int(front.stats()[h1.name]["chkdown"]) == downs
+        assert hostlab.wait_for(lambda: node not in {m["pid"] for m in h1.status()["members"]}
+                                and len(h1.status()["members"]) == 2, 20)
+        moved = int(front.stats()[h1.name]["wredis"]) - moved
+
+        # A host crash under load: every process of h2 killed at once.
         victim, survivors = hosts[1], [hosts[0], hosts[2]]
         t_kill = time.monotonic()
         victim.crash()
@@ -187,13 +207,19 @@ def test_host_crash_behind_haproxy_moves_only_its_share(lab, tmp_path, seed):
         time.sleep(1.5)  # the load goes on without h2
         out = front.stats()[victim.name]
         answers = load.stop()
-        print(f"h2 down {t_down - t_kill:.3f} s after the kill (bound {bound:.1f} s); "
+        print(f"node crash of h1: {moved} request(s) redispatched; "
+              f"h2 down {t_down - t_kill:.3f} s after the kill (bound {bound:.1f} s); "
               f"{len(answers)} requests; retries {out['wretr']}, redispatches {out['wredis']}")
         assert t_down - t_kill <= bound
         assert int(out["stot"]) == sent, "the front still sends to the dead host"
         failed = [a for a in answers if a.status != 200 or not a.exact]
         assert not failed, f"{len(failed)} failed, first {failed[:5]}"
         after = [a for a in answers if a.t > t_dead]
+        # before the host crash every URI was answered by its own host, but for the requests
+        # redispatched away from h1 during its node crash
+        elsewhere = [a for a in answers if a.t < t_kill and a.host != owner[a.uri]]
+        assert all(owner[a.uri] == h1.name for a in elsewhere), elsewhere
+        assert len(elsewhere) <= moved, (elsewhere, moved)
         assert after and any(owner[a.uri] == victim.name for a in after)
         for a in after:
             if owner[a.uri] == victim.name:

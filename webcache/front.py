@@ -50,8 +50,8 @@ READY_PATH = "/_mcs/ready"  # webcache.app.ready: 200 only while the host's doma
 # points come from the address already).
 _MAX_ID = 2_000_000_000
 # Points per server on HAProxy's ring: 16 x weight. Every server has the same weight, so only
-# the evenness of the split changes: 16 points leave shares of 20-45 % between 3 hosts,
-# 1600 points within a few percent.
+# the evenness of the split changes: over eight sets of 3 addresses, 600 URIs split 25-40 %
+# with 16 points each, 30-37 % with 1,600 (HAProxy 2.6).
 HAPROXY_WEIGHT = 100
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")

@@ -1153,6 +1153,12 @@ def hosts_findings(rows: list[dict]) -> list[str]:
             word = compared(b, a, "rose", "fell", "stayed about the same")
             out.append(f"From {lo} to {hi} hosts the hit ratio under {BALANCE[key]} {word} "
                        f"({fmt(a)} → {fmt(b)}; {why}).")
+    pair = [e.get("req_per_s") for e in (con.get(1, {}), rr.get(1, {}))]
+    if all(_num(v) and v > 0 for v in pair):
+        out.append("The two rows with one host are the same configuration measured twice "
+                   "(one host has no choice to make): their req/s differ by "
+                   f"{fmt_ratio(max(pair) / min(pair))}, a yardstick for the noise of req/s in "
+                   "this run.")
     if both:
         n = both[-1]
         c, r = con[n].get("req_per_s"), rr[n].get("req_per_s")
@@ -1267,13 +1273,15 @@ def fast_path_findings(rows: list[dict]) -> list[str]:
     if not clean or not missed:
         return []
     c, m = xi(max(clean, key=rps)), xi(max(missed, key=rps))
-    word = compared(c.get("req_per_s"), m.get("req_per_s"), "more", "fewer", "about as many")
+    word = compared(c.get("req_per_s"), m.get("req_per_s"), "more than", "fewer than",
+                    "about as many as")
     out = [f"Without any miss ({fmt_bytes(c['cache_bytes'])} of cache) the fast path answered "
-           f"{fmt(c.get('fast_path_share'))} of the requests, and req/s were "
-           f"{fmt_ratio(ratio(c.get('req_per_s'), m.get('req_per_s')))} ({word}) the most with "
-           f"misses: {fmt(m.get('req_per_s'))} req/s with {fmt_bytes(m['cache_bytes'])}, a hit "
-           f"ratio of {fmt(m.get('hit_ratio'))} and {fmt(m.get('fast_path_share'))} of the "
-           "requests on the fast path."]
+           f"{fmt(c.get('fast_path_share'))} of the requests and the host served "
+           f"{fmt(c.get('req_per_s'))} req/s, {word} the best row with misses "
+           f"({fmt_ratio(ratio(c.get('req_per_s'), m.get('req_per_s')))}): "
+           f"{fmt(m.get('req_per_s'))} req/s with {fmt_bytes(m['cache_bytes'])}, a hit ratio of "
+           f"{fmt(m.get('hit_ratio'))} and {fmt(m.get('fast_path_share'))} of the requests on "
+           "the fast path."]
     share, hit = m.get("fast_path_share"), m.get("hit_ratio")
     if _num(share) and _num(hit) and share < hit:
         out[-1] += (" Hits too went through aiohttp there: a miss is answered by aiohttp, and "

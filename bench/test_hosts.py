@@ -23,10 +23,11 @@ every derived number goes into ``extra_info``.
     smallest cache is the baseline row.
 
 The machine's 1-minute load average before and after each measured run is recorded
-(``load_average_1m``): other work on the machine shows there. Every process is stopped and checked: exit status 0, no ``/dev/shm/mcs.<domain>*`` left (and
-``mcs gc`` finds nothing); the namespaces and veths are removed and checked afterwards. All of
-it shares this machine's cores: req/s here weighs the work a request costs (a hit on the fast
-path, a miss through aiohttp and a disk read), not the capacity of N machines.
+(``load_average_1m``): other work on the machine shows there. Every process is stopped and
+checked: exit status 0, no ``/dev/shm/mcs.<domain>*`` left; the namespaces and veths are removed
+and checked afterwards. All of it shares this machine's cores: req/s here weighs the work a
+request costs (a hit on the fast path, a miss through aiohttp and a disk read), not the capacity
+of N machines.
 """
 
 from __future__ import annotations

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+# The conftest of tests/ or of bench/, whichever runs: both have this helper.
+from conftest import wait_for
+
 BIN = Path(sys.executable).parent
 MCS_WEBCACHE = str(BIN / "mcs-webcache")
 MCS = str(BIN / "mcs")
@@ -199,15 +202,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 class _Logged:
@@ -382,6 +376,16 @@ class Front:
 
     def get(self, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
         return http_get("127.0.0.1", self.port, path)
+
+    def owners(self, files: dict[str, bytes]) -> dict[str, str]:
+        """One GET of every file through the front, each body checked: URI -> the host that
+        answered it (X-Mcs-Host)."""
+        seen = {}
+        for uri, data in files.items():
+            status, headers, body = self.get(uri)
+            assert status == 200 and body == data, (uri, status)
+            seen[uri] = headers["X-Mcs-Host"]
+        return seen
 
     def stats(self) -> dict[str, dict[str, str]]:
         """HAProxy's ``show stat`` of the hosts' backend: server name -> its row (``status``:

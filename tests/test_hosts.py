@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import hostlab
+from conftest import wait_for
 from webcache.board import PUBLISH_INTERVAL
 from webcache.front import FrontError, engine_binary
 
@@ -122,16 +123,6 @@ class Load:
         return self.answers
 
 
-def owners(front: hostlab.Front, files: dict[str, bytes]) -> dict[str, str]:
-    """URI -> the host that answered it (X-Mcs-Host), each body checked."""
-    seen = {}
-    for uri, data in files.items():
-        status, headers, body = front.get(uri)
-        assert status == 200 and body == data, (uri, status)
-        seen[uri] = headers["X-Mcs-Host"]
-    return seen
-
-
 def counted(hosts: list[hostlab.Host], front: hostlab.Front,
             uris: list[str]) -> dict[str, dict[str, int]]:
     """One pass over ``uris`` through the front: each host's hits and misses during it (read
@@ -164,8 +155,8 @@ def test_host_crash_behind_haproxy_moves_only_its_share(lab, tmp_path, seed):
             front.wait_status(h.name, "UP", 15)
 
         # Each URI has one host, the same every time; the three hosts share the URIs.
-        owner = owners(front, files)
-        assert owners(front, files) == owner
+        owner = front.owners(files)
+        assert front.owners(files) == owner
         share = collections.Counter(owner.values())
         assert set(share) == {h.name for h in hosts}, share
         assert min(share.values()) >= FILES // 10, share
@@ -192,7 +183,7 @@ def test_host_crash_behind_haproxy_moves_only_its_share(lab, tmp_path, seed):
             time.sleep(0.01)
         assert all(s.startswith("UP") for s in states), states  # "UP 1/2": one failed check
         assert int(front.stats()[h1.name]["chkdown"]) == downs
-        assert hostlab.wait_for(lambda: node not in {m["pid"] for m in h1.status()["members"]}
+        assert wait_for(lambda: node not in {m["pid"] for m in h1.status()["members"]}
                                 and len(h1.status()["members"]) == 2, 20)
         moved = int(front.stats()[h1.name]["wredis"]) - moved
 
@@ -237,7 +228,7 @@ def test_host_crash_behind_haproxy_moves_only_its_share(lab, tmp_path, seed):
         assert not victim.shm_left()
         victim.start()
         front.wait_status(victim.name, "UP", RISE * INTER_MS / 1000 + 15)
-        assert owners(front, files) == owner
+        assert front.owners(files) == owner
         back = counted(hosts, front, uris)
         assert back == {h: {"hits": share[h], "misses": 0} for h in share}, back
     finally:

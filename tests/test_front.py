@@ -193,6 +193,10 @@ def test_nginx_in_front_of_two_hosts_on_loopback(tmp_path):
         assert (status, body) == (200, b"ready\n")
         assert headers["X-Mcs-Host"] == "a" and headers["X-Mcs-Node"] == str(hosts[0].pids[0])
         assert hosts[0].status()["host"] == "a"
+        for path in ("/p01.txt", "/p01.txt", "/nope"):  # a miss, a hit (fast path), a 404
+            status, headers, _ = hosts[0].get(path)
+            assert (status, headers["X-Mcs-Host"]) == (404 if path == "/nope" else 200, "a")
+        assert hosts[0].status()["fast_path"]["served"] >= 1
         proxy = hostlab.Front(hosts, tmp_path, engine="nginx")
 
         owner = proxy.owners(files)

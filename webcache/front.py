@@ -55,7 +55,7 @@ _MAX_ID = 2_000_000_000
 HAPROXY_WEIGHT = 100
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_SIZES = {"check-interval": (100, 600_000), "fall": (1, 100), "rise": (1, 100),
+_RANGES = {"check-interval": (100, 600_000), "fall": (1, 100), "rise": (1, 100),
           "retries": (0, 10), "connect-timeout": (50, 600_000)}
 
 
@@ -371,7 +371,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _int(args: argparse.Namespace, option: str) -> int:
     text = getattr(args, option.replace("-", "_"))
-    lo, hi = _SIZES[option]
+    lo, hi = _RANGES[option]
     try:
         value = int(text)
     except ValueError:

@@ -102,9 +102,12 @@ def load_runs(paths: list[Path]) -> tuple[dict[str, list[dict]], dict[str, Path]
         mine: dict[str, list[dict]] = {}
         for b in doc["benchmarks"]:
             mine.setdefault(b.get("group") or "(no group)", []).append(b)
+        # a kept report (docs/benchmarks.json) says which run each of its groups came from
+        recorded = doc.get("mcs_report_sources") or {}
         for g, rows in mine.items():
             groups[g] = rows
-            source[g] = path
+            where = recorded.get(g)
+            source[g] = REPO / where if isinstance(where, str) else path
     if not groups:
         raise ReportError("no benchmarks in the input")
     return groups, source, docs
@@ -1145,10 +1148,275 @@ def section_state(groups: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+# -- several hosts and the cache size (bench/test_hosts.py) ---------------------------------------
+
+HOSTS_HIT_GOAL = 0.95  # issue 14: the hit ratio of 3 hosts under consistent hashing, at least
+HOSTS_MARGIN = 0.05  # ... and "clearly above round-robin": by at least this much
+BALANCE = {"consistent": "consistent hashing", "roundrobin": "round-robin"}
+
+
+def _by_balance(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for b in rows:
+        e = xi(b)
+        out.setdefault(e["balance"], {})[e["hosts"]] = e
+    return out
+
+
+def zipf_workload(e: dict) -> str:
+    """The Zipf workload of bench/test_hosts.py, as a row recorded it."""
+    return (f"{fmt(e.get('files'))} files of {fmt_bytes(e['file_bytes_min'])}–"
+            f"{fmt_bytes(e['file_bytes_max'])} ({fmt_bytes(e['working_set_bytes'])} as the cache "
+            f"stores them, entry headers included: the working set), requested with a seeded Zipf "
+            f"distribution (s = {e.get('zipf_s')}) by {e.get('loadgen')} over "
+            f"{fmt(e.get('connections'))} connections: every file once (the coldest first), a "
+            f"{fmt(e.get('warmup_s'))} s warm-up, then {fmt(e.get('run_s'))} s measured. Hit "
+            "ratio: hits / (hits + misses) of the hosts' own counters (`/_mcs/status`) during the "
+            "measured run.")
+
+
+def load_average(rows: list[dict]) -> str:
+    """The machine's load around the measured runs, as the rows recorded it."""
+    values = [v for b in rows for v in xi(b).get("load_average_1m") or [] if _num(v)]
+    if not values:
+        return ""
+    return (f" The machine's 1-minute load average around the measured runs was "
+            f"{fmt(min(values))}–{fmt(max(values))}, on {xi(rows[0]).get('cores', '?')} cores: "
+            "req/s here also moves with whatever else the machine runs.")
+
+
+def hosts_intro(rows: list[dict]) -> str:
+    e = xi(rows[0])
+    counts = sorted({xi(b)["hosts"] for b in rows})
+    return (f"{_and(counts)} cache hosts behind HAProxy (`mcs-webcache front`), each host a "
+            f"network namespace of this machine running its own `mcs-webcache serve` "
+            f"({fmt(e.get('nodes_per_host'))} node, {fmt_bytes(e['cache_bytes_per_host'])} of "
+            f"cache: the working set is {fmt(e.get('working_set_over_host_cache'))}× one host's "
+            f"cache), with consistent hashing on the URI against round-robin (the baseline of "
+            f"the same number of hosts). " + zipf_workload(e) + " *Ideal*: a cache that holds "
+            "the hottest files that fit (consistent hashing: each host the hottest of its own "
+            "share, as the front split the files in this run)." + load_average(rows))
+
+
+def hosts_findings(rows: list[dict]) -> list[str]:
+    """The sentences of hosts-balance, every word chosen by the numbers."""
+    by = _by_balance(rows)
+    con, rr = by.get("consistent", {}), by.get("roundrobin", {})
+    out = []
+    both = sorted(set(con) & set(rr))
+    if both:
+        n = both[-1]
+        c, r = con[n].get("hit_ratio"), rr[n].get("hit_ratio")
+        if _num(c) and _num(r):
+            ok = c >= HOSTS_HIT_GOAL and c - r >= HOSTS_MARGIN
+            verdict = "met" if ok else "**missed**"
+        else:
+            verdict = "not measured"
+        out.append(f"With {n} hosts, consistent hashing hit **{fmt(c)}** of the requests and "
+                   f"round-robin {fmt(r)}: the goal (≥ {HOSTS_HIT_GOAL} under consistent "
+                   f"hashing, and above round-robin by at least {HOSTS_MARGIN}) is {verdict}. "
+                   "The ideal for the split of this run was "
+                   f"{fmt(con[n].get('ideal_hit_ratio_this_split'))}.")
+    for key, series, why in (
+            ("consistent", con, "each host caches its own share of the URIs"),
+            ("roundrobin", rr, "every host sees every URI and caches the same hot set")):
+        if len(series) > 1:
+            lo, hi = min(series), max(series)
+            a, b = series[lo].get("hit_ratio"), series[hi].get("hit_ratio")
+            word = compared(b, a, "rose", "fell", "stayed about the same")
+            out.append(f"From {lo} to {hi} hosts the hit ratio under {BALANCE[key]} {word} "
+                       f"({fmt(a)} → {fmt(b)}; {why}).")
+    pair = [e.get("req_per_s") for e in (con.get(1, {}), rr.get(1, {}))]
+    if all(_num(v) and v > 0 for v in pair):
+        out.append("The two rows with one host are the same configuration measured twice "
+                   "(one host has no choice to make): their req/s differ by "
+                   f"{fmt_ratio(max(pair) / min(pair))}, a yardstick for the noise of req/s in "
+                   "this run.")
+    if both:
+        n = both[-1]
+        c, r = con[n].get("req_per_s"), rr[n].get("req_per_s")
+        word = compared(c, r, "more than", "fewer than", "about as many as")
+        cores = con[n].get("cores", "?")
+        out.append(f"With {n} hosts, consistent hashing served {fmt(c)} req/s, {word} "
+                   f"round-robin's {fmt(r)} ({fmt_ratio(ratio(c, r))}). The hosts, HAProxy and "
+                   f"the load generator share this machine's {cores} cores, so req/s weighs "
+                   "what a request costs here (a hit on the fast path, a miss through aiohttp "
+                   "and a read from disk), not what N machines would serve.")
+    return out
+
+
+def plot_hosts(plt, rows: list[dict], path: Path) -> None:
+    by = _by_balance(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"consistent": "#1f77b4", "roundrobin": "#ff7f0e"}
+    counts = sorted({xi(b)["hosts"] for b in rows})
+    for key, series in by.items():
+        ns = sorted(series)
+        ax1.plot(ns, [series[n].get("hit_ratio") or 0 for n in ns], "o-", color=colors.get(key),
+                 label=f"{BALANCE.get(key, key)}")
+        ax1.plot(ns, [series[n].get("ideal_hit_ratio_this_split") or 0 for n in ns], ":",
+                 color=colors.get(key), label=f"{BALANCE.get(key, key)}: ideal")
+    ax1.axhline(HOSTS_HIT_GOAL, color="grey", linewidth=0.8)
+    ax1.annotate(f"goal {HOSTS_HIT_GOAL}", (counts[0], HOSTS_HIT_GOAL), xytext=(2, -10),
+                 textcoords="offset points", fontsize=8, color="grey")
+    ax1.set_xticks(counts)
+    ax1.set_xlabel("hosts")
+    ax1.set_ylabel("aggregate hit ratio")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title("Hit ratio (working set = "
+                  f"{fmt(xi(rows[0]).get('working_set_over_host_cache'))}× one host's cache)",
+                  fontsize=10)
+    ax1.legend(fontsize=8, loc="lower right")
+    width = 0.8 / max(1, len(by))
+    for i, (key, series) in enumerate(by.items()):
+        xs = [j + (i - (len(by) - 1) / 2) * width for j in range(len(counts))]
+        vals = [series.get(n, {}).get("req_per_s") or 0 for n in counts]
+        bars = ax2.bar(xs, vals, width, color=colors.get(key), label=BALANCE.get(key, key))
+        _bar_labels(ax2, bars, [fmt(v) for v in vals])
+    ax2.set_xticks(range(len(counts)), [f"{n} host{'s' if n > 1 else ''}" for n in counts])
+    ax2.set_ylabel("requests/s (all hosts, front and wrk on the same cores)")
+    ax2.set_title("Throughput through the front", fontsize=10)
+    ax2.margins(y=0.15)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _per_host(e: dict) -> str:
+    parts = []
+    for name, h in (e.get("per_host") or {}).items():
+        share = h.get("share_of_working_set")
+        parts.append(f"{name} {fmt(h.get('hit_ratio'))}"
+                     + (f" ({share * 100:.0f} %)" if _num(share) else ""))
+    return ", ".join(parts)
+
+
+def section_hosts(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
+    """hosts-balance: hit ratio and req/s of 1..N hosts, consistent hashing against round-robin."""
+    rows = sorted(rows, key=lambda b: (xi(b)["balance"] != "consistent", xi(b)["hosts"]))
+    rr = _by_balance(rows).get("roundrobin", {})
+    table = []
+    for b in rows:
+        e = xi(b)
+        base = rr.get(e["hosts"], {})
+        table.append([BALANCE.get(e["balance"], e["balance"]), fmt(e["hosts"]),
+                      fmt(e.get("hit_ratio")), fmt(e.get("ideal_hit_ratio_this_split")),
+                      fmt(e.get("req_per_s")),
+                      fmt_ratio(ratio(e.get("req_per_s"), base.get("req_per_s"))),
+                      fmt(e.get("fast_path_share")), fmt(e.get("latency_us_p99")),
+                      _per_host(e)])
+    return [
+        hosts_intro(rows), "",
+        md_table(["balance", "hosts", "hit ratio", "ideal", "req/s", "× round-robin",
+                  "fast path", "p99 µs", "per host: hit ratio (share of the working set)"],
+                 table), "",
+        *_figure(plt, lambda p, path: plot_hosts(p, rows, path), img_dir, out,
+                 "hosts-balance.png"),
+        *[s + "\n" for s in hosts_findings(rows)],
+    ]
+
+
+def sweep_findings(rows: list[dict]) -> list[str]:
+    lo, hi = xi(rows[0]), xi(rows[-1])
+    if rows[0] is rows[-1]:
+        return []
+    hr = compared(hi.get("hit_ratio"), lo.get("hit_ratio"), "rose", "fell", "stayed about the same")
+    rps = compared(hi.get("req_per_s"), lo.get("req_per_s"), "rose", "fell",
+                   "stayed about the same")
+    best = max(rows, key=lambda b: xi(b).get("req_per_s") or 0)
+    out = [f"From {fmt(lo.get('fraction_of_working_set'))}× to "
+            f"{fmt(hi.get('fraction_of_working_set'))}× the working set "
+            f"({fmt_bytes(lo['cache_bytes'])} to {fmt_bytes(hi['cache_bytes'])} of cache), the "
+            f"hit ratio {hr} ({fmt(lo.get('hit_ratio'))} → {fmt(hi.get('hit_ratio'))}) and "
+            f"req/s {rps} ({fmt(lo.get('req_per_s'))} → {fmt(hi.get('req_per_s'))}, "
+            f"{fmt_ratio(ratio(hi.get('req_per_s'), lo.get('req_per_s')))}); the most req/s "
+            f"came with {fmt_bytes(xi(best)['cache_bytes'])} "
+            f"({fmt(xi(best).get('fraction_of_working_set'))}× the working set)."]
+    return out + fast_path_findings(rows)
+
+
+def fast_path_findings(rows: list[dict]) -> list[str]:
+    """What a miss costs beyond itself: rows without any miss against those with misses."""
+    def rps(b: dict) -> float:
+        return xi(b).get("req_per_s") or 0
+
+    clean = [b for b in rows if xi(b).get("misses") == 0]
+    missed = [b for b in rows if _num(xi(b).get("misses")) and xi(b)["misses"] > 0]
+    if not clean or not missed:
+        return []
+    c, m = xi(max(clean, key=rps)), xi(max(missed, key=rps))
+    word = compared(c.get("req_per_s"), m.get("req_per_s"), "more than", "fewer than",
+                    "about as many as")
+    out = [f"Without any miss ({fmt_bytes(c['cache_bytes'])} of cache) the fast path answered "
+           f"{fmt(c.get('fast_path_share'))} of the requests and the host served "
+           f"{fmt(c.get('req_per_s'))} req/s, {word} the best row with misses "
+           f"({fmt_ratio(ratio(c.get('req_per_s'), m.get('req_per_s')))}): "
+           f"{fmt(m.get('req_per_s'))} req/s with {fmt_bytes(m['cache_bytes'])}, a hit ratio of "
+           f"{fmt(m.get('hit_ratio'))} and {fmt(m.get('fast_path_share'))} of the requests on "
+           "the fast path."]
+    share, hit = m.get("fast_path_share"), m.get("hit_ratio")
+    if _num(share) and _num(hit) and share < hit:
+        out[-1] += (" Hits too went through aiohttp there: a miss is answered by aiohttp, and "
+                    "the keep-alive connection it came on stays with aiohttp afterwards "
+                    "(docs/webcache.md, the fast path), so a few misses take most requests off "
+                    "the fast path.")
+    return out
+
+
+def plot_sweep(plt, rows: list[dict], path: Path) -> None:
+    xs = [xi(b)["cache_bytes"] / (1 << 20) for b in rows]
+    fig, ax1 = plt.subplots(figsize=(7.5, 4))
+    ax1.plot(xs, [xi(b).get("req_per_s") or 0 for b in rows], "o-", color="#1f77b4",
+             label="requests/s")
+    ax1.set_xlabel("cache memory (MiB): " + ", ".join(
+        f"{fmt(xi(b).get('fraction_of_working_set'))}×" for b in rows) + " the working set")
+    ax1.set_ylabel("requests/s", color="#1f77b4")
+    ax1.set_ylim(bottom=0)
+    ax2 = ax1.twinx()
+    ax2.plot(xs, [xi(b).get("hit_ratio") or 0 for b in rows], "s-", color="#2ca02c",
+             label="hit ratio")
+    ax2.plot(xs, [xi(b).get("ideal_hit_ratio") or 0 for b in rows], ":", color="#2ca02c",
+             label="ideal hit ratio")
+    ax2.set_ylabel("hit ratio", color="#2ca02c")
+    ax2.set_ylim(0, 1.05)
+    lines = ax1.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax1.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
+    ax1.set_title("One host: throughput and hit ratio against cache memory (cf. MCS Fig. 8)",
+                  fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def section_sweep(plt, rows: list[dict], img_dir: Path, out: Path) -> list[str]:
+    """cache-size-sweep: one host's hit ratio and req/s against its cache memory."""
+    rows = sorted(rows, key=lambda b: xi(b)["cache_bytes"])
+    e0 = xi(rows[0])
+    table = [[fmt_bytes(xi(b)["cache_bytes"]), fmt(xi(b).get("fraction_of_working_set")),
+              fmt(xi(b).get("hit_ratio")), fmt(xi(b).get("ideal_hit_ratio")),
+              fmt(xi(b).get("req_per_s")),
+              fmt_ratio(ratio(xi(b).get("req_per_s"), e0.get("req_per_s"))),
+              fmt(xi(b).get("fast_path_share")), fmt(xi(b).get("latency_us_p99"))]
+             for b in rows]
+    return [
+        f"One host ({fmt(e0.get('nodes'))} node, on loopback, no front), the workload of "
+        f"hosts-balance with a cache of {fmt(e0.get('fraction_of_working_set'))}× to "
+        f"{fmt(xi(rows[-1]).get('fraction_of_working_set'))}× the working set: " +
+        zipf_workload(e0) + load_average(rows), "",
+        md_table(["cache", "× working set", "hit ratio", "ideal", "req/s", "× smallest",
+                  "fast path", "p99 µs"], table), "",
+        *_figure(plt, lambda p, path: plot_sweep(p, rows, path), img_dir, out,
+                 "cache-size-sweep.png"),
+        *[s + "\n" for s in sweep_findings(rows)],
+    ]
+
+
 # -- main ----------------------------------------------------------------------------------------
 
-ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison", "webcache-recovery-size",
-         "stall-behind-holder", "supervise-restart"]
+ORDER = ["webcache-hits", "webcache-scaling", "cache-comparison", "hosts-balance",
+         "cache-size-sweep", "webcache-recovery-size", "stall-behind-holder", "supervise-restart"]
 VICTIM_ENTRIES = 1_000  # bench/test_webcache.py: the killed member's own entries
 RECOVERY_SIZE_RATIO = 1.5  # targets of webcache-recovery-size (issue 16)
 RECOVERY_1M_MS = 20
@@ -1172,7 +1440,7 @@ def kept_run(docs: list[dict], groups: dict[str, list[dict]],
     else:
         doc = dict(docs[-1]["doc"])
         doc["benchmarks"] = [b for rows in groups.values() for b in rows]
-        doc["mcs_report_sources"] = {g: os.path.relpath(p, REPO) for g, p in source.items()}
+        doc["mcs_report_sources"] = {g: _shown(p) for g, p in source.items()}
     doc["benchmarks"] = [_without_samples(b) for b in doc["benchmarks"]]
     return doc
 
@@ -1199,9 +1467,9 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
     plt = need_matplotlib() if plots else None
     groups, source, docs = load_runs(paths)
     raw = raw_path(out)
-    inputs = [d["path"] for d in docs]
-    taken = "" if inputs == [raw] else (" (taken from " + ", ".join(
-        f"`{_shown(p)}`" for p in inputs) + ")")
+    sources = list(dict.fromkeys(source.values()))  # the runs the reported groups come from
+    taken = "" if sources == [raw] else (" (taken from " + ", ".join(
+        f"`{_shown(p)}`" for p in sources) + ")")
     last = docs[-1]["doc"]
     lines = [
         "# mcs benchmarks",
@@ -1238,7 +1506,7 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
     state = {g: groups[g] for g in groups if is_state(g)}
     names = [g for g in ORDER if g in groups] + sorted(g for g in groups
                                                         if g not in ORDER and not is_state(g))
-    several = len(docs) > 1  # then say which file each group was taken from
+    several = len(sources) > 1  # then say which file each group was taken from
     lines += ["## Groups", ""] + [f"- [{g}](#{_anchor(g)}) ({len(groups[g])} rows"
                                    + (f", `{_shown(source[g])}`" if several else "") + ")"
                                    for g in names]
@@ -1263,6 +1531,12 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
                 continue
             if g == "cache-comparison" and all("variant" in xi(b) for b in rows):
                 lines += section_comparison(plt, rows, img_dir, out)
+                continue
+            if g == "hosts-balance" and all("balance" in xi(b) for b in rows):
+                lines += section_hosts(plt, rows, img_dir, out)
+                continue
+            if g == "cache-size-sweep" and all("cache_bytes" in xi(b) for b in rows):
+                lines += section_sweep(plt, rows, img_dir, out)
                 continue
         except (KeyError, TypeError, ValueError) as exc:  # an older/newer layout: go generic
             lines += [f"(custom rendering failed: {exc!r}; generic table below)", ""]

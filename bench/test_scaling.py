@@ -108,18 +108,22 @@ def make_scaling_site(root: Path) -> list[str]:
     return paths
 
 
-def make_zipf_site(root: Path) -> tuple[list[str], list[float], dict[str, int]]:
-    """300 files of 16-48 KiB; returns (paths by popularity rank, Zipf CDF, sizes)."""
-    rng = random.Random(CMP_SEED)
+def make_zipf_site(root: Path, files: int = CMP_FILES, smallest: int = CMP_MIN,
+                   largest: int = CMP_MAX, s: float = CMP_ZIPF_S,
+                   seed: int = CMP_SEED) -> tuple[list[str], list[float], dict[str, int]]:
+    """``files`` files of ``smallest``-``largest`` bytes (300 of 16-48 KiB by default); returns
+    (paths by popularity rank, Zipf CDF of exponent ``s``, sizes). bench/test_hosts.py too."""
+    rng = random.Random(seed)
     sizes = {}
-    for i in range(CMP_FILES):
-        name = f"/z{i:03d}.bin"  # same length for every path: equal request sizes
-        size = rng.randrange(CMP_MIN, CMP_MAX + 1)
+    width = max(3, len(str(files - 1)))
+    for i in range(files):
+        name = f"/z{i:0{width}d}.bin"  # same length for every path: equal request sizes
+        size = rng.randrange(smallest, largest + 1)
         (root / name[1:]).write_bytes(rng.randbytes(size))
         sizes[name] = size
     ranked = sorted(sizes)
     rng.shuffle(ranked)  # popularity is independent of size
-    weights = [1 / (r ** CMP_ZIPF_S) for r in range(1, CMP_FILES + 1)]
+    weights = [1 / (r ** s) for r in range(1, files + 1)]
     total, acc, cdf = sum(weights), 0.0, []
     for w in weights:
         acc += w

@@ -344,3 +344,118 @@ def test_stall_sentences_follow_the_numbers(report, tmp_path, watched, said):
            "2.00 s (**shorter**)" in section
     restart = text.split("## supervise-restart", 1)[1]
     assert "serves again 190.0 ms after the kill (p50), of which 50.00 ms is the back-off" in restart
+
+# -- several hosts and the cache-size sweep (bench/test_hosts.py) ----------------------------------
+
+_ZIPF = {"files": 600, "file_set_bytes": 9_800_000, "file_bytes_min": 4096,
+         "file_bytes_max": 28672, "working_set_bytes": 10_200_000, "zipf_s": 0.9,
+         "seed": 20261214, "warmup_s": 4, "run_s": 5, "connections": 24, "cores": 2,
+         "load_generator_shares_cores": True, "loadgen": "wrk"}
+
+
+def hosts_doc(*, con3: float = 0.97, rr3: float = 0.68, con_rps: float = 2500.0,
+              rr_rps: float = 1800.0, sweep_rps_big: float = 2400.0,
+              sweep_big_hits: float = 0.94) -> dict[str, Any]:
+    """A run with the hosts-balance and cache-size-sweep groups."""
+    doc = run_doc()
+    hit = {("consistent", 1): 0.67, ("consistent", 2): 0.88, ("consistent", 3): con3,
+           ("roundrobin", 1): 0.67, ("roundrobin", 2): 0.68, ("roundrobin", 3): rr3}
+    for (balance, n), ratio in hit.items():
+        doc["benchmarks"].append(_row("hosts-balance", f"hosts[{balance}-{n}-hosts]", {
+            "balance": balance, "hosts": n, "baseline": balance == "roundrobin",
+            "nodes_per_host": 1, "cache_bytes_per_host": 3_400_000,
+            "working_set_over_host_cache": 3.0, **_ZIPF, "hit_ratio": ratio,
+            "ideal_hit_ratio_this_split": min(1.0, 0.79 + 0.1 * (n - 1)),
+            "req_per_s": (con_rps if balance == "consistent" else rr_rps) * n / 3,
+            "latency_us_p99": 9000.0, "load_average_1m": [2.5, 3.25 + n],
+            "per_host": {f"h{k}": {"hit_ratio": ratio, "share_of_working_set": 1 / n}
+                         for k in range(1, n + 1)}}))
+    for fraction, ratio, rps in ((0.125, 0.44, 1250.0), (0.5, 0.78, 2000.0),
+                                 (1.0, sweep_big_hits, sweep_rps_big)):
+        doc["benchmarks"].append(_row("cache-size-sweep", f"sweep[{fraction:g}x]", {
+            "fraction_of_working_set": fraction, "baseline": fraction == 0.125,
+            "cache_bytes": int(10_200_000 * fraction), "nodes": 1, **_ZIPF,
+            "hit_ratio": ratio, "ideal_hit_ratio": min(1.0, ratio + 0.1), "req_per_s": rps,
+            "misses": 0 if ratio == 1.0 else 500, "fast_path_share": ratio / 4,
+            "latency_us_p99": 8000.0}))
+    return doc
+
+
+@pytest.mark.parametrize("numbers, said, not_said", [
+    ({}, ["With 3 hosts, consistent hashing hit **0.970** of the requests and round-robin "
+          "0.680: the goal (≥ 0.95 under consistent hashing, and above round-robin by at least "
+          "0.05) is met.",
+          "From 1 to 3 hosts the hit ratio under consistent hashing rose (0.670 → 0.970;",
+          "From 1 to 3 hosts the hit ratio under round-robin stayed about the same "
+          "(0.670 → 0.680;",
+          "consistent hashing served 2,500 req/s, more than round-robin's 1,800 (×1.39)",
+          "The two rows with one host are the same configuration measured twice (one host has "
+          "no choice to make): their req/s differ by ×1.39, a yardstick",
+          "the working set is 3.00× one host's cache",
+          "The machine's 1-minute load average around the measured runs was 2.50–6.25, on 2 "
+          "cores: req/s here also moves",
+          "| consistent hashing | 3 | 0.970 | 0.990 | 2,500 | ×1.39 | — | 9,000 | h1 0.970 (33 %), "],
+     ["**missed**"]),
+    ({"con3": 0.93}, ["is **missed**."], ["is met."]),
+    ({"con3": 0.97, "rr3": 0.95}, ["is **missed**."], ["is met."]),
+    ({"con_rps": 1500.0}, ["1,500 req/s, fewer than round-robin's 1,800 (×0.83)"],
+     ["more than round-robin"]),
+])
+def test_hosts_sentences_follow_the_numbers(report, tmp_path, numbers, said, not_said):
+    text = build(report, tmp_path, hosts_doc(**numbers))
+    section = text.split("## hosts-balance", 1)[1].split("\n## ", 1)[0]
+    for sentence in said:
+        assert sentence in section
+    for sentence in not_said:
+        assert sentence not in section
+
+
+@pytest.mark.parametrize("big_rps, said", [
+    (2400.0, ["the hit ratio rose (0.440 → 0.940) and req/s rose (1,250 → 2,400, ×1.92); the "
+              "most req/s came with 9.7 MiB (1.00× the working set)."]),
+    (1000.0, ["req/s fell (1,250 → 1,000, ×0.80); the most req/s came with 4.9 MiB "
+              "(0.500× the working set)."]),
+])
+def test_cache_size_sweep_sentences_follow_the_numbers(report, tmp_path, big_rps, said):
+    text = build(report, tmp_path, hosts_doc(sweep_rps_big=big_rps))
+    section = text.split("## cache-size-sweep", 1)[1].split("\n## ", 1)[0]
+    assert "| 1.2 MiB | 0.125 | 0.440 | 0.540 | 1,250 | ×1.00 | 0.110 | 8,000 |" in section
+    for sentence in said:
+        assert sentence in section
+    assert "Without any miss" not in section  # every row had misses
+
+
+@pytest.mark.parametrize("big_rps, word", [(16000.0, "16,000 req/s, more than the best row "
+                                                      "with misses (×8.00)"),
+                                            (2000.0, "2,000 req/s, about as many as the best row "
+                                                     "with misses (×1.00)")])
+def test_what_a_miss_costs_the_fast_path_follows_the_numbers(report, tmp_path, big_rps, word):
+    text = build(report, tmp_path, hosts_doc(sweep_rps_big=big_rps, sweep_big_hits=1.0))
+    section = text.split("## cache-size-sweep", 1)[1].split("\n## ", 1)[0]
+    assert (f"Without any miss (9.7 MiB of cache) the fast path answered 0.250 of the requests "
+            f"and the host served {word}: 2,000 req/s with 4.9 MiB, a hit ratio of 0.780 and "
+            "0.195 of the requests on the fast path. Hits too went through aiohttp there") \
+        in section
+
+
+def test_groups_taken_from_a_kept_report_keep_their_source(report, tmp_path):
+    """Re-publishing some groups over a kept report: the other groups still name the run they
+    came from, not the kept file."""
+    kept = run_doc()
+    kept["mcs_report_sources"] = {"webcache-scaling": ".benchmarks/full-run.json",
+                                  "cache-comparison": ".benchmarks/full-run.json",
+                                  "webcache-hits": ".benchmarks/full-run.json"}
+    old = tmp_path / "kept.json"
+    old.write_text(json.dumps(kept))
+    new = tmp_path / "hosts.json"
+    doc = hosts_doc()
+    doc["benchmarks"] = [b for b in doc["benchmarks"]
+                         if b["group"] in ("hosts-balance", "cache-size-sweep")]
+    new.write_text(json.dumps(doc))
+    out = tmp_path / "out" / "benchmarks.md"
+    text = report.build([old, new], out, tmp_path / "img", plots=False)
+    assert "- [webcache-scaling](#webcache-scaling) (4 rows, `.benchmarks/full-run.json`)" in text
+    assert f"- [hosts-balance](#hosts-balance) (6 rows, `{new}`)" in text
+    sources = json.loads(out.with_suffix(".json").read_text())["mcs_report_sources"]
+    assert sources["cache-comparison"] == ".benchmarks/full-run.json"
+    assert sources["cache-size-sweep"] == str(new)

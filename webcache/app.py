@@ -1,8 +1,10 @@
 """The aiohttp application of one cache node: static files through the shared cache, plus the
 operator's endpoints: ``/_mcs/status`` (JSON), ``/metrics`` (Prometheus text format) and
-``/_mcs/`` (a live status page). The nodes share one port, so each endpoint describes the whole
-domain, whichever node answers: every member's counters are read from the board in shared
-memory (webcache/board.py), where each node publishes its own."""
+``/_mcs/`` (a live status page), and ``/_mcs/ready`` (200 only while this node's domain is stable:
+the health check of a front tier, docs/hosts.md). The nodes share one port, so each endpoint but
+the last describes the whole domain, whichever node answers: every member's counters are read
+from the board in shared memory (webcache/board.py), where each node publishes its own. Every
+response says which node and which host answered (``X-Mcs-Node``, ``X-Mcs-Host``)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from mcs.status import member_rows
 
 from webcache import board as B
 from webcache.cache import UNAVAILABLE, McsWebCache
-from webcache.fastpath import NODE_PID, SERVER, FastPathStats
+from webcache.fastpath import NODE_PID, FastPathStats, identity_fields
 from webcache.status_page import PAGE
 from webcache.paths import DocumentRoot, FileChanged, Forbidden, NotFound, OpenFile, ResolvedFile
 from webcache.semantics import (
@@ -30,12 +32,14 @@ from webcache.semantics import (
     precondition_failed,
 )
 
-__all__ = ["make_app", "node_status", "CACHE", "ROOT", "FAST", "BOARD"]
+__all__ = ["make_app", "node_status", "readiness", "CACHE", "ROOT", "FAST", "BOARD", "HOST_NAME"]
 
 CACHE = web.AppKey("cache", McsWebCache)
 ROOT = web.AppKey("root", DocumentRoot)
 FAST = web.AppKey("fast_path", FastPathStats)  # set by the node when its fast path is in front
 BOARD = web.AppKey("board", B.BoardWriter)  # this node's publisher of its counters
+HOST_NAME = web.AppKey("host_name", str)  # serve --host-name ("": none given)
+_IDENTITY = web.AppKey("identity", dict)  # the header fields of every response
 _PUBLISHER = web.AppKey("board_task", asyncio.Task)
 # A file above max_entry is sent in chunks of this size: large enough that the per-chunk cost
 # (a worker-thread hop, an open and an fstat) stays small next to the copy, small enough that a
@@ -43,13 +47,18 @@ _PUBLISHER = web.AppKey("board_task", asyncio.Task)
 STREAM_CHUNK = 256 * 1024
 
 
-def make_app(cache: McsWebCache, root: DocumentRoot) -> web.Application:
-    """App factory: one node's routes over an already started cache."""
+def make_app(cache: McsWebCache, root: DocumentRoot,
+             host_name: str | None = None) -> web.Application:
+    """App factory: one node's routes over an already started cache. ``host_name`` (the
+    host's name in a front tier) goes into every response (``X-Mcs-Host``) and the status."""
     app = web.Application(client_max_size=0)
     app[CACHE] = cache
     app[ROOT] = root
     app[BOARD] = B.BoardWriter(cache)
+    app[HOST_NAME] = host_name or ""
+    app[_IDENTITY] = identity_fields(host_name)
     app.router.add_get("/_mcs/status", status)
+    app.router.add_get("/_mcs/ready", ready)
     app.router.add_get("/_mcs/", status_page)
     app.router.add_get("/_mcs", status_page_redirect)
     app.router.add_get("/metrics", metrics)
@@ -61,7 +70,7 @@ def make_app(cache: McsWebCache, root: DocumentRoot) -> web.Application:
 
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = SERVER  # the same on both paths
+    response.headers.update(request.app[_IDENTITY])  # the same on both paths
 
 
 Planned = tuple[OpenFile, int, dict[str, str], "tuple[int, int] | None"]
@@ -313,9 +322,11 @@ def domain_view(cache: McsWebCache) -> dict[str, Any]:
     }
 
 
-def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[str, Any]:
+def node_status(cache: McsWebCache, fast: FastPathStats | None = None,
+                host_name: str = "") -> dict[str, Any]:
     """The status document: the whole domain (``members``, ``domain``), and at the top level
-    the node that answered (also the source of /metrics)."""
+    the node that answered (also the source of /metrics) and its host (``host``: serve
+    --host-name, null when none was given)."""
     view = cache.view
     st = cache.stats
     cs = cache.cache_stats
@@ -326,6 +337,7 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
     members = domain.pop("members")
     return {
         "node": cache.member.info.node,
+        "host": host_name or None,
         "pid": os.getpid(),
         "slot": cache.member.slot,
         "incarnation": cache.member.incarnation,
@@ -366,12 +378,36 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None) -> dict[s
 
 def _fresh_status(request: web.Request) -> dict[str, Any]:
     request.app[BOARD].publish()  # our own counters as of now; the others' lag by at most
-    return node_status(request.app[CACHE], request.app.get(FAST))  # PUBLISH_INTERVAL
+    return node_status(request.app[CACHE], request.app.get(FAST),  # PUBLISH_INTERVAL
+                       request.app[HOST_NAME])
 
 
 async def status(request: web.Request) -> web.Response:
     return web.json_response(_fresh_status(request),
                              headers={"Cache-Control": "no-store"})
+
+
+def readiness(cache: McsWebCache) -> str | None:
+    """Why this node should get no traffic from a front tier now, or None when it is ready:
+    its domain is stable (no recovery running, the first one included) and it is a member."""
+    if cache.member.fenced:
+        return "fenced (evicted from its domain)"
+    if cache.view is None:
+        return "not a member of a view yet"
+    if cache.recovering:
+        return "its domain is recovering"
+    return None
+
+
+async def ready(request: web.Request) -> web.Response:
+    """``GET /_mcs/ready``: 200 ``ready`` while this node serves a stable domain, else 503 with
+    the reason: the health check of HAProxy or nginx in front of several hosts (docs/hosts.md).
+    ``/_mcs/status`` answers 200 whenever the node answers at all, recovering or not."""
+    reason = readiness(request.app[CACHE])
+    headers = {"Cache-Control": "no-store"}
+    if reason is None:
+        return web.Response(text="ready\n", headers=headers)
+    return web.Response(status=503, text=f"not ready: {reason}\n", headers=headers)
 
 
 async def status_page(request: web.Request) -> web.Response:

@@ -43,12 +43,23 @@ from webcache.paths import DocumentRoot, ResolvedFile
 from webcache.semantics import file_headers, http_date
 
 __all__ = ["FastPath", "FastPathStats", "Connection", "Phase", "HttpVersion", "http_version",
-           "SERVER", "NODE_PID"]
+           "SERVER", "NODE_PID", "identity_fields"]
 
 log = logging.getLogger("mcs.webcache.fastpath")
 
 SERVER = "mcs-webcache"
 NODE_PID = str(os.getpid())  # which node answered (X-Mcs-Node; a node is one process)
+
+
+def identity_fields(host_name: str | None) -> dict[str, str]:
+    """The header fields every response of a node carries, on both paths: the node
+    (``X-Mcs-Node``: its pid), its host (``X-Mcs-Host``: ``serve --host-name``, when given) and
+    ``Server``."""
+    fields = {"X-Mcs-Node": NODE_PID}
+    if host_name:
+        fields["X-Mcs-Host"] = host_name
+    fields["Server"] = SERVER
+    return fields
 MAX_HEAD = 8192  # a longer head is aiohttp's to refuse (431)
 MAX_TARGET = 1024
 MAX_LINE = 8192  # a longer request line is aiohttp's to refuse
@@ -128,8 +139,9 @@ class FastPath:
     def __init__(self, cache: McsWebCache, root: DocumentRoot,
                  aiohttp_factory: Callable[[], asyncio.Protocol], *, enabled: bool = True,
                  stats: FastPathStats | None = None, limits: ConnectionLimits | None = None,
-                 conn_stats: ConnectionStats | None = None) -> None:
+                 conn_stats: ConnectionStats | None = None, host_name: str | None = None) -> None:
         self.cache = cache
+        self._identity = "".join(f"{k}: {v}\r\n" for k, v in identity_fields(host_name).items())
         self.root = root
         self.aiohttp_factory = aiohttp_factory
         self.stats = stats if stats is not None else FastPathStats()
@@ -211,8 +223,8 @@ class FastPath:
         body = _ERROR_BODIES[status]
         return (f"HTTP/1.1 {status.value} {status.phrase}\r\n"
                 f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: close\r\nX-Mcs-Node: {NODE_PID}\r\nServer: {SERVER}\r\n"
-                "Date: ").encode() + self.date() + b"\r\n\r\n" + body
+                f"Connection: close\r\n{self._identity}Date: ").encode() + self.date() \
+            + b"\r\n\r\n" + body
 
     def header_block(self, f: ResolvedFile) -> bytes:
         """Status line and the file's headers, up to (not including) Date and Connection."""
@@ -223,8 +235,7 @@ class FastPath:
         now = time.time_ns()
         fields = file_headers(f.path, f.size, f.mtime_ns, f.inode, f.ctime_ns, now_ns=now)
         block = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-                 + f"Content-Length: {f.size}\r\nX-Mcs-Node: {NODE_PID}\r\nServer: {SERVER}\r\n"
-                 "Date: ").encode()
+                 + f"Content-Length: {f.size}\r\n{self._identity}Date: ").encode()
         if f.mtime_ns <= now:  # a future mtime gives a Last-Modified that changes: not kept
             if len(self._headers) >= _HEADER_CACHE_MAX:
                 self._headers.clear()

@@ -3,8 +3,9 @@
     mcs-webcache serve --root DIR [--nodes N] [--host 127.0.0.1] [--port 8080]
                        [--cache-size 64M] [--max-entry 1M] [--domain NAME]
                        [--header-timeout S] [--body-timeout S] [--keepalive-timeout S]
-                       [--send-timeout S] [--max-connections N]
+                       [--send-timeout S] [--max-connections N] [--host-name NAME]
     mcs-webcache demo  [--dir DIR] [same options]   # generates a demo site, then serves it
+    mcs-webcache front --hosts HOST:PORT,... [...]  # HAProxy/nginx in front of several hosts
 
 The launcher runs N node processes under :class:`mcs.supervise.Supervisor` (``mcs supervise``'s
 engine): they share the port (SO_REUSEPORT) and one cache in shared memory; a node that dies is
@@ -28,6 +29,7 @@ from typing import Sequence
 
 from mcs.component_record import component_domain
 from mcs.supervise import Backoff, RestartIntensity, RestartPolicy, SlotStatus, Supervisor
+from webcache import front
 from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments
 
 __all__ = ["main", "parse_size"]
@@ -59,6 +61,9 @@ def check_port(host: str, port: int) -> int:
     """Fail clearly if ``host:port`` is taken; returns the port (a free one for port 0)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR (as the nodes bind): connections of a crashed predecessor in TIME_WAIT
+        # do not count, a listener still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))  # without SO_REUSEPORT: any other listener makes this fail
         except OSError as exc:
@@ -83,7 +88,8 @@ class Launcher:
         a = self.args
         return [sys.executable, "-P", "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
-                "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing] + (
+                "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing,
+                "--host-name", a.host_name] + (
                     ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
     def log(self, message: str) -> None:
@@ -170,14 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timing", default="{}", help=argparse.SUPPRESS)
         p.add_argument("--no-fast-path", action="store_true",
                        help="serve every request through aiohttp (to compare; slower)")
+        p.add_argument("--host-name", default=None, help="this host's name in every response "
+                       "(X-Mcs-Host) and in /_mcs/status (default: the hostname)")
         add_arguments(p)
+    front.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "front":
+        return front.main(args)
     try:
+        try:
+            args.host_name = front.host_name(args.host_name)
+        except ValueError as exc:
+            raise UsageError(f"--host-name: {exc}") from None
         if args.command == "demo":
             args.root = str(make_demo_site(Path(args.dir)).resolve())
         root = Path(args.root)

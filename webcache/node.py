@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-size", type=int, required=True)
     p.add_argument("--max-entry", type=int, required=True)
     p.add_argument("--node", default=None)
+    p.add_argument("--host-name", default=None,
+                   help="this host's name, sent in every response (X-Mcs-Host)")
     p.add_argument("--timing", default="{}", help="JSON: heartbeat, suspect_after, evict_after")
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every request through aiohttp (for comparison)")
@@ -61,7 +63,7 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
                     default_max_connections())
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_error)
-    app = make_app(cache, root)
+    app = make_app(cache, root, args.host_name)
     stats = app[FAST] = FastPathStats()
     # aiohttp's own keep-alive timer and body lingering end after the front's deadlines (which
     # count what they close): backstops only.
@@ -74,7 +76,7 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     runner.server.request_handler = track_requests(runner.server.request_handler)
     conn_stats = ConnectionStats()
     front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats,
-                     limits=limits, conn_stats=conn_stats)
+                     limits=limits, conn_stats=conn_stats, host_name=args.host_name)
     server = Acceptor(listening_sockets(args.host, args.port), front.protocol, limits, conn_stats,
                       lambda: len(front.connections))
     front.on_release = server.released

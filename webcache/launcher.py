@@ -28,7 +28,7 @@ from typing import Sequence
 
 from mcs.component_record import component_domain
 from mcs.supervise import Backoff, RestartIntensity, RestartPolicy, SlotStatus, Supervisor
-from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments
+from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments, add_native_argument
 
 __all__ = ["main", "parse_size"]
 
@@ -83,7 +83,8 @@ class Launcher:
         a = self.args
         return [sys.executable, "-P", "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
-                "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing] + (
+                "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing,
+                "--native-hits" if a.native_hits else "--no-native-hits"] + (
                     ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
     def log(self, message: str) -> None:
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timing", default="{}", help=argparse.SUPPRESS)
         p.add_argument("--no-fast-path", action="store_true",
                        help="serve every request through aiohttp (to compare; slower)")
+        add_native_argument(p)
         add_arguments(p)
     return parser
 

@@ -53,6 +53,9 @@
 #define HL_NAME_MAX 32        /* request header names compared (longer ones are none of ours) */
 #define HL_NOT_PLAIN_MAX 32
 #define HL_STR_MAX 256
+#define HL_KEYS 1024          /* memoized cache-key hashes (direct-mapped by target) */
+#define HL_KEY_MAX 120        /* longer targets are hashed every time */
+#define HL_DATES 16           /* memoized Last-Modified values (direct-mapped by second) */
 
 /* Why a request went to the asyncio side (webcache.native.HandOff mirrors these). */
 enum {
@@ -112,6 +115,10 @@ typedef struct { char ext[HL_NAME_MAX + 1]; char *type; size_t type_len; } hl_ty
 
 typedef struct { int fd; int reason; char *data; size_t len; } hl_handoff;
 
+typedef struct { uint32_t len; char rel[HL_KEY_MAX]; uint64_t hash; } hl_key;
+
+typedef struct { int64_t sec; uint32_t len; char text[36]; } hl_date_memo;
+
 enum { HL_FRESH = 0, HL_IDLE, HL_SENDING };
 
 typedef struct hl_conn {
@@ -141,8 +148,10 @@ typedef struct {
     char *scratch; size_t scratch_cap;
     char head[HL_RESPONSE_HEAD];
     int64_t date_sec; char date[64]; size_t date_len;
+    hl_date_memo last_modified[HL_DATES];
+    hl_key *keys;
     hl_type *types; size_t n_types, types_cap;
-    int64_t now, next_sweep;
+    int64_t now, now_real, next_sweep;  /* CLOCK_MONOTONIC, CLOCK_REALTIME: per wake-up */
     uint64_t counters[HC_COUNT];
 } hl_loop;
 
@@ -300,6 +309,23 @@ static uint64_t hl_path_hash(const unsigned char *data, size_t n) {
     return h[0];
 }
 
+/* The hash of the cache key prefix + rel, memoized by rel (a key is looked up on every hit). */
+static uint64_t hl_key_hash(hl_loop *L, const char *key, size_t n, size_t prefix_len) {
+    const char *rel = key + prefix_len;
+    size_t rn = n - prefix_len;
+    if (rn > HL_KEY_MAX)
+        return hl_path_hash((const unsigned char *)key, n);
+    uint32_t f = 2166136261u;  /* FNV-1a: only picks the slot */
+    for (size_t i = 0; i < rn; i++) f = (f ^ (unsigned char)rel[i]) * 16777619u;
+    hl_key *k = &L->keys[f & (HL_KEYS - 1)];
+    if (k->len == rn && memcmp(k->rel, rel, rn) == 0)
+        return k->hash;
+    k->hash = hl_path_hash((const unsigned char *)key, n);
+    memcpy(k->rel, rel, rn);
+    k->len = (uint32_t)rn;
+    return k->hash;
+}
+
 /* -- creation and configuration ------------------------------------------------------------- */
 
 static hl_loop *hl_new(const hl_config *cfg, int *err) {
@@ -315,7 +341,9 @@ static hl_loop *hl_new(const hl_config *cfg, int *err) {
     L->scratch_cap = cfg->max_entry ? (size_t)cfg->max_entry : 1;
     L->rbuf = (char *)malloc(HL_READ_SIZE);
     L->scratch = (char *)malloc(L->scratch_cap);
-    if (!L->rbuf || !L->scratch) { *err = ENOMEM; goto fail; }
+    L->keys = (hl_key *)calloc(HL_KEYS, sizeof(hl_key));
+    if (!L->rbuf || !L->scratch || !L->keys) { *err = ENOMEM; goto fail; }
+    for (int i = 0; i < HL_DATES; i++) L->last_modified[i].sec = -1;
     L->epfd = epoll_create1(EPOLL_CLOEXEC);
     L->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     L->py_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -332,6 +360,7 @@ fail:
     if (L->py_fd >= 0) close(L->py_fd);
     free(L->rbuf);
     free(L->scratch);
+    free(L->keys);
     pthread_mutex_destroy(&L->qlock);
     free(L);
     return NULL;
@@ -664,19 +693,30 @@ static int hl_plain_target(const char *t, size_t n) {
     return 1;
 }
 
-/* openat2(O_PATH, RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS) + fstat [+ access(R_OK)]:
- * webcache._fs.stat_beneath and the checks of FastPath.plain_file. */
-static int hl_stat(hl_loop *L, const char *rel, hl_file *f, int readable_needed) {
+/* The file a plain target names, with no symlink on the way (webcache._fs.stat_beneath and the
+ * checks of FastPath.plain_file): openat2(O_PATH, RESOLVE_BENEATH | NO_SYMLINKS |
+ * NO_MAGICLINKS) + fstat [+ access(R_OK)] + close. A name of one component (no "/") is the
+ * same lookup in one call: fstatat(root, name, AT_SYMLINK_NOFOLLOW) walks nothing but that
+ * entry of the root (the target has no "." segment), and a symlink there is reported as one
+ * (not a regular file: handed over, as openat2's ELOOP is). */
+static int hl_stat(hl_loop *L, const char *rel, size_t n, hl_file *f, int readable_needed) {
     struct { unsigned long long flags, mode, resolve; } how = {
         O_PATH | O_CLOEXEC, 0, HL_RESOLVE_BENEATH | HL_RESOLVE_NO_SYMLINKS | HL_RESOLVE_NO_MAGICLINKS};
     struct stat st;
-    int fd = (int)syscall(SYS_openat2, L->cfg.root_fd, rel, &how, sizeof how);
-    if (fd < 0)
-        return (errno == EMFILE || errno == ENFILE || errno == ENOMEM) ? HL_ERROR : HL_NO_FILE;
-    int rc = fstat(fd, &st);
-    int readable = rc == 0 && (!readable_needed
+    int rc, readable = 1;
+    if (!readable_needed && !memchr(rel, '/', n)) {
+        rc = fstatat(L->cfg.root_fd, rel, &st, AT_SYMLINK_NOFOLLOW);
+        if (rc != 0)
+            return (errno == ENOMEM) ? HL_ERROR : HL_NO_FILE;
+    } else {
+        int fd = (int)syscall(SYS_openat2, L->cfg.root_fd, rel, &how, sizeof how);
+        if (fd < 0)
+            return (errno == EMFILE || errno == ENFILE || errno == ENOMEM) ? HL_ERROR : HL_NO_FILE;
+        rc = fstat(fd, &st);
+        readable = rc == 0 && (!readable_needed
                                || syscall(SYS_faccessat2, fd, "", R_OK, AT_EMPTY_PATH) == 0);
-    close(fd);
+        close(fd);
+    }
     if (rc != 0 || !S_ISREG(st.st_mode) || st.st_nlink == 0 || !readable
             || (uint64_t)st.st_size > L->cfg.max_entry)
         return HL_NO_FILE;
@@ -704,16 +744,16 @@ static int hl_copy(hl_loop *L, char *arena, int64_t alen, uint64_t off, uint64_t
                                           (size_t)f->size);
     if (summed != mcs_load64(p + Y->e_sum))
         return HL_CORRUPT;
-    mcs_store64(p + Y->e_access, (uint64_t)hl_mono());
+    mcs_store64(p + Y->e_access, (uint64_t)L->now);
     return HL_HIT;
 }
 
 /* The cache hit (webcache.cache.McsWebCache.lookup): a verified copy in dst, or a reason. */
-static int hl_lookup(hl_loop *L, const char *path, size_t plen, const hl_file *f, char *dst) {
+static int hl_lookup(hl_loop *L, const char *path, size_t plen, uint64_t h, const hl_file *f,
+                     char *dst) {
     const hl_layout *Y = &L->cfg.lay;
     hl_shared *S = &L->sh;
     int r;
-    uint64_t h = hl_path_hash((const unsigned char *)path, plen);
     if (!hl_enter(L))
         return HL_RECOVERY;
     if (mcs_load64(S->root + Y->mf_offset) != S->mf_seen) { r = HL_RECOVERY; goto out; }
@@ -725,7 +765,9 @@ static int hl_lookup(hl_loop *L, const char *path, size_t plen, const hl_file *f
     char *bucket = S->master + boff;
     void *mutex = bucket + Y->b_mutex;
     if (mcs_load32(&mcs_mutex_meta_of(mutex)->magic) != MCS_MUTEX_MAGIC) { r = HL_UNAVAILABLE; goto out; }
-    int rc = mcs_mutex_lock(mutex, S->tag, hl_mono() + L->cfg.lock_wait_ns);
+    int rc = mcs_mutex_lock(mutex, S->tag, 0);  /* once; then waiting up to lock_wait */
+    if (rc == ETIMEDOUT)
+        rc = mcs_mutex_lock(mutex, S->tag, hl_mono() + L->cfg.lock_wait_ns);
     if (rc == EOWNERDEAD) {
         /* A holder died: every update of a bucket is one publishing store, so it is whole
          * (webcache.cache._consistent, the repair the Python path gives McsComponent.lock). */
@@ -811,7 +853,13 @@ static size_t hl_response_head(hl_loop *L, const hl_request *rq, const hl_file *
     hl_hex(&p, f->ctime_ns);
     HL_PUTS(&p, "\"\r\nLast-Modified: ");
     uint64_t lm = f->mtime_ns < (uint64_t)now_real_ns ? f->mtime_ns : (uint64_t)now_real_ns;
-    p += hl_http_date(p, (int64_t)(lm / 1000000000ULL));
+    int64_t lm_sec = (int64_t)(lm / 1000000000ULL);
+    hl_date_memo *memo = &L->last_modified[(uint64_t)lm_sec % HL_DATES];
+    if (memo->sec != lm_sec) {
+        memo->len = (uint32_t)hl_http_date(memo->text, lm_sec);
+        memo->sec = lm_sec;
+    }
+    hl_put(&p, memo->text, memo->len);
     HL_PUTS(&p, "\r\nContent-Type: ");
     hl_put(&p, type, type_len);
     HL_PUTS(&p, "\r\nAccept-Ranges: bytes\r\nContent-Length: ");
@@ -886,13 +934,14 @@ static int hl_serve(hl_loop *L, hl_conn *c, const char *head, size_t n) {
     memcpy(key + L->cfg.prefix_len, rq.target + 1, rq.target_len - 1);
     key[plen] = 0;
     /* the relative path: the key after the prefix, NUL-terminated */
-    r = hl_stat(L, key + L->cfg.prefix_len, &f, rq.head || L->cfg.check_readable);
+    r = hl_stat(L, key + L->cfg.prefix_len, rq.target_len - 1, &f,
+                rq.head || L->cfg.check_readable);
     if (r != HL_HIT) return r;
     if (!rq.head) {
-        r = hl_lookup(L, key, plen, &f, L->scratch);
+        r = hl_lookup(L, key, plen, hl_key_hash(L, key, plen, L->cfg.prefix_len), &f, L->scratch);
         if (r != HL_HIT) return r;
     }
-    size_t hn = hl_response_head(L, &rq, &f, mcs_now_ns(CLOCK_REALTIME));
+    size_t hn = hl_response_head(L, &rq, &f, L->now_real);
     if (hl_send(L, c, L->head, hn, rq.head ? NULL : L->scratch, rq.head ? 0 : (size_t)f.size) < 0)
         return HS_GONE;
     hl_count(L, HC_SERVED, 1);
@@ -1110,6 +1159,7 @@ static int hl_run(hl_loop *L) {
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);  /* signals are the main thread's */
     L->now = hl_mono();
+    L->now_real = mcs_now_ns(CLOCK_REALTIME);
     L->next_sweep = L->now + L->cfg.sweep_ns;
     while (!__atomic_load_n(&L->stop, __ATOMIC_SEQ_CST)) {
         int64_t wait = (L->next_sweep - L->now) / 1000000 + 1;
@@ -1119,6 +1169,7 @@ static int hl_run(hl_loop *L) {
             return errno;
         }
         L->now = hl_mono();
+        L->now_real = mcs_now_ns(CLOCK_REALTIME);
         for (int i = 0; i < n; i++) {
             hl_conn *c = (hl_conn *)ev[i].data.ptr;
             if (c == NULL) {
@@ -1155,6 +1206,7 @@ static void hl_free(hl_loop *L) {
     free(L->hand_q);
     free(L->rbuf);
     free(L->scratch);
+    free(L->keys);
     close(L->epfd);
     close(L->wake_fd);
     close(L->py_fd);

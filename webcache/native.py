@@ -159,6 +159,8 @@ class NativeHits:
         except Exception:
             self.failed = True
             log.exception("the native hit loop failed; the asyncio side serves everything")
+            if self._aio is not None:  # its connections are closed, new ones go to the front
+                self._aio.call_soon_threadsafe(self.close)
 
     def close(self) -> None:
         """Stop the loop (its connections are closed) and give the cache back (idempotent)."""

@@ -1,7 +1,7 @@
 """Builds the native modules (metadata is in pyproject.toml): mcs._gsm, the GSM core,
 mcs._undo, the undo log, mcs._dict, the SharedDict table,
-webcache._fs, the fast path's confined file lookup, and webcache._hit, the hit path's chain
-walk and checked copy."""
+webcache._fs, the fast path's confined file lookup, webcache._hit, the hit path's chain
+walk and checked copy, and webcache._native_loop, the native hit loop."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -38,6 +38,13 @@ extensions = [
         ["webcache/_hit.pyx"],
         include_dirs=["mcs"],
         extra_compile_args=["-O2", "-Wno-unused-function"],
+    ),
+    Extension(
+        "webcache._native_loop",
+        ["webcache/_native_loop.pyx"],
+        include_dirs=["mcs", "webcache"],
+        extra_compile_args=["-O2", "-Wno-unused-function"],
+        libraries=["pthread"],
     ),
 ]
 

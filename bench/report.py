@@ -678,9 +678,11 @@ def comparison_findings(rows: list[dict], base: dict) -> list[str]:
 
 def hits_intro(rows: list[dict]) -> str:
     """Which servers webcache-hits measured (a server that did not run is said so)."""
-    known = {"mcs": None, "mcs-aiohttp": "`mcs` with its fast path off",
+    known = {"mcs": None, "mcs-asyncio": "`mcs` with its native hit loop off (the asyncio "
+             "fast path serves the hits)", "mcs-aiohttp": "`mcs` with its fast path off",
              "memory": "an aiohttp handler returning the file from a `bytes` in memory",
-             "file": "aiohttp `web.FileResponse`"}
+             "file": "aiohttp `web.FileResponse`",
+             "nginx-tuned": "nginx with `open_file_cache` (no open/stat per request)"}
     e0 = xi(rows[0])
     ran, missing = [], []
     for name, sizes in e0["rps"].items():
@@ -832,13 +834,23 @@ def section_hits(rows: list[dict]) -> list[str]:
         out += [f"**{e.get('processes')} process(es) per server**, pinning: {e.get('pinning')}, "
                 f"load: {e.get('load_generator')}, {e.get('duration_s')} s per run, "
                 f"{e.get('connections')} connections, event loop {e.get('event_loop')}.", ""]
+        # p99 latency and CPU per request, in runs that recorded them
+        p99, cpu = e.get("p99_ms") or {}, e.get("cpu_us_per_request") or {}
         header = ["server"] + [f"{s} req/s" for s in sizes] + [f"mcs ÷ it, {s}" for s in sizes]
+        header += [f"p99 ms, {s}" for s in sizes if p99]
+        header += [f"CPU µs/request, {s}" for s in sizes if cpu]
         table = []
         for name, row in e["rps"].items():
             ratios = e["ratios"].get(f"mcs/{name}", {})
             table.append([name] + [fmt(row.get(s)) for s in sizes]
-                         + ["—" if name == "mcs" else fmt_ratio(ratios.get(s)) for s in sizes])
+                         + ["—" if name == "mcs" else fmt_ratio(ratios.get(s)) for s in sizes]
+                         + [fmt((p99.get(name) or {}).get(s)) for s in sizes if p99]
+                         + [fmt((cpu.get(name) or {}).get(s)) for s in sizes if cpu])
         out += [md_table(header, table), ""]
+        if cpu:
+            out += ["CPU µs/request: user + system time of the server's processes (every "
+                    "thread) over the measured run ÷ the requests it answered; the load "
+                    "generator's own CPU is not in it.", ""]
         targets = e.get("targets_met") or {}
         if targets:
             out += ["Targets: " + "; ".join(

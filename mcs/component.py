@@ -287,6 +287,18 @@ class McsComponent:
     def on_master(self, view: View) -> None:
         """In the master only, during the master phase: reset :attr:`master_area`."""
 
+    def on_gate(self, closed: bool) -> None:
+        """Called holding the gate's lock, just after the gate closed (``closed``) and just
+        before it opens after a recovery. For workers that are not Python threads (a native
+        loop reading shared memory without the GIL, as webcache.native): they keep a gate of
+        their own, closed and opened here, and :meth:`workers_quiet` says when they are out."""
+
+    def workers_quiet(self, timeout: float) -> bool:
+        """Asked by the quiesce phase once no Python thread is inside a block (with the gate
+        closed): True when the workers of :meth:`on_gate` are out of their blocks too (they may
+        be waited for up to ``timeout`` seconds)."""
+        return True
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> "McsComponent":
@@ -616,6 +628,7 @@ class McsComponent:
         with self._gate:
             if not self._gate_closed:
                 self._gate_closed = True
+                self.on_gate(True)
             self._interrupts += 1
             self._idle.clear()
             self._interrupt.set()
@@ -722,6 +735,7 @@ class McsComponent:
             st.last_phases_ms = phases
         with self._gate:
             if self._root.load64(rec.C_REQUESTED) <= epoch and not self._stopping.is_set():
+                self.on_gate(False)
                 self._gate_closed = False
                 self._interrupt.clear()
             self._gate.notify_all()
@@ -731,7 +745,7 @@ class McsComponent:
         deadline = time.monotonic() + self._recovery_timeout
         while True:
             self._idle.clear()  # a block that ends after this wakes us (see _Block._leave)
-            if not self._has_active_blocks():
+            if not self._has_active_blocks() and self.workers_quiet(POLL):
                 return
             self._idle.wait(POLL)
             self._tick()

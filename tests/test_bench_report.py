@@ -150,6 +150,23 @@ def test_workload_descriptions_come_from_the_run(report, tmp_path):
     assert "of 1.0 KiB–2.0 KiB (20.0 MiB: larger than one node's cache, larger than all" in text
 
 
+def test_hits_tables_carry_latency_and_cpu_per_request_when_recorded(report, tmp_path):
+    doc = run_doc()
+    text = build(report, tmp_path, doc)
+    assert "CPU µs/request" not in text  # a run from before they were recorded
+    hits = next(b for b in doc["benchmarks"] if b["group"] == "webcache-hits")["extra_info"]
+    hits["rps"]["nginx-tuned"] = {"4KiB": 20000.0}
+    hits["p99_ms"] = {"mcs": {"4KiB": 1.25}, "memory": {"4KiB": 9.5}, "nginx": {"4KiB": None},
+                      "nginx-tuned": {"4KiB": 2.5}}
+    hits["cpu_us_per_request"] = {"mcs": {"4KiB": 10.4}, "memory": {"4KiB": 80.0},
+                                  "nginx": {"4KiB": None}, "nginx-tuned": {"4KiB": 15.9}}
+    text = build(report, tmp_path, doc)
+    assert "| p99 ms, 4KiB | CPU µs/request, 4KiB |" in text
+    assert "| nginx-tuned | 20,000 | — | 2.50 | 15.90 |" in text
+    assert "| mcs | 27,328 | — | 1.25 | 10.40 |" in text
+    assert "nginx with `open_file_cache`" in text
+
+
 def test_the_raw_json_is_kept_with_the_report_and_renders_it_again(report, tmp_path):
     doc = run_doc()
     text = build(report, tmp_path, doc)

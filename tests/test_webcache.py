@@ -24,6 +24,14 @@ from mcs import procfs
 from conftest import wait_for
 
 FAST = json.dumps({"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4})
+# Which hit path the nodes of these tests use: MCS_TEST_HIT_PATH=native (the native hit loop,
+# webcache/native.py) or asyncio (--no-native-hits: the asyncio fast path serves the hits);
+# unset: the default of mcs-webcache serve. Run the web cache's test files once with each.
+HIT_PATH = os.environ.get("MCS_TEST_HIT_PATH", "")
+HIT_PATH_OPTIONS = {"": (), "native": ("--native-hits",), "asyncio": ("--no-native-hits",)}
+if HIT_PATH not in HIT_PATH_OPTIONS:
+    raise ValueError(f"MCS_TEST_HIT_PATH must be one of {sorted(HIT_PATH_OPTIONS)}, "
+                     f"not {HIT_PATH!r}")
 MAX_ENTRY = 256 * 1024
 SIZES = [0, 1, 100, 4095, 4096, 65536, 200_000, MAX_ENTRY, MAX_ENTRY + 1, 1_000_000]
 
@@ -52,7 +60,7 @@ class Cache:
         self.proc = subprocess.Popen(
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "8M", "--max-entry", str(MAX_ENTRY),
-             "--timing", FAST, *extra],
+             "--timing", FAST, *HIT_PATH_OPTIONS[HIT_PATH], *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=None if env is None else {**os.environ, **env})
         self.domain = domain

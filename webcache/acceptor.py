@@ -14,7 +14,8 @@ failure and leaves the connections waiting in the backlog; a red team saw 1.9 M 
 - logs through the node's rate-limited handlers (webcache/ratelog.py): one line per 10 s.
 
 Accepted sockets become transports with ``loop.connect_accepted_socket``: the same transport,
-TCP_NODELAY included, that ``create_server`` makes (asyncio and uvloop alike).
+TCP_NODELAY included, that ``create_server`` makes (asyncio and uvloop alike); or, with the
+native hit loop, go to it (``adopt``), which hands back what it does not serve.
 """
 
 from __future__ import annotations
@@ -73,13 +74,17 @@ def _open_reserve() -> int:
 
 class Acceptor:
     """Accepts connections on ``sockets`` for ``protocol_factory`` within ``limits``;
-    ``open_count`` says how many connections are open now."""
+    ``open_count`` says how many connections are open now. With ``adopt``, each accepted
+    socket (non-blocking) is offered to it first (the native hit loop: webcache/native.py;
+    False: not taken, it gets a transport as usual)."""
 
     def __init__(self, sockets: list[socket.socket],
                  protocol_factory: Callable[[], asyncio.Protocol], limits: ConnectionLimits,
-                 stats: ConnectionStats, open_count: Callable[[], int]) -> None:
+                 stats: ConnectionStats, open_count: Callable[[], int],
+                 adopt: Callable[[socket.socket], bool] | None = None) -> None:
         self.sockets = sockets
         self.protocol_factory = protocol_factory
+        self.adopt = adopt
         self.cap = limits.cap
         self.stats = stats
         self.open_count = open_count
@@ -143,6 +148,15 @@ class Acceptor:
                 sock.close()
                 continue
             self.stats.accepted += 1
+            if self.adopt is not None:
+                try:
+                    sock.setblocking(False)
+                    if self.adopt(sock):
+                        continue
+                except OSError as exc:
+                    log.warning("the native hit loop refused a connection: %s", exc)
+                    sock.close()
+                    continue
             self.starting += 1
             task = self._loop.create_task(self._start(sock))
             self._tasks.add(task)

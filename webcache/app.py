@@ -327,6 +327,8 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None,
     """The status document: the whole domain (``members``, ``domain``), and at the top level
     the node that answered (also the source of /metrics) and its host (``host``: serve
     --host-name, null when none was given)."""
+    if fast is not None and fast.sync is not None:
+        fast.sync()  # the native hit loop's counts, folded in
     view = cache.view
     st = cache.stats
     cs = cache.cache_stats
@@ -370,7 +372,8 @@ def node_status(cache: McsWebCache, fast: FastPathStats | None = None,
         "last_recovery_phases_ms": {k: round(v, 3) for k, v in st.last_phases_ms.items()},
         "fast_path": None if fast is None else
         {"served": fast.served, "handed_over": fast.handed_over, "connections": fast.connections,
-         "aiohttp_requests": fast.requests},
+         "aiohttp_requests": fast.requests,
+         "native": None if fast.native is None else fast.native()},
         "now": time.time(),
         **extra,
     }
@@ -448,6 +451,8 @@ _MEMBER_COUNTERS = [
     ("entries_dropped", "Entries of taken-over arenas refused (torn or overlapping)"),
     ("entries_reread", "Cached entries dropped at a hit (corrupt or stale) and read again"),
     ("chains_cut", "Bucket chains found corrupt (garbage in shared memory) and cut"),
+    ("native_served", "Responses written by the native hit loop (no Python)"),
+    ("native_handed_off", "Connections the native hit loop handed to the asyncio side"),
 ]
 _TIMED_OUT = "connections_timed_out_"
 _DOMAIN_COUNTERS = [(k, h) for k, h in _MEMBER_COUNTERS if k != "recoveries"]

@@ -58,6 +58,7 @@ COUNTERS = (
     "connections_timed_out_header", "connections_timed_out_body",
     "connections_timed_out_idle", "connections_timed_out_send",
     "arenas_adopted", "entries_adopted", "entries_dropped", "entries_reread", "chains_cut",
+    "native_served", "native_handed_off",
 )
 GAUGES = ("entries", "bytes", "arena_bytes", "max_entry", "connections_open", "max_connections")
 # The phases of a recovery (mcs.component's _recover), in order.
@@ -210,6 +211,8 @@ def recent_recoveries(snapshots: list[NodeSnapshot], limit: int = 10) -> list[di
 def local_values(cache: "McsWebCache",
                  fast: "FastPathStats | None") -> tuple[dict[str, int], dict[str, int]]:
     """(counters, gauges) of this node, from its private statistics."""
+    if fast is not None and fast.sync is not None:
+        fast.sync()  # the native hit loop's counts, folded in
     cs, st = cache.cache_stats, cache.stats
     conn = None if fast is None or fast.connection_status is None else fast.connection_status()
     counters = {
@@ -224,6 +227,8 @@ def local_values(cache: "McsWebCache",
         "fast_path_served": 0 if fast is None else fast.served,
         "fast_path_handed_over": 0 if fast is None else fast.handed_over,
         "fast_path_connections": 0 if fast is None else fast.connections,
+        "native_served": 0 if fast is None else fast.native_served,
+        "native_handed_off": 0 if fast is None else fast.native_handed_off,
     }
     gauges = {"entries": len(cache._entries), "bytes": cache._alloc.used,
               "arena_bytes": cache.contribution_size, "max_entry": cache.max_entry,

@@ -58,6 +58,9 @@ DEFAULT_MAX_ENTRY = 1 << 20  # larger files are streamed from disk, never cached
 # Memoized (encoded path, hash) pairs; cleared when full. 16384 paths are a few MiB at most and
 # cover the hot set of any site a node of this size caches.
 KEYS_MAX = 16384
+# The pin journal mark of the native hit loop (webcache.native), one per member; the Python hit
+# path uses the others. The loop pins one entry at a time, so one mark is all it needs.
+NATIVE_MARK = L.PIN_JOURNAL - 1
 SCAN_BATCH = 64  # buckets a warm takeover's scan walks per consistent block
 SCAN_RETRY = 0.01  # seconds the scan waits before it retries a batch a recovery interrupted
 
@@ -187,6 +190,7 @@ class McsWebCache(McsComponent):
         self._scanner: threading.Thread | None = None
         self._sweeper: threading.Thread | None = None
         self._marks: list[int] = []  # offsets of our free pin journal marks (master area)
+        self._native: Any = None  # the native hit loop's gate (attach_native)
 
     def on_new_contribution(self, section: Section) -> None:
         # a new arena (first start, or the old one was poisoned): everything cached is gone
@@ -296,7 +300,7 @@ class McsWebCache(McsComponent):
             # which we did not adopt: gone, poisoned or refused). Rare: O(table).
             self._purge_slot(me)
         area.store64(joff + L.J_ARENA, mine)
-        self._marks = [m for m in (L.mark_offset(me, k) for k in range(L.PIN_JOURNAL))
+        self._marks = [m for m in (L.mark_offset(me, k) for k in range(NATIVE_MARK))
                        if not area.load64(m + L.M_REF)]
         if self._adopted is not None:
             if self._scanner is None or not self._scanner.is_alive():
@@ -533,6 +537,65 @@ class McsWebCache(McsComponent):
         else:
             self.master_area.store64(L.bucket_offset(bucket) + L.B_HEAD, nxt)
         sec.store64(off + L.E_STATE, L.STATE_UNLINKED)
+
+    # -- the native hit loop's gate ---------------------------------------------------------
+
+    def attach_native(self, worker: Any) -> None:
+        """Let a native hit loop (webcache.native.NativeHits) read the cache: it gets the
+        shared memory of every stable state and its gate follows this component's
+        (``worker.open_gate(memory)``, ``worker.close_gate()``, ``worker.wait_quiet(timeout)``).
+        Its worker holds no Python thread's block: the recovery waits for it through
+        :meth:`workers_quiet`."""
+        with self._gate:
+            self._native = worker
+            if not self._gate_closed:
+                self.on_gate(False)
+
+    def detach_native(self) -> None:
+        """The native hit loop reads the cache no more (it is closed, then waited for)."""
+        with self._gate:
+            worker, self._native = getattr(self, "_native", None), None
+        if worker is not None:
+            worker.close_gate()
+            worker.wait_quiet(1.0)
+
+    def on_gate(self, closed: bool) -> None:
+        worker = getattr(self, "_native", None)
+        if worker is None:
+            return
+        if closed:
+            worker.close_gate()
+            return
+        try:
+            worker.open_gate(self.native_memory())
+        except Exception:  # its gate stays closed: every request goes to the asyncio side
+            log.exception("%s: the native hit loop could not be given the shared memory",
+                          self.component_name)
+
+    def workers_quiet(self, timeout: float) -> bool:
+        worker = getattr(self, "_native", None)
+        return worker is None or worker.wait_quiet(timeout)
+
+    def native_memory(self) -> tuple[Section, Section, dict[int, Section], int, int, int, int]:
+        """What the native hit loop reads in this stable state: (master area, the domain's
+        root (its memory-failure counter), {slot: arena} of every arena attached or still
+        published and not poisoned, our slot, our incarnation (the bucket mutexes' tag), the
+        loop's pin journal mark, the memory failures seen)."""
+        arenas: dict[int, Section] = {}
+        for slot in range(mcs_layout.MAX_MEMBERS):
+            try:
+                sec = self.contribution_of(slot, missing_ok=True)
+            except McsError:
+                sec = None
+            if sec is not None and not sec.closed and not sec.failed:
+                arenas[slot] = sec
+        me = self.member.slot
+        return (self.master_area, self._root, arenas, me, self.member.incarnation,
+                L.mark_offset(me, NATIVE_MARK), self._mf_seen)
+
+    def stop(self) -> None:
+        self.detach_native()
+        super().stop()
 
     # -- the hit path ---------------------------------------------------------------------
 

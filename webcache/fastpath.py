@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from webcache.paths import DocumentRoot, ResolvedFile
 from webcache.semantics import file_headers, http_date
 
 __all__ = ["FastPath", "FastPathStats", "Connection", "Phase", "HttpVersion", "http_version",
-           "SERVER", "NODE_PID", "identity_fields"]
+           "SERVER", "NODE_PID", "identity_fields", "NOT_PLAIN_HEADERS", "plain_request",
+           "plain_target", "response_block", "connection_tail"]
 
 log = logging.getLogger("mcs.webcache.fastpath")
 
@@ -72,7 +74,7 @@ _PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9_~\-][A-Za-z0-9._~\-/]*")
 # Bytes that never appear in a well-formed head line (controls except HTAB, DEL).
 _BAD_HEAD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Request headers that need more than "send the whole file": aiohttp and semantics.py handle them.
-_NOT_PLAIN = frozenset({
+NOT_PLAIN_HEADERS = frozenset({
     b"transfer-encoding", b"range", b"if-match", b"if-none-match", b"if-modified-since",
     b"if-unmodified-since", b"if-range", b"expect", b"upgrade", b"content-type",
 })
@@ -125,9 +127,15 @@ class FastPathStats:
     requests: int = 0  # requests answered by aiohttp (webcache/tracking.py counts them)
     handed_over: int = 0  # connections given to aiohttp
     connections: int = 0  # connections accepted
+    native_served: int = 0  # of ``served``: written by the native hit loop (webcache/native.py)
+    native_handed_off: int = 0  # connections the native loop gave to this front
     # The front's connection report (FastPath.connection_status), set by the front that keeps
     # these stats: /_mcs/status and /metrics describe the node's connections through it.
     connection_status: Callable[[], dict[str, Any]] | None = None
+    # Set with the native hit loop: folds its counters into these (and the cache's and the
+    # connections') before they are read; and its own report for /_mcs/status.
+    sync: Callable[[], None] | None = None
+    native: Callable[[], dict[str, Any]] | None = None
 
 
 class FastPath:
@@ -141,7 +149,8 @@ class FastPath:
                  stats: FastPathStats | None = None, limits: ConnectionLimits | None = None,
                  conn_stats: ConnectionStats | None = None, host_name: str | None = None) -> None:
         self.cache = cache
-        self._identity = "".join(f"{k}: {v}\r\n" for k, v in identity_fields(host_name).items())
+        self.host_name = host_name
+        self._identity = identity_lines(host_name)
         self.root = root
         self.aiohttp_factory = aiohttp_factory
         self.stats = stats if stats is not None else FastPathStats()
@@ -152,6 +161,9 @@ class FastPath:
         self.keepalive_timeout = self.limits.keepalive_timeout
         self.on_release: Callable[[], None] | None = None  # a connection closed (the acceptor)
         self.connections: set[Connection] = set()
+        self.native: Any = None  # the native hit loop in front of this one (webcache/native.py)
+        self.adopting = 0  # connections handed over by the native loop, transport not made yet
+        self._adoptions: set[asyncio.Task] = set()
         self._root_fd = os.open(root.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._prefix = root.root.rstrip("/") + "/"
         self._headers: dict[tuple[str, int, int, int, int], bytes] = {}
@@ -172,14 +184,57 @@ class FastPath:
             log.warning("fast path off: openat2 unavailable (%s); aiohttp serves everything", exc)
             return False
 
-    def protocol(self) -> asyncio.Protocol:
-        """Protocol factory (``connect_accepted_socket``, ``create_server``)."""
-        if self.enabled:
+    @property
+    def root_fd(self) -> int:
+        """The document root, opened ``O_PATH`` (-1 once closed)."""
+        return self._root_fd
+
+    @property
+    def prefix(self) -> str:
+        """The canonical root path and ``/``: a plain target's file is ``prefix + target[1:]``."""
+        return self._prefix
+
+    def protocol(self, initial: bytes = b"", counted: bool = True,
+                 returnable: bool = False) -> asyncio.Protocol:
+        """Protocol factory (``connect_accepted_socket``, ``create_server``). ``initial``: the
+        bytes the native hit loop read from a connection it hands over (not counted again);
+        ``returnable``: the connection goes back to the loop at its next request."""
+        if self.enabled and counted:
             self.stats.connections += 1
         if self._sweeper is None and self._root_fd >= 0:  # not once closed
             self._sweeper = asyncio.get_running_loop().call_later(
                 self.limits.sweep_interval, self._sweep)
-        return Connection(self)
+        return Connection(self, initial, returnable)
+
+    def open_connections(self) -> int:
+        """Connections open on this node: this front's, the native loop's, those between."""
+        native = self.native.open if self.native is not None else 0
+        return len(self.connections) + native + self.adopting
+
+    def adopt(self, fd: int, data: bytes, returnable: bool = False) -> None:
+        """A connection the native hit loop hands over with ``data``, the bytes it read and did
+        not answer: this front's (and aiohttp's, as it decides) from now on; or, if
+        ``returnable`` (it was handed over for the state of the cache, not for what its client
+        asked), until its next request begins, which goes back to the loop."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        self.stats.native_handed_off += 1
+        self.adopting += 1
+        task = asyncio.get_running_loop().create_task(self._adopt(sock, data, returnable))
+        self._adoptions.add(task)
+        task.add_done_callback(self._adoptions.discard)
+
+    async def _adopt(self, sock: socket.socket, data: bytes, returnable: bool) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self.protocol(data, counted=False, returnable=returnable), sock)
+        except OSError:  # reset meanwhile
+            sock.close()
+        finally:
+            self.adopting -= 1
 
     def close(self) -> None:
         """Stop the deadlines; close every connection still on the fast path (aiohttp shuts
@@ -204,7 +259,7 @@ class FastPath:
     def connection_status(self) -> dict[str, Any]:
         """The ``connections`` part of /_mcs/status."""
         s = self.conn_stats
-        return {"open": len(self.connections), "accepted": s.accepted,
+        return {"open": self.open_connections(), "accepted": s.accepted,
                 "refused_at_cap": s.refused_at_cap, "accept_errors": s.accept_errors,
                 "shed": s.shed, "version_refused": s.version_refused,
                 "timed_out": dict(s.timed_out), "limits": self.limits.describe()}
@@ -233,9 +288,7 @@ class FastPath:
         if block is not None:
             return block
         now = time.time_ns()
-        fields = file_headers(f.path, f.size, f.mtime_ns, f.inode, f.ctime_ns, now_ns=now)
-        block = ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-                 + f"Content-Length: {f.size}\r\n{self._identity}Date: ").encode()
+        block = response_block(f.path, f.size, f.mtime_ns, f.inode, f.ctime_ns, now, self._identity)
         if f.mtime_ns <= now:  # a future mtime gives a Last-Modified that changes: not kept
             if len(self._headers) >= _HEADER_CACHE_MAX:
                 self._headers.clear()
@@ -247,9 +300,7 @@ class FastPath:
         (then the full resolver decides, and says 403/404 itself)."""
         known = self._targets.get(target)
         if known is None:
-            if (len(target) > MAX_TARGET or _PLAIN_TARGET.fullmatch(target) is None
-                    or b"//" in target or b"/." in target or target.endswith(b"/")
-                    or target == b"/metrics" or target.startswith(b"/_mcs/")):
+            if not plain_target(target):
                 return None
             if len(self._targets) >= _TARGETS_MAX:
                 self._targets.clear()
@@ -264,6 +315,99 @@ class FastPath:
         return ResolvedFile(known[1], size, mtime_ns, inode, dev, ctime_ns)
 
 
+def identity_lines(host_name: str | None) -> str:
+    """:func:`identity_fields` as header lines."""
+    return "".join(f"{k}: {v}\r\n" for k, v in identity_fields(host_name).items())
+
+
+def response_block(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int,
+                   now_ns: int, identity: str | None = None) -> bytes:
+    """The status line and headers of a 200 for a file, up to (not including) the Date value:
+    what the fast path (and the native hit loop, webcache/native_loop.h) writes before it.
+    ``identity``: the node's identity lines (:func:`identity_lines`; default: no host name)."""
+    fields = file_headers(path, size, mtime_ns, inode, ctime_ns, now_ns=now_ns)
+    return ("HTTP/1.1 200 OK\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+            + f"Content-Length: {size}\r\n"
+            + (identity_lines(None) if identity is None else identity) + "Date: ").encode()
+
+
+def connection_tail(keep_alive: bool, http10: bool) -> bytes:
+    """What follows the Date value of a fast-path response: the Connection header when it is
+    not HTTP/1.x's default, and the blank line."""
+    if keep_alive:
+        return b"\r\nConnection: keep-alive\r\n\r\n" if http10 else b"\r\n\r\n"
+    return b"\r\nConnection: close\r\n\r\n"
+
+
+def plain_target(target: bytes) -> bool:
+    """Whether the fast path may look ``target`` up (a plain name: letters, digits, ``._~-/``,
+    no dot segment, dotfile, empty segment or trailing slash, not /metrics or /_mcs/...)."""
+    return not (len(target) > MAX_TARGET or _PLAIN_TARGET.fullmatch(target) is None
+                or b"//" in target or b"/." in target or target.endswith(b"/")
+                or target == b"/metrics" or target.startswith(b"/_mcs/"))
+
+
+def plain_request(head: bytes) -> tuple[bytes, bytes, bool, bool] | None:
+    """``(method, target, http10, keep_alive)`` of a complete request head (without its blank
+    line) that the fast path may answer, else None (aiohttp's): a ``GET`` or ``HEAD`` in
+    HTTP/1.1 or 1.0 with no control byte but HTAB outside its CRLFs, no folded line, well-formed
+    header names, exactly one Host in 1.1 (at most one in 1.0), ``Connection`` tokens ``close``
+    and ``keep-alive`` only, no body (``Content-Length: 0`` at most) and none of
+    :data:`NOT_PLAIN_HEADERS`. The native hit loop parses the same way (webcache/native_loop.h:
+    ``hl_parse``; tests/test_native_hits.py compares them)."""
+    if _BAD_HEAD_BYTE.search(head.replace(b"\r\n", b"")) is not None or b"\r\n " in head \
+            or b"\r\n\t" in head:
+        return None
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if method != b"GET" and method != b"HEAD":
+        return None
+    if version == b"HTTP/1.1":
+        keep_alive = True
+    elif version == b"HTTP/1.0":
+        keep_alive = False
+    else:
+        return None
+    hosts = 0
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or b" " in name or b"\t" in name:
+            return None
+        name = name.lower()
+        if name == b"host":
+            hosts += 1
+        elif name == b"connection":
+            for token in value.lower().split(b","):
+                token = token.strip(b" \t")
+                if token == b"close":
+                    keep_alive = False
+                elif token == b"keep-alive":
+                    keep_alive = keep_alive or version == b"HTTP/1.0"
+                else:
+                    return None
+        elif name == b"content-length":
+            if value.strip(b" \t") != b"0":
+                return None
+        elif name in NOT_PLAIN_HEADERS:
+            return None
+    if hosts != 1 and version == b"HTTP/1.1" or hosts > 1:
+        return None
+    return method, target, version == b"HTTP/1.0", keep_alive
+
+
+def _aiohttp_idle(handler: Any) -> bool:
+    """Whether aiohttp's protocol waits for the next request and holds nothing of one (its
+    private state, read defensively: anything unexpected means not idle)."""
+    waiter = getattr(handler, "_waiter", None)
+    return (waiter is not None and not waiter.done() and not getattr(handler, "_messages", True)
+            and getattr(handler, "_keepalive", False) is True
+            and getattr(handler, "_close", True) is False
+            and getattr(handler, "_force_close", True) is False)
+
+
 class _Handover(Exception):
     """This request (and the rest of the connection) is aiohttp's."""
 
@@ -274,10 +418,12 @@ class Connection(asyncio.Protocol):
 
     __slots__ = ("front", "transport", "fd", "buffer", "paused", "inner", "phase", "deadline",
                  "fresh", "pending", "in_request", "payload", "line_pending", "unsent",
-                 "stalled_since")
+                 "stalled_since", "initial", "returnable")
 
-    def __init__(self, front: FastPath) -> None:
+    def __init__(self, front: FastPath, initial: bytes = b"", returnable: bool = False) -> None:
         self.front = front
+        self.initial = initial  # bytes received before this protocol (the native hit loop's)
+        self.returnable = returnable  # back to the native hit loop at its next request
         self.transport: Any = None
         self.fd = -1
         self.buffer = b""
@@ -302,6 +448,11 @@ class Connection(asyncio.Protocol):
         self.front.connections.add(self)
         if not self.front.enabled:
             self._attach_inner()
+        if self.initial:  # the request the native loop handed over: answered here
+            data, self.initial = self.initial, b""
+            returnable, self.returnable = self.returnable, False
+            self.data_received(data)
+            self.returnable = returnable
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.connections.discard(self)
@@ -316,6 +467,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         phase = self.phase
         if phase is _IDLE:
+            if self.returnable and self._give_back(data):
+                return
             self.phase = _HEAD
             self.deadline = time.monotonic() + self.front.header_timeout
             self.fresh = False
@@ -482,6 +635,29 @@ class Connection(asyncio.Protocol):
             buf = buf[:at] + b"HTTP/1.1" + buf[at + 8:]
         return buf
 
+    def _give_back(self, data: bytes) -> bool:
+        """The next request of a connection the native hit loop handed over for the state of
+        the cache (a miss, a recovery, a busy lock): back to the loop with its first bytes,
+        if nothing here holds any state of the connection (no bytes buffered or unsent, no
+        request in progress, aiohttp waiting for the next one). True if given back."""
+        native = self.front.native
+        transport = self.transport
+        if (native is None or not native.taking() or self.buffer or self.fd < 0
+                or transport is None or transport.is_closing()
+                or transport.get_write_buffer_size() or self.in_request
+                or self.payload is not None or self.paused
+                or (self.inner is not None and not _aiohttp_idle(self.inner))):
+            return False
+        try:
+            fd = os.dup(self.fd)
+        except OSError:
+            return False
+        if not native.give_back(fd, data):
+            return False
+        self.phase = _CLOSED  # this transport is closed, not the connection: the loop has it
+        transport.close()
+        return True
+
     def _handover(self) -> None:
         transport, data = self.transport, self.buffer
         self.buffer = b""
@@ -521,46 +697,10 @@ class Connection(asyncio.Protocol):
 
     def _serve(self, head: bytes) -> None:
         """Answer one complete request head, or raise _Handover before writing anything."""
-        if _BAD_HEAD_BYTE.search(head.replace(b"\r\n", b"")) is not None or b"\r\n " in head \
-                or b"\r\n\t" in head:
+        request = plain_request(head)
+        if request is None:
             raise _Handover
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            raise _Handover
-        method, target, version = parts
-        if method != b"GET" and method != b"HEAD":
-            raise _Handover
-        if version == b"HTTP/1.1":
-            keep_alive = True
-        elif version == b"HTTP/1.0":
-            keep_alive = False
-        else:
-            raise _Handover
-        hosts = 0
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or b" " in name or b"\t" in name:
-                raise _Handover
-            name = name.lower()
-            if name == b"host":
-                hosts += 1
-            elif name == b"connection":
-                for token in value.lower().split(b","):
-                    token = token.strip(b" \t")
-                    if token == b"close":
-                        keep_alive = False
-                    elif token == b"keep-alive":
-                        keep_alive = keep_alive or version == b"HTTP/1.0"
-                    else:
-                        raise _Handover
-            elif name == b"content-length":
-                if value.strip(b" \t") != b"0":
-                    raise _Handover
-            elif name in _NOT_PLAIN:
-                raise _Handover
-        if hosts != 1 and version == b"HTTP/1.1" or hosts > 1:
-            raise _Handover
+        method, target, http10, keep_alive = request
         front = self.front
         cache = front.cache
         if cache.recovering or self.transport.is_closing():
@@ -568,9 +708,7 @@ class Connection(asyncio.Protocol):
         f = front.plain_file(target)
         if f is None:
             raise _Handover
-        head_out = front.header_block(f) + front.date() + (
-            b"\r\nConnection: keep-alive\r\n\r\n" if keep_alive and version == b"HTTP/1.0"
-            else b"\r\n\r\n" if keep_alive else b"\r\nConnection: close\r\n\r\n")
+        head_out = front.header_block(f) + front.date() + connection_tail(keep_alive, http10)
         if method == b"HEAD":
             self.transport.write(head_out)
         else:

@@ -30,7 +30,7 @@ from typing import Sequence
 from mcs.component_record import component_domain
 from mcs.supervise import Backoff, RestartIntensity, RestartPolicy, SlotStatus, Supervisor
 from webcache import front
-from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments
+from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments, add_native_argument
 
 __all__ = ["main", "parse_size"]
 
@@ -89,7 +89,8 @@ class Launcher:
         return [sys.executable, "-P", "-m", "webcache.node", "--domain", a.domain, "--root", a.root,
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
                 "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing,
-                "--host-name", a.host_name] + (
+                "--host-name", a.host_name,
+                "--native-hits" if a.native_hits else "--no-native-hits"] + (
                     ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
     def log(self, message: str) -> None:
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve every request through aiohttp (to compare; slower)")
         p.add_argument("--host-name", default=None, help="this host's name in every response "
                        "(X-Mcs-Host) and in /_mcs/status (default: the hostname)")
+        add_native_argument(p)
         add_arguments(p)
     front.add_parser(sub)
     return parser

@@ -19,7 +19,8 @@ from typing import Any
 from mcs.errors import McsError
 
 __all__ = ["ConnectionLimits", "ConnectionStats", "InvalidLimit", "Expiry", "add_arguments",
-           "default_max_connections", "FD_RESERVE", "MAX_TIMEOUT"]
+           "add_native_argument", "default_max_connections", "FD_RESERVE", "MAX_TIMEOUT",
+           "NATIVE_HITS_DEFAULT"]
 
 HEADER_TIMEOUT = 10.0  # a whole request head, from its first byte (or from accept)
 BODY_TIMEOUT = 10.0  # a whole request body, from the end of its head
@@ -28,6 +29,7 @@ SEND_TIMEOUT = 60.0  # a response the client does not read (no progress at all),
 MAX_TIMEOUT = 86400.0
 FD_RESERVE = 64  # descriptors never given to connections: listeners, loop, membership, ...
 CONNECTIONS_CEILING = 16384  # memory, not descriptors, bounds a node beyond this
+NATIVE_HITS_DEFAULT = True  # the native hit loop (webcache/native.py) unless --no-native-hits
 
 
 class InvalidLimit(McsError, ValueError):
@@ -129,6 +131,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=int, default=None, metavar="N",
                         help="connections per node; more are closed at once (default: 3/4 of "
                         f"RLIMIT_NOFILE minus {FD_RESERVE}, at most {CONNECTIONS_CEILING})")
+
+
+def add_native_argument(parser: argparse.ArgumentParser) -> None:
+    """``--native-hits`` / ``--no-native-hits``, shared like the limits (the native hit loop
+    takes the node's connections: the limits above are enforced by it too)."""
+    parser.add_argument("--native-hits", action=argparse.BooleanOptionalAction,
+                        default=NATIVE_HITS_DEFAULT,
+                        help="serve plain cache hits from a native thread, without Python "
+                        "(default: %(default)s; needs the fast path)")
 
 
 @dataclass

@@ -25,7 +25,8 @@ from webcache.app import FAST, make_app
 from webcache.cache import McsWebCache
 from webcache.fastpath import FastPath, FastPathStats
 from webcache.limits import (ConnectionLimits, ConnectionStats, InvalidLimit, add_arguments,
-                             default_max_connections)
+                             add_native_argument, default_max_connections)
+from webcache.native import NativeHits
 from webcache.paths import DocumentRoot
 from webcache.tracking import track_requests
 
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing", default="{}", help="JSON: heartbeat, suspect_after, evict_after")
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every request through aiohttp (for comparison)")
+    add_native_argument(p)
     add_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -77,15 +79,16 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     conn_stats = ConnectionStats()
     front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats,
                      limits=limits, conn_stats=conn_stats, host_name=args.host_name)
+    native = start_native(cache, front, limits) if args.native_hits and front.enabled else None
     server = Acceptor(listening_sockets(args.host, args.port), front.protocol, limits, conn_stats,
-                      lambda: len(front.connections))
+                      front.open_connections, adopt=native.adopt if native is not None else None)
     front.on_release = server.released
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(json.dumps({"ready": True, "pid": os.getpid(), "slot": cache.slot,
-                      "generation": cache.view.generation, "fast_path": front.enabled}),
-          flush=True)
+                      "generation": cache.view.generation, "fast_path": front.enabled,
+                      "native_hits": native is not None}), flush=True)
     notify(f"READY=1\nSTATUS=serving as member slot {cache.slot}, generation "
            f"{cache.view.generation}")
     try:
@@ -98,8 +101,23 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
                     break
     finally:
         server.close()
+        if native is not None:
+            native.close()
         front.close()
         await runner.cleanup()
+
+
+def start_native(cache: McsWebCache, front: FastPath,
+                 limits: ConnectionLimits) -> NativeHits | None:
+    """The native hit loop in front of ``front``, running; None (logged) if it cannot start:
+    the asyncio fast path then serves everything."""
+    try:
+        native = NativeHits(cache, front, limits)
+    except OSError as exc:
+        log.warning("native hit loop off: %s; the asyncio fast path serves every request", exc)
+        return None
+    native.start()
+    return native
 
 
 def _loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:

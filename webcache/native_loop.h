@@ -8,10 +8,11 @@
  * reproduces the asyncio fast path (webcache/fastpath.py: FastPath.plain_file,
  * Connection._serve) for the requests it serves, and hands off the rest:
  *
- *   epoll -> read -> parse the head strictly -> openat2(O_PATH, RESOLVE_BENEATH |
- *   RESOLVE_NO_SYMLINKS) + fstat -> [GET] enter the gate, lock the bucket, walk its chain, mark
- *   the pin journal, pin, unlock, check size/mtime/inode/dev/ctime, copy out summing the copy,
- *   unpin, compare the sum, leave the gate -> sendmsg(header, copy).
+ *   epoll -> read -> parse the head strictly -> fstatat(AT_SYMLINK_NOFOLLOW) of a one-name
+ *   target, openat2(O_PATH, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) + fstat of a longer one ->
+ *   [GET] enter the gate, lock the bucket, walk its chain, mark the pin journal, pin, unlock,
+ *   check size/mtime/inode/dev/ctime, copy out summing the copy, unpin, compare the sum, leave
+ *   the gate -> sendmsg(header, copy).
  *
  * The gate: ``inside`` is raised before the gate word is read (seq_cst both), the recovery
  * closes the gate before it reads ``inside`` (webcache.cache: workers_quiet), so either the
@@ -1162,6 +1163,7 @@ static int hl_run(hl_loop *L) {
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL);  /* signals are the main thread's */
+    pthread_setname_np(pthread_self(), "mcs-native-hits");  /* for ps -L, top -H, perf */
     L->now = hl_mono();
     L->now_real = mcs_now_ns(CLOCK_REALTIME);
     L->next_sweep = L->now + L->cfg.sweep_ns;

@@ -9,8 +9,10 @@ file) and are also printed in one table at the end of the run.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import itertools
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,17 @@ import mcs
 from mcs import procfs
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def tests_module(name: str) -> Any:
+    """A helper module of tests/ (the lab or component a test and a benchmark share), loaded
+    by path: bench/ does not put tests/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 _SUMMARY = pytest.StashKey[dict]()
 

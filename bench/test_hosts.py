@@ -32,35 +32,23 @@ of N machines.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from conftest import tests_module
 from test_scaling import CORES, LOADGEN, Load, make_zipf_site, run_load, zipf_expectations
 from webcache import layout as L
 from webcache.board import PUBLISH_INTERVAL
 from webcache.front import FrontError, engine_binary
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def _hostlab():
-    spec = importlib.util.spec_from_file_location("hostlab", REPO / "tests" / "hostlab.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hostlab"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hostlab = _hostlab()
+hostlab = tests_module("hostlab")
 
 FILES = 600
 SMALLEST, LARGEST = 4 << 10, 28 << 10

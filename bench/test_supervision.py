@@ -25,27 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import new_domain, remove_bootstrap, wait_for
+from conftest import new_domain, remove_bootstrap, tests_module
 from mcs import McsComponent, Recovering
-from mcs._gsm import GlobalMutex, set_hold_watch
+from mcs._gsm import set_hold_watch
 
-COMPONENT = '''
-from mcs import McsComponent
-from mcs._gsm import GlobalMutex
+holder = tests_module("holder")
+IMPORT, Holder = holder.IMPORT, holder.Holder
 
-class Holder(McsComponent):
-    name = "holder"
-    master_area_size = 4096
-
-    def on_master(self, view):
-        if self.master_area_fresh or not self.mutex().recoverable:
-            GlobalMutex.create(self.master_area, 0)
-
-    def mutex(self):
-        return GlobalMutex.open(self.master_area, 0, tag=self.member.incarnation)
-'''
-
-HOLDER = COMPONENT + '''
+HOLDER = IMPORT + '''
 import json, sys, time
 comp = Holder(sys.argv[1], **json.loads(sys.argv[2])).start()
 block = comp.consistent()
@@ -59,7 +46,7 @@ block.__exit__(None, None, None)
 comp.stop()
 '''
 
-SERVICE = COMPONENT + '''
+SERVICE = IMPORT + '''
 import signal, sys, threading
 comp = Holder(sys.argv[1]).start()   # says READY=1 to the supervisor once consistent
 done = threading.Event()
@@ -67,8 +54,6 @@ signal.signal(signal.SIGTERM, lambda *a: done.set())
 done.wait()
 comp.stop()
 '''
-
-exec(COMPONENT)
 
 HUNG_SLEEP = 8.0  # the hung holder's sleep: what a waiter waits without the hold watch
 STALL_ROUNDS = 2

@@ -16,28 +16,12 @@ import pytest
 
 from conftest import wait_for
 from mcs import McsComponent, Recovering
-from mcs._gsm import GlobalMutex
+from holder import IMPORT, Holder
 
 BASE = {"heartbeat": 0.02, "suspect_after": 0.1}
 
-# A component whose master area holds one global mutex; a child runs it and obeys commands.
-COMPONENT = '''
-from mcs import McsComponent
-from mcs._gsm import GlobalMutex
-
-class Holder(McsComponent):
-    name = "holder"
-    master_area_size = 4096
-
-    def on_master(self, view):
-        if self.master_area_fresh or not self.mutex().recoverable:
-            GlobalMutex.create(self.master_area, 0)
-
-    def mutex(self):
-        return GlobalMutex.open(self.master_area, 0, tag=self.member.incarnation)
-'''
-
-CHILD = COMPONENT + '''
+# The child runs the Holder component and obeys commands.
+CHILD = IMPORT + '''
 import json, os, sys, time
 from mcs import Recovering
 if len(sys.argv) > 3:
@@ -78,17 +62,18 @@ for line in sys.stdin:
         say(worked=comp.member.view.generation)
 '''
 
-exec(COMPONENT)  # the same class in this process, the waiter's side
-
-
 def mcs_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-P", "-m", "mcs", *args], capture_output=True,
                           text=True, timeout=60)
 
 
-def start_child(spawn, domain: str, timing: dict, restarts: int | None = None):
+def start_child(spawn, domain: str, timing: dict, restarts: int | None = None,
+                beside: McsComponent | None = None):
+    """A child running the Holder (and, with ``beside``, once that member's view has both)."""
     child = spawn(CHILD, domain, json.dumps(timing), *(() if restarts is None else (str(restarts),)))
     hello = json.loads(child.readline(30))
+    if beside is not None:
+        assert wait_for(lambda: len(beside.view.members) == 2)
     return child, hello
 
 
@@ -123,8 +108,7 @@ def row(domain: str, pid: int) -> dict:
 def test_a_live_member_sleeping_with_a_lock_held_is_evicted_as_hung(domain, spawn):
     timing = {**BASE, "evict_after": 2.0, "hold_limit": 1.0}
     with Holder(domain, **timing) as waiter:
-        child, hello = start_child(spawn, domain, timing)
-        assert wait_for(lambda: len(waiter.view.members) == 2)
+        child, hello = start_child(spawn, domain, timing, beside=waiter)
         # Slow is not hung: a hold shorter than hold_limit is simply waited for.
         ask(child, "holdfor 0.5")
         gave_way, _ = lock_through_recovery(waiter, time.monotonic() + 10)
@@ -179,8 +163,7 @@ def test_a_shared_dict_writer_behind_a_hung_transaction_goes_on(domain, spawn):
 def test_a_member_whose_interpreter_makes_no_progress_is_evicted(domain, spawn):
     timing = {**BASE, "evict_after": 2.0, "progress_timeout": 1.0}
     with Holder(domain, **timing) as watcher:
-        child, hello = start_child(spawn, domain, timing)
-        assert wait_for(lambda: len(watcher.view.members) == 2)
+        child, hello = start_child(spawn, domain, timing, beside=watcher)
         departed: list[float] = []
         watcher.member.on_view_change(
             lambda v: departed.extend(time.monotonic() for m, why in v.departed
@@ -196,8 +179,7 @@ def test_a_member_whose_interpreter_makes_no_progress_is_evicted(domain, spawn):
 def test_a_stopped_lock_holder_is_fenced_before_evict_after(domain, spawn):
     timing = {**BASE, "evict_after": 6.0, "hold_limit": 30.0}
     with Holder(domain, **timing) as waiter:
-        child, _ = start_child(spawn, domain, timing)
-        assert wait_for(lambda: len(waiter.view.members) == 2)
+        child, _ = start_child(spawn, domain, timing, beside=waiter)
         ask(child, "hold")
         child.signal(signal.SIGSTOP)
         stopped = time.monotonic()
@@ -212,9 +194,8 @@ def test_a_stopped_lock_holder_is_fenced_before_evict_after(domain, spawn):
 def test_a_paused_member_survives_sigstop_and_rejoins_work(domain, spawn):
     timing = {**BASE, "evict_after": 0.5, "hold_limit": 30.0}
     with Holder(domain, **timing) as other:
-        child, hello = start_child(spawn, domain, timing)
+        child, hello = start_child(spawn, domain, timing, beside=other)
         pid = hello["pid"]
-        assert wait_for(lambda: len(other.view.members) == 2)
         generation = other.view.generation
         ask(child, "hold")
         out = mcs_cli("pause", "--domain", domain, "--pid", str(pid), "--for", "60")

@@ -74,7 +74,7 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 
 
 Planned = tuple[OpenFile, int, dict[str, str], "tuple[int, int] | None"]
-READ_ATTEMPTS = 4  # a file that changed between its check and its read is looked up again
+READ_ATTEMPTS = 8  # a file that changed between its check and its read is looked up again
 
 
 def plan_file_response(request: web.Request, root: DocumentRoot,

@@ -6,14 +6,19 @@ and headers of the asyncio fast path; a miss, a stale or corrupt entry, a closed
 counted memory failure, a bucket lock held elsewhere are handed over with the request's bytes
 and never served; a bucket mutex abandoned by a dead process is repaired as the Python path
 does; pins and journal marks are released on every path; a real recovery gives the loop the
-new shared memory. Its parser, target rule, cache key hash and response head are compared with
-the Python path's (hypothesis). Through real nodes: a connection handed over for a miss comes
-back to the loop at its next request, and the reasons are reported.
+new shared memory. Sealed copies: a large body asked for again is sent from a memfd the kernel
+refuses to change, only while the shared entry still has its version and checksum, within
+the budget, and nothing of them outlives the loop. Its parser, target rule, cache key hash and
+response head are compared with the Python path's (hypothesis). Through real nodes: a
+connection handed over for a miss comes back to the loop at its next request, and the reasons
+and sealed copies are reported.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import select
 import socket
 import threading
@@ -52,13 +57,14 @@ class Harness:
     """A McsWebCache member of its own domain with the native loop attached (as webcache.native
     attaches it), and a loopback listener whose accepted sockets go to the loop."""
 
-    def __init__(self, root: Path, domain: str, limits: ConnectionLimits | None = None) -> None:
+    def __init__(self, root: Path, domain: str, limits: ConnectionLimits | None = None,
+                 sealed_copies: int = 0) -> None:
         self.root = root.resolve()
         self.cache = McsWebCache(domain, cache_size=4 << 20, max_entry=MAX_ENTRY,
                                  **TIMING).start()
         self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.loop = make_loop(self.root_fd, str(self.root) + "/", MAX_ENTRY,
-                              limits or ConnectionLimits())
+                              limits or ConnectionLimits(), sealed_copies=sealed_copies)
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
         self.cache.attach_native(self)
@@ -169,14 +175,23 @@ def test_a_hit_is_served_with_the_fast_paths_headers_and_bytes(harness):
     assert harness.entry_pins(f) == (0, 0)
 
 
-def test_pipelined_hits_and_a_client_that_reads_late(harness):
-    data = os.urandom(200_000)
-    harness.cache_file("big.bin", data)
-    with harness.connect() as c:
-        c.sendall(GET % b"big.bin" * 40)  # 8 MB of answers: the socket fills, the loop waits
-        time.sleep(0.5)
-        got = read_responses(c, 40, timeout=30)
-    assert all(g[0] == 200 and g[2] == data for g in got)
+@pytest.mark.parametrize("sealed", [0, 1 << 20], ids=["copied", "sealed"])
+def test_pipelined_hits_and_a_client_that_reads_late(tmp_path, domain, sealed):
+    root = tmp_path / "site"
+    root.mkdir()
+    harness = Harness(root, domain, sealed_copies=sealed)
+    try:
+        data = os.urandom(200_000)
+        harness.cache_file("big.bin", data)
+        with harness.connect() as c:
+            c.sendall(GET % b"big.bin" * 40)  # 8 MB of answers: the socket fills, the loop waits
+            time.sleep(0.5)
+            got = read_responses(c, 40, timeout=30)
+        assert all(g[0] == 200 and g[2] == data for g in got)
+        # with sealed copies, the 3rd response on (the rest waited, read from the copy)
+        assert harness.counters()["sealed_hits"] == (38 if sealed else 0)
+    finally:
+        harness.close()
 
 
 @pytest.mark.parametrize("request_, reason", [
@@ -285,11 +300,12 @@ def test_a_busy_bucket_is_handed_over_and_an_abandoned_one_repaired(harness, spa
     mutex.unlock()
 
 
-def test_deadlines(tmp_path, domain):
+@pytest.mark.parametrize("sealed", [0, 1 << 20], ids=["copied", "sealed"])
+def test_deadlines(tmp_path, domain, sealed):
     root = tmp_path / "site"
     root.mkdir()
     h = Harness(root, domain, ConnectionLimits(header_timeout=0.3, keepalive_timeout=0.3,
-                                               send_timeout=0.5))
+                                               send_timeout=0.5), sealed_copies=sealed)
     try:
         h.cache_file("d.bin", os.urandom(200_000))
         silent = h.connect()  # sends nothing: closed at the header deadline
@@ -308,6 +324,133 @@ def test_deadlines(tmp_path, domain):
         assert wait_for(lambda: h.loop.open == 0, 5)
     finally:
         h.close()
+
+
+# -- sealed copies -----------------------------------------------------------------------------------
+
+SEALED = "/memfd:mcs-sealed-hit "  # readlink of a memfd: "/memfd:NAME (deleted)"
+
+
+def sealed_fds() -> list[int]:
+    """This process's descriptors of sealed copies."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith(SEALED):
+                out.append(int(name))
+        except OSError:
+            pass  # the descriptor listdir used, or one closed meanwhile
+    return out
+
+
+@pytest.fixture
+def sealed(tmp_path, domain):
+    root = tmp_path / "site"
+    root.mkdir()
+    before = sealed_fds()
+    h = Harness(root, domain, sealed_copies=200_000)
+    yield h
+    h.close()
+    assert sealed_fds() == before, "sealed copies outlived their loop"
+
+
+def entry_of(harness: Harness, f: ResolvedFile) -> tuple[object, int]:
+    """(the arena, the entry's offset) of ``f``'s cached entry (the head of its bucket)."""
+    h = path_hash(f.path)
+    ref = harness.cache.master_area.load64(L.bucket_offset(h % L.BUCKETS) + L.B_HEAD)
+    slot, off = L.split_ref(ref)
+    return harness.cache.contribution_of(slot), off
+
+
+def get_on(c: socket.socket, name: bytes, times: int = 1) -> list[bytes]:
+    bodies = []
+    for _ in range(times):
+        c.sendall(GET % name)
+        (status, _, body), = read_responses(c, 1)
+        assert status == 200
+        bodies.append(body)
+    return bodies
+
+
+def test_a_large_body_asked_for_again_is_sent_from_a_sealed_copy(sealed):
+    data = os.urandom(65536)
+    f = sealed.cache_file("big.bin", data)
+    small = os.urandom(4096)
+    sealed.cache_file("small.bin", small)
+    with sealed.connect() as c:
+        # 1st: copied (a candidate); 2nd: copied, then sealed; then from the sealed copy
+        assert get_on(c, b"big.bin", 5) == [data] * 5
+        assert get_on(c, b"small.bin", 5) == [small] * 5  # below SEALED_MIN: always copied
+    n = sealed.counters()
+    assert (n["hits"], n["sealed_made"], n["sealed_hits"], n["sealed_held"], n["sealed_bytes"]) \
+        == (10, 1, 3, 1, 65536), n
+    assert sealed.entry_pins(f) == (0, 0)
+    fd, = sealed_fds()
+    # the kernel refuses any change to it, from anyone (even through a new descriptor)
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+    again = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    try:
+        with pytest.raises(PermissionError):
+            os.pwrite(again, b"x", 0)
+        assert os.pread(again, 65537, 0) == data
+    finally:
+        os.close(again)
+
+
+def test_a_sealed_copy_is_sent_only_for_the_entry_it_was_verified_against(sealed):
+    data = os.urandom(65536)
+    f = sealed.cache_file("v.bin", data)
+    with sealed.connect() as c:
+        assert get_on(c, b"v.bin", 3) == [data] * 3
+    assert sealed.counters()["sealed_hits"] == 1
+    arena, off = entry_of(sealed, f)
+    # Garbage in the shared entry's bytes: the sealed copy was verified and cannot change, so
+    # what is sent is still the file's bytes.
+    arena.view(L.data_offset(off, len(os.fsencode(f.path))) + 100, 1)[0] ^= 1
+    with sealed.connect() as c:
+        assert get_on(c, b"v.bin") == [data]
+    assert sealed.counters()["sealed_hits"] == 2
+    # Garbage in the entry's checksum: it no longer names the copy: the entry is checked as
+    # any other, found corrupt and handed over.
+    arena.add64(off + L.E_SUM, 1)
+    with sealed.connect() as c:
+        c.sendall(GET % b"v.bin")
+        assert sealed.handed_off()[1] is HandOff.CORRUPT
+    assert sealed.counters()["sealed_hits"] == 2
+    # The file changed (same size and mtime, new ctime): never the sealed copy of the old one.
+    new = os.urandom(65536)
+    (sealed.root / "v.bin").write_bytes(new)
+    os.utime(sealed.root / "v.bin", ns=(f.mtime_ns, f.mtime_ns))
+    with sealed.connect() as c:
+        c.sendall(GET % b"v.bin")
+        assert sealed.handed_off()[1] is HandOff.STALE
+    time.sleep(SETTLE_NS / 1e9 + 0.01)
+    g = ResolvedFile.from_stat(f.path, os.stat(f.path))
+    assert sealed.cache.lookup(g) is None  # the stale entry dropped
+    assert sealed.cache.store(g, new)
+    with sealed.connect() as c:
+        assert get_on(c, b"v.bin", 4) == [new] * 4
+    n = sealed.counters()
+    assert (n["sealed_made"], n["sealed_dropped"], n["sealed_held"], n["sealed_hits"]) \
+        == (2, 1, 1, 4), n
+    assert len(sealed_fds()) == 1
+
+
+def test_sealed_copies_stay_within_their_budget(sealed):
+    files = {f"b{i}.bin".encode(): os.urandom(65536) for i in range(4)}  # budget: 200,000
+    for name, data in files.items():
+        sealed.cache_file(name.decode(), data)
+    with sealed.connect() as c:
+        for _ in range(3):
+            for name, data in files.items():
+                assert get_on(c, name, 3) == [data] * 3
+                n = sealed.counters()
+                assert n["sealed_bytes"] <= 200_000 and n["sealed_held"] <= 3
+                assert len(sealed_fds()) == n["sealed_held"]
+    n = sealed.counters()
+    assert n["sealed_made"] >= 4 and n["sealed_dropped"] == n["sealed_made"] - n["sealed_held"]
+    assert n["sealed_held"] == 3 and n["sealed_failed"] == 0
 
 
 # -- the loop's pieces against the Python path's ----------------------------------------------------
@@ -431,6 +574,8 @@ def test_status_and_metrics_report_the_loop(node):
     cache.get("/index.html")  # the miss
     for _ in range(3):
         assert cache.get("/index.html")[2] == files["/index.html"]
+    for _ in range(4):  # a miss, a copy, a copy sealed, a sealed hit (every node: one here)
+        assert cache.get("/f65536.bin")[2] == files["/f65536.bin"]
     assert cache.get("/index.html", method="HEAD")[0] == 200
     doc = cache.status()
     native = doc["fast_path"]["native"]
@@ -440,3 +585,7 @@ def test_status_and_metrics_report_the_loop(node):
     metrics = cache.get("/metrics")[2].decode()
     assert "mcs_webcache_native_served_total{" in metrics
     assert "mcs_webcache_native_handed_off_total{" in metrics
+    assert native["sealed_hits"] == 1 and native["sealed_held"] == 1
+    assert native["sealed_bytes"] == 65536
+    assert re.search(r"^mcs_webcache_native_sealed_hits_total\{[^}]*\} 1$", metrics, re.M)
+    assert re.search(r"^mcs_webcache_sealed_copy_bytes\{[^}]*\} 65536$", metrics, re.M)

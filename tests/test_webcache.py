@@ -411,6 +411,10 @@ def test_launcher_errors(tmp_path):
         assert r.returncode == 2 and "already in use" in r.stderr
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--cache-size", "lots")
     assert r.returncode == 2 and "bad size" in r.stderr
+    r = run("serve", "--root", str(tmp_path), "--port", "0", "--sealed-copies", "-1")
+    assert r.returncode == 2 and "--sealed-copies" in r.stderr and "bad size" in r.stderr
+    r = run("serve", "--root", str(tmp_path), "--port", "0", "--sealed-copies", "2T")
+    assert r.returncode == 2 and "at most 1024G" in r.stderr
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--nodes", "0")
     assert r.returncode == 2
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--domain", "../x")

@@ -24,6 +24,12 @@ cdef extern from "native_loop.h" nogil:
         HC_TIMEOUT_SEND
         HC_REPAIRED
         HC_HANDED_OFF
+        HC_SEALED_HITS
+        HC_SEALED_MADE
+        HC_SEALED_DROPPED
+        HC_SEALED_FAILED
+        HC_SEALED_HELD
+        HC_SEALED_BYTES
         HC_REASON0
         HL_NOT_PLAIN
         HL_PARTIAL
@@ -48,6 +54,8 @@ cdef extern from "native_loop.h" nogil:
         char prefix[4096]
         size_t prefix_len
         uint64_t max_entry
+        uint64_t sealed_budget
+        uint64_t sealed_min
         int check_readable
         int64_t header_timeout_ns, keepalive_timeout_ns, send_timeout_ns, sweep_ns, lock_wait_ns
         hl_layout lay

@@ -2,6 +2,7 @@ from typing import Any
 
 REASONS: dict[str, int]
 COUNTERS: tuple[str, ...]
+GAUGES: tuple[str, ...]
 LAYOUT_FIELDS: tuple[str, ...]
 MAX_SLOTS: int
 
@@ -13,7 +14,8 @@ class HitLoop:
                  header_timeout: float, keepalive_timeout: float, send_timeout: float,
                  sweep_interval: float, lock_wait: float, layout: dict[str, int],
                  not_plain: Any, types: dict[bytes, bytes], default_type: bytes, node: bytes,
-                 server: bytes) -> None: ...
+                 server: bytes, host: bytes = ..., sealed_budget: int = ...,
+                 sealed_min: int = ...) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...
     def close(self) -> None: ...

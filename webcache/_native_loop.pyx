@@ -28,9 +28,14 @@ REASONS = {"NOT_PLAIN": HL_NOT_PLAIN, "PARTIAL": HL_PARTIAL, "NO_FILE": HL_NO_FI
            "ERROR": HL_ERROR}
 #: the counters :meth:`HitLoop.counters` returns, in order
 COUNTERS = ("adopted", "served", "hits", "heads", "body_bytes", "closed", "timed_out_header",
-            "timed_out_idle", "timed_out_send", "repaired", "handed_off")
+            "timed_out_idle", "timed_out_send", "repaired", "handed_off", "sealed_hits",
+            "sealed_made", "sealed_dropped", "sealed_failed", "sealed_held", "sealed_bytes")
+#: of COUNTERS, the ones that are levels (they go down too), not counts
+GAUGES = ("sealed_held", "sealed_bytes")
 _COUNTER_IDS = (HC_ADOPTED, HC_SERVED, HC_HITS, HC_HEADS, HC_BODY_BYTES, HC_CLOSED,
-                HC_TIMEOUT_HEADER, HC_TIMEOUT_IDLE, HC_TIMEOUT_SEND, HC_REPAIRED, HC_HANDED_OFF)
+                HC_TIMEOUT_HEADER, HC_TIMEOUT_IDLE, HC_TIMEOUT_SEND, HC_REPAIRED, HC_HANDED_OFF,
+                HC_SEALED_HITS, HC_SEALED_MADE, HC_SEALED_DROPPED, HC_SEALED_FAILED,
+                HC_SEALED_HELD, HC_SEALED_BYTES)
 if len(REASONS) != HL_REASONS:
     raise LayoutMismatchError("webcache._native_loop: REASONS does not name every reason")
 #: what the layout dict given to HitLoop must name (webcache.native builds it)
@@ -71,7 +76,8 @@ cdef class HitLoop:
     def __init__(self, *, int root_fd, bytes prefix, uint64_t max_entry, bint check_readable,
                  double header_timeout, double keepalive_timeout, double send_timeout,
                  double sweep_interval, double lock_wait, dict layout, not_plain,
-                 dict types, bytes default_type, bytes node, bytes server, bytes host=b""):
+                 dict types, bytes default_type, bytes node, bytes server, bytes host=b"",
+                 uint64_t sealed_budget=0, uint64_t sealed_min=0):
         cdef int err = 0
         cdef int k = 0
         memset(&self._cfg, 0, sizeof(hl_config))
@@ -79,6 +85,8 @@ cdef class HitLoop:
         _copy_str(self._cfg.prefix, sizeof(self._cfg.prefix), prefix, "the root path")
         self._cfg.prefix_len = len(prefix)
         self._cfg.max_entry = max_entry
+        self._cfg.sealed_budget = sealed_budget
+        self._cfg.sealed_min = sealed_min
         self._cfg.check_readable = check_readable
         self._cfg.header_timeout_ns = <int64_t>(header_timeout * 1e9)
         self._cfg.keepalive_timeout_ns = <int64_t>(keepalive_timeout * 1e9)

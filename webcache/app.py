@@ -453,6 +453,8 @@ _MEMBER_COUNTERS = [
     ("chains_cut", "Bucket chains found corrupt (garbage in shared memory) and cut"),
     ("native_served", "Responses written by the native hit loop (no Python)"),
     ("native_handed_off", "Connections the native hit loop handed to the asyncio side"),
+    ("native_sealed_hits", "Responses the native hit loop sent from a sealed copy (sendfile, "
+     "no copy)"),
 ]
 _TIMED_OUT = "connections_timed_out_"
 _DOMAIN_COUNTERS = [(k, h) for k, h in _MEMBER_COUNTERS if k != "recoveries"]
@@ -462,6 +464,7 @@ _MEMBER_GAUGES = [
     ("arena_bytes", "arena_bytes", "Size of this node's arena"),
     ("connections_open", "connections_open", "Connections open now"),
     ("connections_max", "max_connections", "The connection cap (max_connections)"),
+    ("sealed_copy_bytes", "sealed_bytes", "Bytes of sealed copies the native hit loop holds"),
 ]
 
 

@@ -58,9 +58,10 @@ COUNTERS = (
     "connections_timed_out_header", "connections_timed_out_body",
     "connections_timed_out_idle", "connections_timed_out_send",
     "arenas_adopted", "entries_adopted", "entries_dropped", "entries_reread", "chains_cut",
-    "native_served", "native_handed_off",
+    "native_served", "native_handed_off", "native_sealed_hits",
 )
-GAUGES = ("entries", "bytes", "arena_bytes", "max_entry", "connections_open", "max_connections")
+GAUGES = ("entries", "bytes", "arena_bytes", "max_entry", "connections_open", "max_connections",
+          "sealed_bytes")
 # The phases of a recovery (mcs.component's _recover), in order.
 PHASES = ("quiesce", "agree", "barrier", "master", "contribute", "stable")
 if len(COUNTERS) > L.BOARD_COUNTERS or len(GAUGES) > L.BOARD_GAUGES or len(PHASES) > L.BOARD_PHASES:
@@ -229,10 +230,12 @@ def local_values(cache: "McsWebCache",
         "fast_path_connections": 0 if fast is None else fast.connections,
         "native_served": 0 if fast is None else fast.native_served,
         "native_handed_off": 0 if fast is None else fast.native_handed_off,
+        "native_sealed_hits": 0 if fast is None else fast.native_sealed_hits,
     }
     gauges = {"entries": len(cache._entries), "bytes": cache._alloc.used,
               "arena_bytes": cache.contribution_size, "max_entry": cache.max_entry,
-              "connections_open": 0, "max_connections": 0}
+              "connections_open": 0, "max_connections": 0,
+              "sealed_bytes": 0 if fast is None else fast.sealed_bytes}
     if conn is not None:
         for key in ("accepted", "refused_at_cap", "accept_errors", "shed", "version_refused"):
             counters[f"connections_{key}"] = conn[key]

@@ -129,6 +129,8 @@ class FastPathStats:
     connections: int = 0  # connections accepted
     native_served: int = 0  # of ``served``: written by the native hit loop (webcache/native.py)
     native_handed_off: int = 0  # connections the native loop gave to this front
+    native_sealed_hits: int = 0  # of ``native_served``: sent from a sealed copy (sendfile)
+    sealed_bytes: int = 0  # bytes of sealed copies the native loop holds now
     # The front's connection report (FastPath.connection_status), set by the front that keeps
     # these stats: /_mcs/status and /metrics describe the node's connections through it.
     connection_status: Callable[[], dict[str, Any]] | None = None

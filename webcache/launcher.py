@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -29,13 +28,11 @@ from typing import Sequence
 
 from mcs.component_record import component_domain
 from mcs.supervise import Backoff, RestartIntensity, RestartPolicy, SlotStatus, Supervisor
-from webcache import front
+from webcache import front, limits
 from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments, add_native_argument
 
 __all__ = ["main", "parse_size"]
 
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 READY_TIMEOUT = 30.0
 # A node that crashes more than 10 times within 10 s is given up (a crash loop, not faults: a
 # chaos soak kills a node at most every few seconds); the first restart is at once (50 ms),
@@ -51,10 +48,10 @@ class UsageError(Exception):
 
 def parse_size(text: str) -> int:
     """``64M``, ``64MiB``, ``512k``, ``1G``, ``4096`` -> bytes (binary units)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise UsageError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+    try:
+        return limits.parse_size(text)
+    except InvalidLimit as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_port(host: str, port: int) -> int:
@@ -90,7 +87,8 @@ class Launcher:
                 "--host", a.host, "--port", str(a.port), "--cache-size", str(a.cache_size),
                 "--max-entry", str(a.max_entry), "--node", f"node{index}", "--timing", a.timing,
                 "--host-name", a.host_name,
-                "--native-hits" if a.native_hits else "--no-native-hits"] + (
+                "--native-hits" if a.native_hits else "--no-native-hits",
+                "--sealed-copies", str(a.sealed_copies)] + (
                     ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
     def log(self, message: str) -> None:

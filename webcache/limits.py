@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import enum
 import math
+import re
 import resource
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,8 @@ from typing import Any
 from mcs.errors import McsError
 
 __all__ = ["ConnectionLimits", "ConnectionStats", "InvalidLimit", "Expiry", "add_arguments",
-           "add_native_argument", "default_max_connections", "FD_RESERVE", "MAX_TIMEOUT",
-           "NATIVE_HITS_DEFAULT"]
+           "add_native_argument", "default_max_connections", "parse_size", "FD_RESERVE",
+           "MAX_TIMEOUT", "NATIVE_HITS_DEFAULT", "SEALED_COPIES_DEFAULT"]
 
 HEADER_TIMEOUT = 10.0  # a whole request head, from its first byte (or from accept)
 BODY_TIMEOUT = 10.0  # a whole request body, from the end of its head
@@ -30,6 +31,11 @@ MAX_TIMEOUT = 86400.0
 FD_RESERVE = 64  # descriptors never given to connections: listeners, loop, membership, ...
 CONNECTIONS_CEILING = 16384  # memory, not descriptors, bounds a node beyond this
 NATIVE_HITS_DEFAULT = True  # the native hit loop (webcache/native.py) unless --no-native-hits
+SEALED_COPIES_DEFAULT = 32 << 20  # bytes of sealed copies per node's native loop (--sealed-copies)
+SEALED_COPIES_MAX = 1 << 40
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class InvalidLimit(McsError, ValueError):
@@ -133,13 +139,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"RLIMIT_NOFILE minus {FD_RESERVE}, at most {CONNECTIONS_CEILING})")
 
 
+def parse_size(text: str) -> int:
+    """``64M``, ``64MiB``, ``512k``, ``1G``, ``4096`` -> bytes (binary units)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise InvalidLimit(f"bad size {text!r}: use a number with an optional K/M/G/T suffix")
+    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def _sealed_copies(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except InvalidLimit as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size > SEALED_COPIES_MAX:
+        raise argparse.ArgumentTypeError(f"at most {SEALED_COPIES_MAX >> 30}G")
+    return size
+
+
 def add_native_argument(parser: argparse.ArgumentParser) -> None:
-    """``--native-hits`` / ``--no-native-hits``, shared like the limits (the native hit loop
-    takes the node's connections: the limits above are enforced by it too)."""
+    """``--native-hits`` / ``--no-native-hits`` and ``--sealed-copies``, shared like the limits
+    (the native hit loop takes the node's connections: the limits above are enforced by it
+    too)."""
     parser.add_argument("--native-hits", action=argparse.BooleanOptionalAction,
                         default=NATIVE_HITS_DEFAULT,
                         help="serve plain cache hits from a native thread, without Python "
                         "(default: %(default)s; needs the fast path)")
+    parser.add_argument("--sealed-copies", type=_sealed_copies, default=SEALED_COPIES_DEFAULT,
+                        metavar="SIZE",
+                        help="memory per node for sealed copies of hot large bodies, which the "
+                        "native loop sends without copying (default 32M; 0: none)")
 
 
 @dataclass

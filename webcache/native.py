@@ -56,6 +56,9 @@ log = logging.getLogger("mcs.webcache.native")
 # for microseconds (a walk, a pin, a link), so this is only met when the holder is descheduled.
 LOCK_WAIT = 0.002
 QUIET_WAIT = 1.0  # how long stopping waits for the loop to leave shared memory
+# The smallest body given a sealed copy: below it, copying and summing per response costs less
+# than the sendfile call that replaces them (bench/test_webcache.py measures both sides).
+SEALED_MIN = 16 << 10
 
 
 class HandOff(enum.IntEnum):
@@ -98,7 +101,8 @@ def loop_layout() -> dict[str, int]:
 
 
 def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimits, *,
-              check_readable: bool = False, host_name: str | None = None) -> _native_loop.HitLoop:
+              check_readable: bool = False, host_name: str | None = None,
+              sealed_copies: int = 0) -> _native_loop.HitLoop:
     """A loop (not running) for files under ``prefix`` (the canonical root and ``/``) found
     from ``root_fd`` (the loop's own descriptor: it does not close it).
 
@@ -113,7 +117,8 @@ def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimit
         not_plain=sorted(NOT_PLAIN_HEADERS),
         types={ext.encode(): ctype.encode() for ext, ctype in content_types().items()},
         default_type=content_type("file").encode(), node=NODE_PID.encode(),
-        server=SERVER.encode(), host=(host_name or "").encode())
+        server=SERVER.encode(), host=(host_name or "").encode(),
+        sealed_budget=sealed_copies, sealed_min=SEALED_MIN)
 
 
 class NativeHits:
@@ -122,14 +127,15 @@ class NativeHits:
     acceptor gives it connections (:meth:`adopt`); :meth:`close` before the cache stops."""
 
     def __init__(self, cache: McsWebCache, front: FastPath, limits: ConnectionLimits, *,
-                 check_readable: bool = False) -> None:
+                 check_readable: bool = False, sealed_copies: int = 0) -> None:
         self.cache = cache
         self.front = front
         self._root_fd = os.dup(front.root_fd)
         try:
             self.loop = make_loop(self._root_fd, front.prefix, cache.max_entry, limits,
                                   host_name=front.host_name,
-                                  check_readable=check_readable)
+                                  check_readable=check_readable,
+                                  sealed_copies=sealed_copies)
         except BaseException:
             os.close(self._root_fd)
             raise
@@ -245,6 +251,8 @@ class NativeHits:
         stats = self.front.stats
         stats.served += d["served"]
         stats.native_served += d["served"]
+        stats.native_sealed_hits += d["sealed_hits"]
+        stats.sealed_bytes = now["sealed_bytes"]
         self.cache.cache_stats.hits += d["hits"]
         timed_out = self.front.conn_stats.timed_out
         timed_out[Expiry.HEADER.value] += d["timed_out_header"]

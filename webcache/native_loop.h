@@ -14,6 +14,15 @@
  *   check size/mtime/inode/dev/ctime, copy out summing the copy, unpin, compare the sum, leave
  *   the gate -> sendmsg(header, copy).
  *
+ * Sealed copies: a body of at least ``sealed_min`` bytes asked for a second time is kept in a
+ * memfd of the loop's own, written from the verified copy and then sealed (F_SEAL_WRITE: the
+ * kernel refuses every later change, by anyone). Its next hits check the entry under the bucket
+ * lock as above (same version, same stored checksum: the copy was verified against exactly that
+ * sum) and send the memfd with sendfile, which gives the socket the memfd's pages instead of
+ * copying them: no copy and no checksum pass per response, and what the client reads can never
+ * differ from what was verified. At most ``sealed_budget`` bytes and HL_SEALED_MAX copies;
+ * the least recently used goes first.
+ *
  * The gate: ``inside`` is raised before the gate word is read (seq_cst both), the recovery
  * closes the gate before it reads ``inside`` (webcache.cache: workers_quiet), so either the
  * loop sees the gate closed and touches nothing shared, or the recovery waits for it to leave.
@@ -31,6 +40,8 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -57,6 +68,8 @@
 #define HL_KEYS 1024          /* memoized cache-key hashes (direct-mapped by target) */
 #define HL_KEY_MAX 120        /* longer targets are hashed every time */
 #define HL_DATES 16           /* memoized Last-Modified values (direct-mapped by second) */
+#define HL_SEALED_MAX 256     /* sealed copies (and candidates) a loop keeps at most */
+#define HL_SEALED_WAYS 4      /* places a body's hash may take in the table */
 
 /* Why a request went to the asyncio side (webcache.native.HandOff mirrors these). */
 enum {
@@ -78,6 +91,11 @@ enum {
 enum {
     HC_ADOPTED = 0, HC_SERVED, HC_HITS, HC_HEADS, HC_BODY_BYTES, HC_CLOSED,
     HC_TIMEOUT_HEADER, HC_TIMEOUT_IDLE, HC_TIMEOUT_SEND, HC_REPAIRED, HC_HANDED_OFF,
+    HC_SEALED_HITS,    /* responses sent from a sealed copy */
+    HC_SEALED_MADE,    /* sealed copies made */
+    HC_SEALED_DROPPED, /* sealed copies dropped (replaced, over the budget, out of date) */
+    HC_SEALED_FAILED,  /* sealed copies that could not be made (memfd, memory, descriptors) */
+    HC_SEALED_HELD, HC_SEALED_BYTES,  /* gauges: copies held now and their bytes */
     HC_REASON0, HC_COUNT = HC_REASON0 + HL_REASONS
 };
 
@@ -94,6 +112,8 @@ typedef struct {
     char prefix[4096];               /* the canonical root path and "/" (the cache key's start) */
     size_t prefix_len;
     uint64_t max_entry;
+    uint64_t sealed_budget;          /* bytes of sealed copies at most (0: none are made) */
+    uint64_t sealed_min;             /* the smallest body given a sealed copy */
     int check_readable;              /* access(R_OK) of every file (GET too) */
     int64_t header_timeout_ns, keepalive_timeout_ns, send_timeout_ns, sweep_ns, lock_wait_ns;
     hl_layout lay;
@@ -119,6 +139,16 @@ typedef struct { int fd; int reason; char *data; size_t len; } hl_handoff;
 typedef struct { uint32_t len; char rel[HL_KEY_MAX]; uint64_t hash; } hl_key;
 
 typedef struct { int64_t sec; uint32_t len; char text[36]; } hl_date_memo;
+
+/* A body of the cache in a sealed memfd of the loop's own (or a candidate: fd -1, seen once).
+ * It stands for the entries whose key hash, version and stored checksum are these: the copy
+ * was summed as it was made and matched ``sum``. */
+typedef struct {
+    int taken;                       /* 0: an empty place */
+    int fd;                          /* the sealed memfd; -1: a candidate (asked for once) */
+    uint64_t hash, size, mtime_ns, inode, dev, ctime_ns, sum;
+    int64_t used;                    /* L->now when last asked for */
+} hl_sealed;
 
 enum { HL_FRESH = 0, HL_IDLE, HL_SENDING };
 
@@ -151,6 +181,8 @@ typedef struct {
     int64_t date_sec; char date[64]; size_t date_len;
     hl_date_memo last_modified[HL_DATES];
     hl_key *keys;
+    hl_sealed *sealed;               /* HL_SEALED_MAX places (NULL: sealed copies off) */
+    uint64_t sealed_bytes;           /* bytes held in sealed copies */
     hl_type *types; size_t n_types, types_cap;
     int64_t now, now_real, next_sweep;  /* CLOCK_MONOTONIC, CLOCK_REALTIME: per wake-up */
     uint64_t counters[HC_COUNT];
@@ -344,6 +376,11 @@ static hl_loop *hl_new(const hl_config *cfg, int *err) {
     L->scratch = (char *)malloc(L->scratch_cap);
     L->keys = (hl_key *)calloc(HL_KEYS, sizeof(hl_key));
     if (!L->rbuf || !L->scratch || !L->keys) { *err = ENOMEM; goto fail; }
+    if (cfg->sealed_budget) {
+        L->sealed = (hl_sealed *)calloc(HL_SEALED_MAX, sizeof(hl_sealed));
+        if (!L->sealed) { *err = ENOMEM; goto fail; }
+        for (int i = 0; i < HL_SEALED_MAX; i++) L->sealed[i].fd = -1;
+    }
     for (int i = 0; i < HL_DATES; i++) L->last_modified[i].sec = -1;
     L->epfd = epoll_create1(EPOLL_CLOEXEC);
     L->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -362,6 +399,7 @@ fail:
     free(L->rbuf);
     free(L->scratch);
     free(L->keys);
+    free(L->sealed);
     pthread_mutex_destroy(&L->qlock);
     free(L);
     return NULL;
@@ -731,7 +769,7 @@ static int hl_stat(hl_loop *L, const char *rel, size_t n, hl_file *f, int readab
 
 /* Pinned: the entry's checks and the checked copy (webcache._hit.copy_out). */
 static int hl_copy(hl_loop *L, char *arena, int64_t alen, uint64_t off, uint64_t plen,
-                   const hl_file *f, char *dst) {
+                   const hl_file *f, char *dst, uint64_t *sum) {
     const hl_layout *Y = &L->cfg.lay;
     char *p = arena + off;
     if (mcs_load64(p + Y->e_size) != f->size || mcs_load64(p + Y->e_mtime) != f->mtime_ns
@@ -746,12 +784,114 @@ static int hl_copy(hl_loop *L, char *arena, int64_t alen, uint64_t off, uint64_t
     if (summed != mcs_load64(p + Y->e_sum))
         return HL_CORRUPT;
     mcs_store64(p + Y->e_access, (uint64_t)L->now);
+    *sum = summed;
     return HL_HIT;
 }
 
-/* The cache hit (webcache.cache.McsWebCache.lookup): a verified copy in dst, or a reason. */
+/* -- sealed copies ----------------------------------------------------------------------------- */
+
+static inline void hl_gauge(hl_loop *L, int i, uint64_t v) {
+    __atomic_store_n(&L->counters[i], v, __ATOMIC_RELAXED);
+}
+
+static void hl_sealed_drop(hl_loop *L, hl_sealed *s) {
+    if (s->fd >= 0) {
+        close(s->fd);  /* pages still queued on a socket stay until it has sent them */
+        L->sealed_bytes -= s->size;
+        hl_count(L, HC_SEALED_DROPPED, 1);
+        hl_gauge(L, HC_SEALED_HELD, hl_counter(L, HC_SEALED_HELD) - 1);
+        hl_gauge(L, HC_SEALED_BYTES, L->sealed_bytes);
+    }
+    memset(s, 0, sizeof *s);
+    s->fd = -1;
+}
+
+/* The place of the body whose key hash is h; with ``make``, one is taken for it (an empty one,
+ * else the least recently used of its ways, dropped). NULL if there is none. */
+static hl_sealed *hl_sealed_place(hl_loop *L, uint64_t h, int make) {
+    hl_sealed *victim = NULL;
+    for (uint64_t w = 0; w < HL_SEALED_WAYS; w++) {
+        hl_sealed *s = &L->sealed[(h + w) & (HL_SEALED_MAX - 1)];
+        if (s->taken && s->hash == h) return s;
+        if (!victim || (victim->taken && (!s->taken || s->used < victim->used))) victim = s;
+    }
+    if (!make) return NULL;
+    hl_sealed_drop(L, victim);
+    victim->taken = 1;
+    victim->hash = h;
+    return victim;
+}
+
+/* Whether the place stands for this version of the file and this stored checksum. */
+static inline int hl_sealed_is(const hl_sealed *s, const hl_file *f, uint64_t sum) {
+    return s->size == f->size && s->mtime_ns == f->mtime_ns && s->inode == f->inode
+        && s->dev == f->dev && s->ctime_ns == f->ctime_ns && s->sum == sum;
+}
+
+/* A memfd holding data[0:n], sealed against any change; -1 if it cannot be made. */
+static int hl_seal(const char *data, size_t n) {
+    int fd = memfd_create("mcs-sealed-hit", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = write(fd, data + done, n - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) { close(fd); return -1; }
+        done += (size_t)w;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* After a hit served from a verified copy (data: the body, summed to ``sum``): the first time a
+ * version is asked for it becomes a candidate; the second time it is sealed, within the
+ * budget (the least recently used copies are dropped to make room). */
+static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t sum,
+                            const char *data) {
+    if (f->size > L->cfg.sealed_budget) return;
+    hl_sealed *s = hl_sealed_place(L, h, 1);
+    s->used = L->now;
+    if (!hl_sealed_is(s, f, sum)) {  /* new, or another version: a candidate of this one */
+        hl_sealed_drop(L, s);
+        s->taken = 1;
+        s->hash = h;
+        s->size = f->size;
+        s->mtime_ns = f->mtime_ns;
+        s->inode = f->inode;
+        s->dev = f->dev;
+        s->ctime_ns = f->ctime_ns;
+        s->sum = sum;
+        s->used = L->now;
+        return;
+    }
+    if (s->fd >= 0) return;
+    while (L->sealed_bytes + f->size > L->cfg.sealed_budget) {
+        hl_sealed *lru = NULL;
+        for (int i = 0; i < HL_SEALED_MAX; i++) {
+            hl_sealed *t = &L->sealed[i];
+            if (t->fd >= 0 && (!lru || t->used < lru->used)) lru = t;
+        }
+        if (!lru) return;
+        hl_sealed_drop(L, lru);
+    }
+    s->fd = hl_seal(data, (size_t)f->size);
+    if (s->fd < 0) {
+        hl_count(L, HC_SEALED_FAILED, 1);
+        return;
+    }
+    L->sealed_bytes += f->size;
+    hl_count(L, HC_SEALED_MADE, 1);
+    hl_gauge(L, HC_SEALED_HELD, hl_counter(L, HC_SEALED_HELD) + 1);
+    hl_gauge(L, HC_SEALED_BYTES, L->sealed_bytes);
+}
+
+/* The cache hit (webcache.cache.McsWebCache.lookup): a verified copy in dst (its sum in *sum),
+ * or *sealed, a sealed copy of the entry found (nothing copied), or a reason. */
 static int hl_lookup(hl_loop *L, const char *path, size_t plen, uint64_t h, const hl_file *f,
-                     char *dst) {
+                     char *dst, uint64_t *sum, hl_sealed **sealed) {
     const hl_layout *Y = &L->cfg.lay;
     hl_shared *S = &L->sh;
     int r;
@@ -816,6 +956,23 @@ static int hl_lookup(hl_loop *L, const char *path, size_t plen, uint64_t h, cons
         mcs_mutex_release(mutex);
         goto out;
     }
+    if (L->sealed && f->size >= L->cfg.sealed_min) {
+        /* A sealed copy of this entry's version and checksum: nothing to pin or copy. */
+        char *p = arena + off;
+        hl_sealed *s = hl_sealed_place(L, h, 0);
+        if (s && s->fd >= 0 && mcs_load64(p + Y->e_size) == f->size
+                && mcs_load64(p + Y->e_mtime) == f->mtime_ns
+                && mcs_load64(p + Y->e_inode) == f->inode && mcs_load64(p + Y->e_dev) == f->dev
+                && mcs_load64(p + Y->e_ctime) == f->ctime_ns
+                && hl_sealed_is(s, f, mcs_load64(p + Y->e_sum))) {
+            mcs_store64(p + Y->e_access, (uint64_t)L->now);
+            mcs_mutex_release(mutex);
+            s->used = L->now;
+            *sealed = s;
+            r = HL_HIT;
+            goto out;
+        }
+    }
     /* The journal first, then the pin: a loop that dies between the two leaves a mark whose
      * counter is 0, which the master zeroes again (webcache.cache: lookup). */
     char *mark = S->master + S->mark_off;
@@ -824,7 +981,7 @@ static int hl_lookup(hl_loop *L, const char *path, size_t plen, uint64_t h, cons
     mcs_store64(mark + Y->m_ref, found);
     mcs_add64(pin, 1);
     mcs_mutex_release(mutex);
-    r = hl_copy(L, arena, alen, off, plen, f, dst);
+    r = hl_copy(L, arena, alen, off, plen, f, dst, sum);
     mcs_add64(pin, (uint64_t)-1);
     mcs_store64(mark + Y->m_ref, 0);
 out:
@@ -886,6 +1043,19 @@ static size_t hl_response_head(hl_loop *L, const hl_request *rq, const hl_file *
     return (size_t)(p - L->head);
 }
 
+/* ``out`` (malloc'ed, len bytes) is what the socket did not take of a response: it is sent
+ * as the socket takes it (EPOLLOUT). -1 if the connection failed (it is closed). */
+static int hl_pending(hl_loop *L, hl_conn *c, char *out, size_t len) {
+    c->out = out;
+    c->out_len = len;
+    c->out_off = 0;
+    c->phase = HL_SENDING;
+    c->stall_left = len;
+    c->stall_since = L->now;
+    if (hl_watch(L, c, EPOLL_CTL_MOD, EPOLLOUT) < 0) { hl_close(L, c); return -1; }
+    return 0;
+}
+
 /* Write a response; what the socket does not take is kept (and the connection waits for
  * EPOLLOUT). -1 if the client is gone (the connection is closed). */
 static int hl_send(hl_loop *L, hl_conn *c, const char *a, size_t alen, const char *b, size_t blen) {
@@ -911,14 +1081,41 @@ static int hl_send(hl_loop *L, hl_conn *c, const char *a, size_t alen, const cha
     if (!out) { hl_count(L, HC_REASON0 + HL_ERROR, 1); hl_close(L, c); return -1; }
     if (sent < alen) { memcpy(q, a + sent, alen - sent); q += alen - sent; memcpy(q, b, blen); }
     else memcpy(q, b + (sent - alen), left);
-    c->out = out;
-    c->out_len = left;
-    c->out_off = 0;
-    c->phase = HL_SENDING;
-    c->stall_left = left;
-    c->stall_since = L->now;
-    if (hl_watch(L, c, EPOLL_CTL_MOD, EPOLLOUT) < 0) { hl_close(L, c); return -1; }
-    return 0;
+    return hl_pending(L, c, out, left);
+}
+
+/* A response whose body is a sealed copy: the head (held back by MSG_MORE to leave in the
+ * body's first segment), then sendfile from the copy. What the socket does not take is read
+ * from the copy (which cannot change) and kept, as hl_send does. */
+static int hl_send_sealed(hl_loop *L, hl_conn *c, const char *head, size_t hn, int fd,
+                          size_t size) {
+    ssize_t n;
+    off_t off = 0;
+    do n = send(c->fd, head, hn, MSG_NOSIGNAL | MSG_DONTWAIT | MSG_MORE); while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) { hl_close(L, c); return -1; }
+        n = 0;
+    }
+    if ((size_t)n == hn) {
+        while ((size_t)off < size) {
+            ssize_t k = sendfile(c->fd, fd, &off, size - (size_t)off);
+            if (k < 0 && errno == EINTR) continue;
+            if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK) { hl_close(L, c); return -1; }
+            if (k <= 0) break;
+        }
+        if ((size_t)off == size) return 0;
+    }
+    size_t hleft = hn - (size_t)n, left = hleft + (size - (size_t)off);
+    char *out = (char *)malloc(left);
+    if (!out) { hl_count(L, HC_REASON0 + HL_ERROR, 1); hl_close(L, c); return -1; }
+    memcpy(out, head + n, hleft);
+    for (size_t done = hleft; done < left;) {
+        ssize_t k = pread(fd, out + done, left - done, off + (off_t)(done - hleft));
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) { free(out); hl_count(L, HC_REASON0 + HL_ERROR, 1); hl_close(L, c); return -1; }
+        done += (size_t)k;
+    }
+    return hl_pending(L, c, out, left);
 }
 
 enum { HS_KEEP = -1, HS_CLOSE = -2, HS_GONE = -3 };
@@ -942,13 +1139,22 @@ static int hl_serve(hl_loop *L, hl_conn *c, const char *head, size_t n) {
     r = hl_stat(L, key + L->cfg.prefix_len, rq.target_len - 1, &f,
                 rq.head || L->cfg.check_readable);
     if (r != HL_HIT) return r;
+    hl_sealed *sealed = NULL;
     if (!rq.head) {
-        r = hl_lookup(L, key, plen, hl_key_hash(L, key, plen, L->cfg.prefix_len), &f, L->scratch);
+        uint64_t h = hl_key_hash(L, key, plen, L->cfg.prefix_len), sum = 0;
+        r = hl_lookup(L, key, plen, h, &f, L->scratch, &sum, &sealed);
         if (r != HL_HIT) return r;
+        if (!sealed && L->sealed && f.size >= L->cfg.sealed_min)
+            hl_sealed_admit(L, h, &f, sum, L->scratch);
     }
     size_t hn = hl_response_head(L, &rq, &f, L->now_real);
-    if (hl_send(L, c, L->head, hn, rq.head ? NULL : L->scratch, rq.head ? 0 : (size_t)f.size) < 0)
+    if (sealed) {
+        if (hl_send_sealed(L, c, L->head, hn, sealed->fd, (size_t)f.size) < 0) return HS_GONE;
+        hl_count(L, HC_SEALED_HITS, 1);
+    } else if (hl_send(L, c, L->head, hn, rq.head ? NULL : L->scratch,
+                       rq.head ? 0 : (size_t)f.size) < 0) {
         return HS_GONE;
+    }
     hl_count(L, HC_SERVED, 1);
     if (rq.head) {
         hl_count(L, HC_HEADS, 1);
@@ -1213,6 +1419,10 @@ static void hl_free(hl_loop *L) {
     free(L->rbuf);
     free(L->scratch);
     free(L->keys);
+    if (L->sealed)
+        for (int i = 0; i < HL_SEALED_MAX; i++)
+            if (L->sealed[i].fd >= 0) close(L->sealed[i].fd);
+    free(L->sealed);
     close(L->epfd);
     close(L->wake_fd);
     close(L->py_fd);

@@ -79,7 +79,8 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     conn_stats = ConnectionStats()
     front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats,
                      limits=limits, conn_stats=conn_stats, host_name=args.host_name)
-    native = start_native(cache, front, limits) if args.native_hits and front.enabled else None
+    native = start_native(cache, front, limits, args.sealed_copies) \
+        if args.native_hits and front.enabled else None
     server = Acceptor(listening_sockets(args.host, args.port), front.protocol, limits, conn_stats,
                       front.open_connections, adopt=native.adopt if native is not None else None)
     front.on_release = server.released
@@ -107,12 +108,12 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
         await runner.cleanup()
 
 
-def start_native(cache: McsWebCache, front: FastPath,
-                 limits: ConnectionLimits) -> NativeHits | None:
+def start_native(cache: McsWebCache, front: FastPath, limits: ConnectionLimits,
+                 sealed_copies: int) -> NativeHits | None:
     """The native hit loop in front of ``front``, running; None (logged) if it cannot start:
     the asyncio fast path then serves everything."""
     try:
-        native = NativeHits(cache, front, limits)
+        native = NativeHits(cache, front, limits, sealed_copies=sealed_copies)
     except OSError as exc:
         log.warning("native hit loop off: %s; the asyncio fast path serves every request", exc)
         return None

@@ -206,10 +206,13 @@ def _stay_with(supervisor: int) -> None:
     """In a new member, between fork and exec: SIGTERM when the supervisor's thread dies.
 
     SIGTERM/SIGINT go back to their default first: a Python handler inherited from the
-    supervisor would swallow a death signal arriving before exec. If the supervisor died
-    before the prctl, the member is already orphaned and must not start."""
+    supervisor would swallow a death signal arriving before exec. The signal mask is emptied,
+    as systemd gives its services: one inherited from whoever started the supervisor (a mask
+    survives exec) would leave SIGTERM pending for good. If the supervisor died before the
+    prctl, the member is already orphaned and must not start."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     if _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != supervisor:
         os._exit(1)
 
@@ -499,8 +502,11 @@ class Supervisor:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT ask for a stop; a self-pipe wakes the loop (restored afterwards)."""
+        """SIGTERM/SIGINT ask for a stop (unblocked, if whoever started us blocked them); a
+        self-pipe wakes the loop (restored afterwards)."""
         assert self._selector is not None
+        stops = {signal.SIGTERM, signal.SIGINT}
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         self._wakeup_read, self._wakeup = os.pipe()
         os.set_blocking(self._wakeup_read, False)
         os.set_blocking(self._wakeup, False)
@@ -513,6 +519,7 @@ class Supervisor:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             signal.set_wakeup_fd(previous_fd)
             self._selector.unregister(self._wakeup_read)
             os.close(self._wakeup_read)

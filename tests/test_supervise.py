@@ -45,7 +45,8 @@ MEMBER = textwrap.dedent("""
             f.write(json.dumps({"pid": os.getpid(), "slot": slot, "t": time.monotonic(),
                                 **what}) + "\\n")
     report(event="start", env={k: v for k, v in os.environ.items()
-                               if k.startswith(("MCS_", "NOTIFY_", "WATCHDOG_"))})
+                               if k.startswith(("MCS_", "NOTIFY_", "WATCHDOG_"))},
+           blocked=sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, ())))
     if action == "exit0":
         sys.exit(0)
     if action == "silent":
@@ -67,7 +68,7 @@ class Supervise:
     """A running ``mcs supervise`` with its stderr read line by line in the background."""
 
     def __init__(self, tmp_path: Path, args: list[str], plan: dict[int, str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, blocked: tuple[int, ...] = ()) -> None:
         script = tmp_path / "member.py"
         script.write_text(MEMBER)
         self.report = tmp_path / "report.jsonl"
@@ -79,7 +80,8 @@ class Supervise:
         self.proc = subprocess.Popen([MCS, "supervise", *args, "--", sys.executable,
                                       str(script)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env=full_env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=lambda: (
+                                         signal.pthread_sigmask(signal.SIG_BLOCK, blocked)))
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -136,8 +138,8 @@ def supervise(tmp_path: Path) -> Iterator:
     started: list[Supervise] = []
 
     def start(*args: str, plan: dict[int, str] | None = None,
-              env: dict[str, str] | None = None) -> Supervise:
-        sup = Supervise(tmp_path, list(args), plan, env)
+              env: dict[str, str] | None = None, blocked: tuple[int, ...] = ()) -> Supervise:
+        sup = Supervise(tmp_path, list(args), plan, env, blocked)
         started.append(sup)
         return sup
 
@@ -205,6 +207,21 @@ def test_clean_exit_ends_a_slot_unless_restart_always(supervise):
     again.expect(r"slot 0 gave up: 3 exits within 30 s \(last: status 0\)")
     assert again.finish() == 1
     assert len(again.events("start")) == 3
+
+
+def test_started_with_stop_signals_blocked_it_still_stops_and_members_start_unblocked(
+        supervise):
+    # A parent that blocks SIGTERM/SIGINT (a shell's background job, a runner) passes the mask
+    # on through exec: the supervisor unblocks them for itself and gives members an empty mask,
+    # as systemd does, so neither a stop nor the supervisor's death is lost.
+    sup = supervise("-n", "2", blocked=(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1))
+    sup.expect(r"all 2 member\(s\) ready")
+    pids = [s["pid"] for s in sup.events("start")]
+    assert [s["blocked"] for s in sup.events("start")] == [[], []]
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.finish() == 0
+    assert sorted(e["pid"] for e in sup.events("sigterm")) == sorted(pids)
+    assert all(gone(p) for p in pids)
 
 
 # -- the supervisor's death --------------------------------------------------------------------

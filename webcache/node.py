@@ -139,6 +139,8 @@ class _ClientErrorFilter(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Stopped by SIGTERM/SIGINT (serve's handlers), even if whoever started it blocked them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     logging.basicConfig(level=logging.WARNING, format=f"node {os.getpid()}: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_ClientErrorFilter())
     ratelog.install()

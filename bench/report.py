@@ -678,7 +678,9 @@ def comparison_findings(rows: list[dict], base: dict) -> list[str]:
 
 def hits_intro(rows: list[dict]) -> str:
     """Which servers webcache-hits measured (a server that did not run is said so)."""
-    known = {"mcs": None, "mcs-asyncio": "`mcs` with its native hit loop off (the asyncio "
+    known = {"mcs": None, "mcs-copied": "`mcs` without sealed copies (`--sealed-copies 0`: "
+             "every body copied and summed per response)",
+             "mcs-asyncio": "`mcs` with its native hit loop off (the asyncio "
              "fast path serves the hits)", "mcs-aiohttp": "`mcs` with its fast path off",
              "memory": "an aiohttp handler returning the file from a `bytes` in memory",
              "file": "aiohttp `web.FileResponse`",

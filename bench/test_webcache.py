@@ -8,6 +8,8 @@ Servers (each serving the same two files from the same temp directory, loopback 
   measured request is checked to be a hit (the nodes' ``/_mcs/status`` counters: hits grew by
   at least wrk's completed requests, misses/disk reads/served-during-recovery did not grow at
   all).
+- ``mcs-copied``: the same with ``--sealed-copies 0``: the native loop copies and sums every
+  body instead of sending hot large ones from their sealed copies (what sealed copies are worth).
 - ``mcs-asyncio``: the same with ``--no-native-hits``: the asyncio fast path serves the hits
   (what the native loop is worth).
 - ``mcs-aiohttp``: the same, with the nodes' hit fast path off (``--no-fast-path``): every
@@ -80,7 +82,8 @@ CONNS = 32
 N_NODES = int(os.environ.get("MCS_WC_NODES", str(max(2, min(4, CPUS)))))
 KILLS = int(os.environ.get("MCS_WC_KILLS", "5"))
 SIZES = {"4KiB": 4096, "64KiB": 65536}
-SERVERS = ("mcs", "mcs-asyncio", "mcs-aiohttp", "memory", "file", "nginx", "nginx-tuned")
+SERVERS = ("mcs", "mcs-copied", "mcs-asyncio", "mcs-aiohttp", "memory", "file", "nginx",
+           "nginx-tuned")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RESULTS: dict[str, dict] = {}  # config -> rps table (for the cross-config scaling numbers)
 
@@ -263,14 +266,16 @@ def free_port() -> int:
 _domains = iter(range(1_000_000))
 
 
-MCS_MODES = {"mcs": (), "mcs-asyncio": ("--no-native-hits",),
+MCS_MODES = {"mcs": (), "mcs-copied": ("--sealed-copies", "0"),
+             "mcs-asyncio": ("--no-native-hits",),
              "mcs-aiohttp": ("--no-native-hits", "--no-fast-path")}
 
 
 def start_mcs(root: Path, workdir: Path, nodes: int, cpus: str | None,
               mode: str = "mcs") -> Server:
-    """``mcs``: the node as shipped (the native hit loop); ``mcs-asyncio``: the asyncio fast
-    path serves the hits; ``mcs-aiohttp``: the fast path off (every request through aiohttp)."""
+    """``mcs``: the node as shipped (the native hit loop); ``mcs-copied``: without sealed
+    copies; ``mcs-asyncio``: the asyncio fast path serves the hits; ``mcs-aiohttp``: the fast
+    path off (every request through aiohttp)."""
     domain = f"wcbench-{os.getpid()}-{next(_domains)}"
     cmd = [MCS_WEBCACHE, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
            "--domain", domain, "--cache-size", "64M", "--max-entry", "1M", *MCS_MODES[mode]]
@@ -422,8 +427,9 @@ def measure(server: Server, files: dict[str, bytes], label: str, cpus: str | Non
         res["mcs_counters_delta"] = delta
         res["per_node_hits"] = {str(p): after[p]["hits"] - before[p]["hits"] for p in after}
         native = [(after[p]["fast_path"] or {}).get("native") for p in after]
-        res["native_served"] = sum(n["served"] for n in native if n) - sum(
-            ((before[p]["fast_path"] or {}).get("native") or {}).get("served", 0) for p in before)
+        for key in ("served", "sealed_hits"):
+            res[f"native_{key}"] = sum(n[key] for n in native if n) - sum(
+                ((before[p]["fast_path"] or {}).get("native") or {}).get(key, 0) for p in before)
         # every measured request was a cache hit served from shared memory
         assert delta["hits"] >= res["requests"] > 0, (delta, res)
         assert delta["misses"] == delta["disk_reads"] == 0, delta
@@ -442,6 +448,7 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
     runs: dict[str, dict] = {}
     starters = {
         "mcs": lambda: start_mcs(root, workdir, procs, server_cpus),
+        "mcs-copied": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-copied"),
         "mcs-asyncio": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-asyncio"),
         "mcs-aiohttp": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-aiohttp"),
         "memory": lambda: start_baseline("memory", root, workdir, procs, server_cpus),

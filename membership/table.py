@@ -195,6 +195,16 @@ class MemberTable:
     def generation(self) -> int:
         return self.sec.load64(layout.GENERATION)
 
+    def published_generation(self) -> int | None:
+        """The generation of the published view, or None while one is being written (three
+        loads: what a reader checks before it reads the whole view)."""
+        sec = self.sec
+        seq = sec.load64(layout.VIEW_SEQ)
+        if seq & 1:
+            return None
+        generation = sec.load64(layout.GENERATION)
+        return generation if sec.load64(layout.VIEW_SEQ) == seq else None
+
     def read_view(self, timeout: float = 5.0) -> View:
         """The published view, read consistently without the root mutex."""
         sec = self.sec

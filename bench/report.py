@@ -835,7 +835,11 @@ def section_hits(rows: list[dict]) -> list[str]:
         sizes = list(next(iter(e["rps"].values())).keys())
         out += [f"**{e.get('processes')} process(es) per server**, pinning: {e.get('pinning')}, "
                 f"load: {e.get('load_generator')}, {e.get('duration_s')} s per run, "
-                f"{e.get('connections')} connections, event loop {e.get('event_loop')}.", ""]
+                f"{e.get('connections')} connections, event loop {e.get('event_loop')}"
+                + (f"; every number is the median of {e['rounds']} rounds, each starting every "
+                   "server afresh, in alternating order (a machine that speeds up or slows down "
+                   "during the run favours no server)" if e.get("rounds", 1) > 1 else "")
+                + ".", ""]
         # p99 latency and CPU per request, in runs that recorded them
         p99, cpu = e.get("p99_ms") or {}, e.get("cpu_us_per_request") or {}
         header = ["server"] + [f"{s} req/s" for s in sizes] + [f"mcs ÷ it, {s}" for s in sizes]

@@ -41,6 +41,12 @@ recovery *of the kill* (not the rejoin that follows); then it is resumed, restar
 the rejoin recovery is recorded too. ``extra_info``: p50 of the survivors' ``last_recovery_ms``
 (the slowest survivor per kill) and of its phases, p50 of kill -> new view seen from outside.
 
+Rounds: the whole matrix is measured ``MCS_WC_ROUNDS`` times (default 3), every server started
+afresh each round, in the order of SERVERS, then reversed, and so on: a machine that speeds up
+or slows down during the run (a shared VM does) favours no server. Each number reported is the
+median of the rounds (requests/s, p99, CPU per request, each on its own); ``rounds`` keeps
+every round's requests/s.
+
 Environment: ``MCS_WC_DURATION`` (seconds per load run, default 3), ``MCS_WC_NODES`` (N),
 ``MCS_WC_KILLS`` (default 5).
 """
@@ -78,6 +84,7 @@ TASKSET = shutil.which("taskset")
 CPUS = len(os.sched_getaffinity(0))
 
 DURATION = int(os.environ.get("MCS_WC_DURATION", "3"))
+ROUNDS = max(1, int(os.environ.get("MCS_WC_ROUNDS", "3")))
 CONNS = 32
 N_NODES = int(os.environ.get("MCS_WC_NODES", str(max(2, min(4, CPUS)))))
 KILLS = int(os.environ.get("MCS_WC_KILLS", "5"))
@@ -440,8 +447,36 @@ def measure(server: Server, files: dict[str, bytes], label: str, cpus: str | Non
     return res
 
 
+def _median(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
 def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
                server_cpus: str | None, load_cpus: str | None) -> dict:
+    """ROUNDS rounds over every server (alternating order); the medians per server and size."""
+    rounds = [run_round(root, files, workdir, procs, server_cpus, load_cpus,
+                        SERVERS if r % 2 == 0 else SERVERS[::-1]) for r in range(ROUNDS)]
+    out: dict[str, Any] = {"rounds": {name: {label: [r["rps"][name][label] for r in rounds]
+                                             for label in SIZES} for name in SERVERS}}
+    for key in ("rps", "p99_ms", "cpu_us_per_request"):
+        out[key] = {name: {label: _median([r[key][name][label] for r in rounds])
+                           for label in SIZES} for name in SERVERS}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for label in SIZES:
+        mcs = out["rps"]["mcs"][label]
+        for other in SERVERS[1:]:
+            base = out["rps"][other][label]
+            ratios.setdefault(f"mcs/{other}", {})[label] = round(mcs / base, 3) \
+                if base and mcs else None
+    out["ratios"] = ratios
+    out["runs"] = {f"{key} round {i + 1}": res for i, r in enumerate(rounds)
+                   for key, res in r["runs"].items()}
+    return out
+
+
+def run_round(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
+              server_cpus: str | None, load_cpus: str | None, order: tuple[str, ...]) -> dict:
     rps: dict[str, dict[str, float | None]] = {}
     p99: dict[str, dict[str, float | None]] = {}
     cpu: dict[str, dict[str, float | None]] = {}
@@ -456,7 +491,7 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
         "nginx": lambda: start_nginx(root, workdir, procs, server_cpus),
         "nginx-tuned": lambda: start_nginx(root, workdir, procs, server_cpus, tuned=True),
     }
-    for name in SERVERS:
+    for name in order:
         if name.startswith("nginx") and not NGINX:
             rps[name] = p99[name] = cpu[name] = {label: None for label in SIZES}
             continue
@@ -471,14 +506,7 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
                 runs[f"{name}/{label}"] = res
         finally:
             stop_and_check(server)
-    ratios: dict[str, dict[str, float | None]] = {}
-    for label in SIZES:
-        mcs = rps["mcs"][label]
-        for other in SERVERS[1:]:
-            base = rps[other][label]
-            ratios.setdefault(f"mcs/{other}", {})[label] = round(mcs / base, 3) if base else None
-    return {"rps": rps, "p99_ms": p99, "cpu_us_per_request": cpu, "ratios": ratios,
-            "runs": runs}
+    return {"rps": rps, "p99_ms": p99, "cpu_us_per_request": cpu, "runs": runs}
 
 
 def print_table(title: str, rps: dict, ratios: dict, p99: dict, cpu: dict) -> None:
@@ -503,6 +531,7 @@ def environment() -> dict[str, Any]:
     except ImportError:
         loop = "asyncio"
     info: dict[str, Any] = {"cpus": CPUS, "connections": CONNS, "duration_s": DURATION,
+                            "rounds": ROUNDS,
                             "aiohttp": aiohttp.__version__, "event_loop": loop,
                             "load_generator": "wrk" if WRK else "python fallback (wrk unavailable)"}
     if WRK:
@@ -550,7 +579,8 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
                for label in SIZES}
     info = {"processes": procs, "pinning": pinning, **environment(), "rps": out["rps"],
             "p99_ms": out["p99_ms"], "cpu_us_per_request": out["cpu_us_per_request"],
-            "ratios": out["ratios"], "targets_met": targets, "runs": out["runs"]}
+            "ratios": out["ratios"], "targets_met": targets, "rps_by_round": out["rounds"],
+            "runs": out["runs"]}
     if config == "N" and "1" in RESULTS:
         info["scaling_N_over_1"] = {
             name: {label: round(RESULTS["N"][name][label] / RESULTS["1"][name][label], 3)
@@ -558,7 +588,8 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
                    for label in SIZES} for name in SERVERS}
     report(**info)
     print_table(f"[webcache-hits] {procs} process(es) per server, pinning: {pinning}, "
-                f"wrk -t1 -c{CONNS} -d{DURATION}s", out["rps"], out["ratios"], out["p99_ms"],
+                f"wrk -t1 -c{CONNS} -d{DURATION}s, median of {ROUNDS} round(s)", out["rps"],
+                out["ratios"], out["p99_ms"],
                 out["cpu_us_per_request"])
 
 

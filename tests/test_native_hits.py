@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import resource
 import select
 import socket
 import threading
@@ -37,7 +38,7 @@ from webcache.cache import NATIVE_MARK, SETTLE_NS, McsWebCache, path_hash
 from webcache.fastpath import (NOT_PLAIN_HEADERS, connection_tail, plain_request, plain_target,
                                response_block)
 from webcache.limits import ConnectionLimits
-from webcache.native import TRANSIENT, HandOff, make_loop
+from webcache.native import TRANSIENT, HandOff, make_loop, sealed_count
 from webcache.paths import ResolvedFile
 from webcache.semantics import content_types, http_date
 
@@ -58,13 +59,14 @@ class Harness:
     attaches it), and a loopback listener whose accepted sockets go to the loop."""
 
     def __init__(self, root: Path, domain: str, limits: ConnectionLimits | None = None,
-                 sealed_copies: int = 0) -> None:
+                 sealed_copies: int = 0, max_sealed: int | None = None) -> None:
         self.root = root.resolve()
         self.cache = McsWebCache(domain, cache_size=4 << 20, max_entry=MAX_ENTRY,
                                  **TIMING).start()
         self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.loop = make_loop(self.root_fd, str(self.root) + "/", MAX_ENTRY,
-                              limits or ConnectionLimits(), sealed_copies=sealed_copies)
+                              limits or ConnectionLimits(), sealed_copies=sealed_copies,
+                              max_sealed=max_sealed)
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
         self.cache.attach_native(self)
@@ -451,6 +453,38 @@ def test_sealed_copies_stay_within_their_budget(sealed):
     n = sealed.counters()
     assert n["sealed_made"] >= 4 and n["sealed_dropped"] == n["sealed_made"] - n["sealed_held"]
     assert n["sealed_held"] == 3 and n["sealed_failed"] == 0
+
+
+def test_sealed_copies_stay_within_their_descriptors(tmp_path, domain):
+    # each copy is a descriptor: at most an eighth of what RLIMIT_NOFILE leaves for
+    # connections, and never more than the loop's table
+    assert [sealed_count(n) for n in (64, 100, 1024, 1 << 20, resource.RLIM_INFINITY)] == \
+        [0, 4, 120, _native_loop.MAX_SEALED, _native_loop.MAX_SEALED]
+    root = tmp_path / "site"
+    root.mkdir()
+    h = Harness(root, domain, sealed_copies=1 << 20, max_sealed=2)
+    try:
+        files = {f"c{i}.bin".encode(): os.urandom(20_000) for i in range(4)}
+        for name, data in files.items():
+            h.cache_file(name.decode(), data)
+        with h.connect() as c:
+            for _ in range(2):
+                for name, data in files.items():
+                    assert get_on(c, name, 3) == [data] * 3
+                    assert h.counters()["sealed_held"] <= 2
+        n = h.counters()
+        assert n["sealed_held"] == 2 and n["sealed_made"] > 2 and n["sealed_bytes"] == 40_000
+        assert len(sealed_fds()) == 2
+    finally:
+        h.close()
+    assert not sealed_fds()
+    fd = os.open(root, os.O_PATH)
+    try:
+        with pytest.raises(ValueError, match="sealed copies"):
+            make_loop(fd, str(root) + "/", MAX_ENTRY, ConnectionLimits(), sealed_copies=1,
+                      max_sealed=_native_loop.MAX_SEALED + 1)
+    finally:
+        os.close(fd)
 
 
 # -- the loop's pieces against the Python path's ----------------------------------------------------

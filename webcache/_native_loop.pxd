@@ -6,6 +6,7 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 cdef extern from "native_loop.h" nogil:
     enum:
         HL_MAX_SLOTS
+        HL_SEALED_MAX
         HL_NAME_MAX
         HL_NOT_PLAIN_MAX
         HL_STR_MAX
@@ -56,6 +57,7 @@ cdef extern from "native_loop.h" nogil:
         uint64_t max_entry
         uint64_t sealed_budget
         uint64_t sealed_min
+        uint64_t sealed_count
         int check_readable
         int64_t header_timeout_ns, keepalive_timeout_ns, send_timeout_ns, sweep_ns, lock_wait_ns
         hl_layout lay

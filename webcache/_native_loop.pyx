@@ -44,6 +44,7 @@ LAYOUT_FIELDS = ("slots", "buckets", "buckets_at", "bucket_size", "b_mutex", "b_
                  "e_path_len", "e_ctime", "e_pins", "entry_header", "arena_header", "a_id",
                  "m_ref", "m_arena", "slot_shift", "max_chain", "mf_offset")
 MAX_SLOTS = HL_MAX_SLOTS
+MAX_SEALED = HL_SEALED_MAX
 
 
 def path_hash(bytes path):
@@ -77,7 +78,7 @@ cdef class HitLoop:
                  double header_timeout, double keepalive_timeout, double send_timeout,
                  double sweep_interval, double lock_wait, dict layout, not_plain,
                  dict types, bytes default_type, bytes node, bytes server, bytes host=b"",
-                 uint64_t sealed_budget=0, uint64_t sealed_min=0):
+                 uint64_t sealed_budget=0, uint64_t sealed_min=0, uint64_t sealed_count=0):
         cdef int err = 0
         cdef int k = 0
         memset(&self._cfg, 0, sizeof(hl_config))
@@ -87,6 +88,9 @@ cdef class HitLoop:
         self._cfg.max_entry = max_entry
         self._cfg.sealed_budget = sealed_budget
         self._cfg.sealed_min = sealed_min
+        if sealed_count > HL_SEALED_MAX:
+            raise ValueError(f"{sealed_count} sealed copies: the loop keeps {HL_SEALED_MAX}")
+        self._cfg.sealed_count = sealed_count
         self._cfg.check_readable = check_readable
         self._cfg.header_timeout_ns = <int64_t>(header_timeout * 1e9)
         self._cfg.keepalive_timeout_ns = <int64_t>(keepalive_timeout * 1e9)

@@ -36,6 +36,7 @@ import asyncio
 import enum
 import logging
 import os
+import resource
 import threading
 from typing import Any
 
@@ -45,10 +46,11 @@ from webcache import _native_loop
 from webcache import layout as L
 from webcache.cache import McsWebCache
 from webcache.fastpath import NODE_PID, NOT_PLAIN_HEADERS, SERVER, FastPath
-from webcache.limits import ConnectionLimits, Expiry
+from webcache.limits import FD_RESERVE, ConnectionLimits, Expiry
 from webcache.semantics import content_type, content_types
 
-__all__ = ["NativeHits", "HandOff", "TRANSIENT", "LOCK_WAIT", "loop_layout", "make_loop"]
+__all__ = ["NativeHits", "HandOff", "TRANSIENT", "LOCK_WAIT", "SEALED_MIN", "loop_layout",
+           "make_loop", "sealed_count"]
 
 log = logging.getLogger("mcs.webcache.native")
 
@@ -59,6 +61,17 @@ QUIET_WAIT = 1.0  # how long stopping waits for the loop to leave shared memory
 # The smallest body given a sealed copy: below it, copying and summing per response costs less
 # than the sendfile call that replaces them (bench/test_webcache.py measures both sides).
 SEALED_MIN = 16 << 10
+
+
+def sealed_count(nofile: int | None = None) -> int:
+    """How many sealed copies (each a descriptor) a loop may hold: an eighth of what
+    RLIMIT_NOFILE leaves after the reserve (connections take three quarters:
+    limits.default_max_connections), at most the loop's table."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY:
+        return _native_loop.MAX_SEALED
+    return max(0, min(_native_loop.MAX_SEALED, (nofile - FD_RESERVE) // 8))
 
 
 class HandOff(enum.IntEnum):
@@ -102,13 +115,16 @@ def loop_layout() -> dict[str, int]:
 
 def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimits, *,
               check_readable: bool = False, host_name: str | None = None,
-              sealed_copies: int = 0) -> _native_loop.HitLoop:
+              sealed_copies: int = 0, max_sealed: int | None = None) -> _native_loop.HitLoop:
     """A loop (not running) for files under ``prefix`` (the canonical root and ``/``) found
     from ``root_fd`` (the loop's own descriptor: it does not close it).
 
     ``check_readable`` adds ``access(R_OK)`` to every GET; without it a GET is served only
     from an entry whose ctime equals the file's, and a change of mode, owner or ACL moves
-    ctime, so the entry was read from this very file state (HEAD always checks)."""
+    ctime, so the entry was read from this very file state (HEAD always checks).
+
+    ``sealed_copies``: bytes of sealed copies at most (0: none), in at most ``max_sealed``
+    copies (default: :func:`sealed_count`)."""
     return _native_loop.HitLoop(
         root_fd=root_fd, prefix=os.fsencode(prefix), max_entry=max_entry,
         check_readable=check_readable, header_timeout=limits.header_timeout,
@@ -118,7 +134,8 @@ def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimit
         types={ext.encode(): ctype.encode() for ext, ctype in content_types().items()},
         default_type=content_type("file").encode(), node=NODE_PID.encode(),
         server=SERVER.encode(), host=(host_name or "").encode(),
-        sealed_budget=sealed_copies, sealed_min=SEALED_MIN)
+        sealed_budget=sealed_copies, sealed_min=SEALED_MIN,
+        sealed_count=sealed_count() if max_sealed is None else max_sealed)
 
 
 class NativeHits:

@@ -20,8 +20,8 @@
  * lock as above (same version, same stored checksum: the copy was verified against exactly that
  * sum) and send the memfd with sendfile, which gives the socket the memfd's pages instead of
  * copying them: no copy and no checksum pass per response, and what the client reads can never
- * differ from what was verified. At most ``sealed_budget`` bytes and HL_SEALED_MAX copies;
- * the least recently used goes first.
+ * differ from what was verified. At most ``sealed_budget`` bytes and ``sealed_count`` copies
+ * (descriptors); the least recently used goes first.
  *
  * The gate: ``inside`` is raised before the gate word is read (seq_cst both), the recovery
  * closes the gate before it reads ``inside`` (webcache.cache: workers_quiet), so either the
@@ -114,6 +114,7 @@ typedef struct {
     uint64_t max_entry;
     uint64_t sealed_budget;          /* bytes of sealed copies at most (0: none are made) */
     uint64_t sealed_min;             /* the smallest body given a sealed copy */
+    uint64_t sealed_count;           /* sealed copies (descriptors) at most, <= HL_SEALED_MAX */
     int check_readable;              /* access(R_OK) of every file (GET too) */
     int64_t header_timeout_ns, keepalive_timeout_ns, send_timeout_ns, sweep_ns, lock_wait_ns;
     hl_layout lay;
@@ -376,7 +377,7 @@ static hl_loop *hl_new(const hl_config *cfg, int *err) {
     L->scratch = (char *)malloc(L->scratch_cap);
     L->keys = (hl_key *)calloc(HL_KEYS, sizeof(hl_key));
     if (!L->rbuf || !L->scratch || !L->keys) { *err = ENOMEM; goto fail; }
-    if (cfg->sealed_budget) {
+    if (cfg->sealed_budget && cfg->sealed_count) {
         L->sealed = (hl_sealed *)calloc(HL_SEALED_MAX, sizeof(hl_sealed));
         if (!L->sealed) { *err = ENOMEM; goto fail; }
         for (int i = 0; i < HL_SEALED_MAX; i++) L->sealed[i].fd = -1;
@@ -868,7 +869,8 @@ static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t s
         return;
     }
     if (s->fd >= 0) return;
-    while (L->sealed_bytes + f->size > L->cfg.sealed_budget) {
+    while (L->sealed_bytes + f->size > L->cfg.sealed_budget
+           || hl_counter(L, HC_SEALED_HELD) >= L->cfg.sealed_count) {
         hl_sealed *lru = NULL;
         for (int i = 0; i < HL_SEALED_MAX; i++) {
             hl_sealed *t = &L->sealed[i];

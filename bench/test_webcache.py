@@ -544,6 +544,8 @@ def environment() -> dict[str, Any]:
     return info
 
 
+# every server, both sizes, each round: (DURATION + start and checks) x 16 x ROUNDS
+@pytest.mark.timeout(ROUNDS * len(SERVERS) * len(SIZES) * (DURATION + 15) + 120)
 @pytest.mark.parametrize("config", ["1", "N"])
 def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
     """Requests/s of cache hits (mcs) against aiohttp in-memory, aiohttp FileResponse, nginx."""

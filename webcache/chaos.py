@@ -130,6 +130,17 @@ def _status(port: int) -> dict[str, Any] | None:
         return None
 
 
+# What the domain's nodes served over the soak (the board's totals, departed nodes included):
+# how many hits the native loop answered, and how many of those from sealed copies.
+_SERVED = ("hits", "native_served", "native_sealed_hits", "disk_reads", "checksum_failures")
+
+
+def _served(port: int) -> dict[str, int]:
+    doc = _status(port)
+    totals = ((doc or {}).get("domain") or {}).get("totals") or {}
+    return {k: int(totals.get(k, 0)) for k in _SERVED}
+
+
 def _start_burners(n: int, stack: contextlib.ExitStack) -> None:
     """``n`` processes that spin on a CPU until the soak ends (killed on the way out)."""
     for _ in range(n):
@@ -302,6 +313,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         finally:
             load.finish()
             evictions = _evictions(domain)
+            served = _served(port)
             launcher.send_signal(signal.SIGTERM)
             try:
                 launcher.wait(60)
@@ -341,6 +353,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         "recovery_ms_p99": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2) if ms else None,
         "recovery_ms_max": round(ms[-1], 2) if ms else None,
         "evictions": evictions,
+        "served": served,
         "burners": burners,
         "timing": timing,
         "leaks": sorted(leaked_shm) + sorted(map(str, leaked_seg)),

@@ -130,8 +130,10 @@ def _status(port: int) -> dict[str, Any] | None:
         return None
 
 
-# What the domain's nodes served over the soak (the board's totals, departed nodes included):
-# how many hits the native loop answered, and how many of those from sealed copies.
+# What the domain's nodes served (the board's totals when the soak ends, departed nodes
+# included): how many hits the native loop answered, and how many from sealed copies. A master
+# area rebuilt after a poison-master fault starts a new board, so the totals cover the soak
+# since the last such fault: their ratios are what they tell.
 _SERVED = ("hits", "native_served", "native_sealed_hits", "disk_reads", "checksum_failures")
 
 

@@ -475,7 +475,7 @@ class Member:
         seen = self._view_event.value
         while not self._closing.is_set():
             try:
-                self._view_event.wait(seen, timeout=self.timing.check_interval)
+                self._view_event.wait(seen, timeout=self._monitor_interval())
                 seen = self._view_event.value
                 self._reserve.replenish()
                 self._refresh_view()
@@ -488,6 +488,15 @@ class Member:
                     return
                 log.exception("membership monitor error")
                 time.sleep(self.timing.check_interval)
+
+    def _monitor_interval(self) -> float:
+        """``check_interval`` while a member is suspected or a published view waits to be
+        handled (a deferred one), else ``Timing.relaxed_check_interval``."""
+        with self._shared:
+            view, suspecting = self._view, bool(self._suspected)
+        if suspecting or view is None or self.table.published_generation() != view.generation:
+            return self.timing.check_interval
+        return self.timing.relaxed_check_interval
 
     def _check_fenced(self) -> bool:
         table = self.table

@@ -54,6 +54,17 @@ class Timing:
         return min(self.heartbeat, 0.02)
 
     @property
+    def relaxed_check_interval(self) -> float:
+        """How often a member looks while it suspects no one and has no view to handle: every
+        heartbeat, at most a quarter of ``suspect_after`` and of the time from suspicion to
+        eviction (100 ms at the defaults, 20 ms at a 20 ms heartbeat). A member that goes silent
+        is suspected within ``suspect_after`` + this; from then on the others look every
+        ``check_interval``, so its eviction is as punctual as with ``check_interval`` alone,
+        and a process that serves (a pinned web cache node) is woken 5 times less often."""
+        return max(self.check_interval, min(self.heartbeat, self.suspect_after / 4,
+                                            (self.evict_after - self.suspect_after) / 4))
+
+    @property
     def suspect_after_ns(self) -> int:
         return int(self.suspect_after * 1e9)
 

@@ -131,6 +131,39 @@ def test_sigstop_member_is_evicted_and_fenced(domain, spawn):
     assert all(v["departed"] == [[victim.pid, "fenced"]] for v in views)
 
 
+def _monitor_wakeups(seconds: float) -> int:
+    """How often this process's membership monitor thread woke up over ``seconds``."""
+    import threading
+    [monitor] = [t for t in threading.enumerate() if t.name.startswith("mcs-monitor-")]
+
+    def switches() -> int:
+        with open(f"/proc/self/task/{monitor.native_id}/status") as f:
+            return next(int(line.split()[1]) for line in f
+                        if line.startswith("voluntary_ctxt_switches"))
+
+    before = switches()
+    time.sleep(seconds)
+    return switches() - before
+
+
+def test_the_monitor_looks_less_often_until_it_suspects_someone(domain, spawn):
+    timing = {"heartbeat": 0.1, "suspect_after": 0.5, "evict_after": 3.0}
+    t = membership.Timing(**timing)
+    assert (t.check_interval, t.relaxed_check_interval) == (0.02, 0.1)
+    assert membership.Timing(**FAST).relaxed_check_interval == 0.02  # a 20 ms heartbeat: same
+    assert membership.Timing(suspect_after=2.0).relaxed_check_interval == 0.02  # = evict_after
+    with membership.join(domain, node="watcher", **timing) as m:
+        other = Node(spawn, domain, "other", timing)
+        assert wait_for(lambda: len(m.view.members) == 2, 10)
+        quiet = _monitor_wakeups(1.0)  # ~10 rounds (it was 50)
+        assert quiet <= 25, quiet
+        other.child.signal(signal.SIGSTOP)
+        assert wait_for(lambda: m._suspected, 2, 0.01)  # within suspect_after + 100 ms
+        suspecting = _monitor_wakeups(1.0)  # every 20 ms again until the eviction
+        assert suspecting >= 35, suspecting
+        assert wait_for(lambda: len(m.view.members) == 1, 10)
+
+
 def test_kill_master_elects_a_new_one_everyone_agrees(domain, spawn):
     nodes = start(spawn, domain, 3)
     master_pid = nodes[0].views[-1]["master"]

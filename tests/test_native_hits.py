@@ -455,6 +455,33 @@ def test_sealed_copies_stay_within_their_budget(sealed):
     assert n["sealed_held"] == 3 and n["sealed_failed"] == 0
 
 
+def test_no_descriptor_for_a_sealed_copy_loses_nothing(sealed):
+    # memfd_create fails with EMFILE: counted, and the body is copied and summed as before
+    data = os.urandom(65536)
+    sealed.cache_file("nofd.bin", data)
+    with sealed.connect() as c:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        spare = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8,
+                                                        hard))
+            while True:  # every descriptor taken
+                try:
+                    spare.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            assert get_on(c, b"nofd.bin", 4) == [data] * 4
+        finally:
+            for fd in spare:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        n = sealed.counters()
+        assert (n["sealed_failed"], n["sealed_made"], n["sealed_hits"]) == (3, 0, 0), n
+        assert get_on(c, b"nofd.bin", 2) == [data] * 2  # descriptors again: sealed, then sent
+    n = sealed.counters()
+    assert (n["sealed_made"], n["sealed_hits"], n["hits"]) == (1, 1, 6), n
+
+
 def test_sealed_copies_stay_within_their_descriptors(tmp_path, domain):
     # each copy is a descriptor: at most an eighth of what RLIMIT_NOFILE leaves for
     # connections, and never more than the loop's table

@@ -20,8 +20,8 @@ from typing import Any
 from mcs.errors import McsError
 
 __all__ = ["ConnectionLimits", "ConnectionStats", "InvalidLimit", "Expiry", "add_arguments",
-           "add_native_argument", "default_max_connections", "parse_size", "FD_RESERVE",
-           "MAX_TIMEOUT", "NATIVE_HITS_DEFAULT", "SEALED_COPIES_DEFAULT"]
+           "add_native_argument", "default_max_connections", "descriptor_share", "parse_size",
+           "FD_RESERVE", "MAX_TIMEOUT", "NATIVE_HITS_DEFAULT", "SEALED_COPIES_DEFAULT"]
 
 HEADER_TIMEOUT = 10.0  # a whole request head, from its first byte (or from accept)
 BODY_TIMEOUT = 10.0  # a whole request body, from the end of its head
@@ -51,15 +51,21 @@ class Expiry(enum.Enum):
     SEND = "send"  # the client read nothing of a response for send_timeout
 
 
+def descriptor_share(share: float, ceiling: int, nofile: int | None = None) -> int:
+    """``share`` of what RLIMIT_NOFILE (or ``nofile``) leaves after ``FD_RESERVE``, at most
+    ``ceiling`` (all of it without a limit); can be 0 or less at a tiny limit."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if nofile == resource.RLIM_INFINITY:
+        return ceiling
+    return min(ceiling, int((nofile - FD_RESERVE) * share))
+
+
 def default_max_connections(nofile: int | None = None) -> int:
     """Three quarters of what RLIMIT_NOFILE leaves after ``FD_RESERVE``: each connection can
     need a second descriptor for a moment (a file opened for a miss or a stream), and the cache,
     membership (pidfds) and the loop need their own; at most ``CONNECTIONS_CEILING``."""
-    if nofile is None:
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if nofile == resource.RLIM_INFINITY:
-        return CONNECTIONS_CEILING
-    return max(1, min(CONNECTIONS_CEILING, (nofile - FD_RESERVE) * 3 // 4))
+    return max(1, descriptor_share(3 / 4, CONNECTIONS_CEILING, nofile))
 
 
 def _timeout(name: str, value: float) -> float:

@@ -37,7 +37,6 @@ import asyncio
 import enum
 import logging
 import os
-import resource
 import threading
 from typing import Any
 
@@ -47,7 +46,7 @@ from webcache import _native_loop
 from webcache import layout as L
 from webcache.cache import McsWebCache
 from webcache.fastpath import NODE_PID, NOT_PLAIN_HEADERS, SERVER, FastPath
-from webcache.limits import FD_RESERVE, ConnectionLimits, Expiry
+from webcache.limits import ConnectionLimits, Expiry, descriptor_share
 from webcache.semantics import content_type, content_types
 
 __all__ = ["NativeHits", "HandOff", "TRANSIENT", "LOCK_WAIT", "SEALED_MIN", "loop_layout",
@@ -68,11 +67,7 @@ def sealed_count(nofile: int | None = None) -> int:
     """How many sealed copies (each a descriptor) a loop may hold: an eighth of what
     RLIMIT_NOFILE leaves after the reserve (connections take three quarters:
     limits.default_max_connections), at most the loop's table."""
-    if nofile is None:
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if nofile == resource.RLIM_INFINITY:
-        return _native_loop.MAX_SEALED
-    return max(0, min(_native_loop.MAX_SEALED, (nofile - FD_RESERVE) // 8))
+    return max(0, descriptor_share(1 / 8, _native_loop.MAX_SEALED, nofile))
 
 
 class HandOff(enum.IntEnum):

@@ -183,7 +183,6 @@ typedef struct {
     hl_date_memo last_modified[HL_DATES];
     hl_key *keys;
     hl_sealed *sealed;               /* HL_SEALED_MAX places (NULL: sealed copies off) */
-    uint64_t sealed_bytes;           /* bytes held in sealed copies */
     hl_type *types; size_t n_types, types_cap;
     int64_t now, now_real, next_sweep;  /* CLOCK_MONOTONIC, CLOCK_REALTIME: per wake-up */
     uint64_t counters[HC_COUNT];
@@ -362,6 +361,8 @@ static uint64_t hl_key_hash(hl_loop *L, const char *key, size_t n, size_t prefix
 
 /* -- creation and configuration ------------------------------------------------------------- */
 
+static void hl_free(hl_loop *L);
+
 static hl_loop *hl_new(const hl_config *cfg, int *err) {
     hl_loop *L = (hl_loop *)calloc(1, sizeof(hl_loop));
     struct epoll_event ev;
@@ -394,15 +395,7 @@ static hl_loop *hl_new(const hl_config *cfg, int *err) {
     *err = 0;
     return L;
 fail:
-    if (L->epfd >= 0) close(L->epfd);
-    if (L->wake_fd >= 0) close(L->wake_fd);
-    if (L->py_fd >= 0) close(L->py_fd);
-    free(L->rbuf);
-    free(L->scratch);
-    free(L->keys);
-    free(L->sealed);
-    pthread_mutex_destroy(&L->qlock);
-    free(L);
+    hl_free(L);  /* what was made so far (the rest is NULL, -1 or empty) */
     return NULL;
 }
 
@@ -768,14 +761,20 @@ static int hl_stat(hl_loop *L, const char *rel, size_t n, hl_file *f, int readab
     return HL_HIT;
 }
 
+/* Whether the entry at p was cached from this version of the file (size, mtime, inode, device,
+ * ctime: webcache.cache's revalidation). */
+static inline int hl_entry_is(const hl_layout *Y, const char *p, const hl_file *f) {
+    return mcs_load64(p + Y->e_size) == f->size && mcs_load64(p + Y->e_mtime) == f->mtime_ns
+        && mcs_load64(p + Y->e_inode) == f->inode && mcs_load64(p + Y->e_dev) == f->dev
+        && mcs_load64(p + Y->e_ctime) == f->ctime_ns;
+}
+
 /* Pinned: the entry's checks and the checked copy (webcache._hit.copy_out). */
 static int hl_copy(hl_loop *L, char *arena, int64_t alen, uint64_t off, uint64_t plen,
                    const hl_file *f, char *dst, uint64_t *sum) {
     const hl_layout *Y = &L->cfg.lay;
     char *p = arena + off;
-    if (mcs_load64(p + Y->e_size) != f->size || mcs_load64(p + Y->e_mtime) != f->mtime_ns
-            || mcs_load64(p + Y->e_inode) != f->inode || mcs_load64(p + Y->e_dev) != f->dev
-            || mcs_load64(p + Y->e_ctime) != f->ctime_ns)
+    if (!hl_entry_is(Y, p, f))
         return HL_STALE;
     uint64_t doff = off + ((Y->entry_header + plen + 7) & ~(uint64_t)7);
     if (!mcs_span_ok((int64_t)doff, (int64_t)f->size, alen, 1))
@@ -791,17 +790,18 @@ static int hl_copy(hl_loop *L, char *arena, int64_t alen, uint64_t off, uint64_t
 
 /* -- sealed copies ----------------------------------------------------------------------------- */
 
-static inline void hl_gauge(hl_loop *L, int i, uint64_t v) {
-    __atomic_store_n(&L->counters[i], v, __ATOMIC_RELAXED);
+/* The gauges of the copies held (the loop's own account of them: one writer, like hl_count;
+ * a negative change wraps back, as the counters are unsigned). */
+static inline void hl_sealed_held(hl_loop *L, int64_t copies, int64_t bytes) {
+    hl_count(L, HC_SEALED_HELD, (uint64_t)copies);
+    hl_count(L, HC_SEALED_BYTES, (uint64_t)bytes);
 }
 
 static void hl_sealed_drop(hl_loop *L, hl_sealed *s) {
     if (s->fd >= 0) {
         close(s->fd);  /* pages still queued on a socket stay until it has sent them */
-        L->sealed_bytes -= s->size;
         hl_count(L, HC_SEALED_DROPPED, 1);
-        hl_gauge(L, HC_SEALED_HELD, hl_counter(L, HC_SEALED_HELD) - 1);
-        hl_gauge(L, HC_SEALED_BYTES, L->sealed_bytes);
+        hl_sealed_held(L, -1, -(int64_t)s->size);
     }
     memset(s, 0, sizeof *s);
     s->fd = -1;
@@ -854,7 +854,6 @@ static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t s
                             const char *data) {
     if (f->size > L->cfg.sealed_budget) return;
     hl_sealed *s = hl_sealed_place(L, h, 1);
-    s->used = L->now;
     if (!hl_sealed_is(s, f, sum)) {  /* new, or another version: a candidate of this one */
         hl_sealed_drop(L, s);
         s->taken = 1;
@@ -868,8 +867,9 @@ static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t s
         s->used = L->now;
         return;
     }
+    s->used = L->now;
     if (s->fd >= 0) return;
-    while (L->sealed_bytes + f->size > L->cfg.sealed_budget
+    while (hl_counter(L, HC_SEALED_BYTES) + f->size > L->cfg.sealed_budget
            || hl_counter(L, HC_SEALED_HELD) >= L->cfg.sealed_count) {
         hl_sealed *lru = NULL;
         for (int i = 0; i < HL_SEALED_MAX; i++) {
@@ -884,10 +884,8 @@ static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t s
         hl_count(L, HC_SEALED_FAILED, 1);
         return;
     }
-    L->sealed_bytes += f->size;
     hl_count(L, HC_SEALED_MADE, 1);
-    hl_gauge(L, HC_SEALED_HELD, hl_counter(L, HC_SEALED_HELD) + 1);
-    hl_gauge(L, HC_SEALED_BYTES, L->sealed_bytes);
+    hl_sealed_held(L, 1, (int64_t)f->size);
 }
 
 /* The cache hit (webcache.cache.McsWebCache.lookup): a verified copy in dst (its sum in *sum),
@@ -962,10 +960,7 @@ static int hl_lookup(hl_loop *L, const char *path, size_t plen, uint64_t h, cons
         /* A sealed copy of this entry's version and checksum: nothing to pin or copy. */
         char *p = arena + off;
         hl_sealed *s = hl_sealed_place(L, h, 0);
-        if (s && s->fd >= 0 && mcs_load64(p + Y->e_size) == f->size
-                && mcs_load64(p + Y->e_mtime) == f->mtime_ns
-                && mcs_load64(p + Y->e_inode) == f->inode && mcs_load64(p + Y->e_dev) == f->dev
-                && mcs_load64(p + Y->e_ctime) == f->ctime_ns
+        if (s && s->fd >= 0 && hl_entry_is(Y, p, f)
                 && hl_sealed_is(s, f, mcs_load64(p + Y->e_sum))) {
             mcs_store64(p + Y->e_access, (uint64_t)L->now);
             mcs_mutex_release(mutex);
@@ -1402,8 +1397,8 @@ static int hl_run(hl_loop *L) {
     return 0;
 }
 
-/* After hl_run returned (or if it never ran): close every connection and free the loop.
- * Descriptors still queued either way are closed. */
+/* After hl_run returned (or if it never ran, or hl_new failed partway): close every connection
+ * and free the loop. Descriptors still queued either way are closed. */
 static void hl_free(hl_loop *L) {
     while (L->conns.next != &L->conns) hl_close(L, L->conns.next);
     for (size_t i = 0; i < L->adopt_n; i++) {
@@ -1425,9 +1420,9 @@ static void hl_free(hl_loop *L) {
         for (int i = 0; i < HL_SEALED_MAX; i++)
             if (L->sealed[i].fd >= 0) close(L->sealed[i].fd);
     free(L->sealed);
-    close(L->epfd);
-    close(L->wake_fd);
-    close(L->py_fd);
+    if (L->epfd >= 0) close(L->epfd);
+    if (L->wake_fd >= 0) close(L->wake_fd);
+    if (L->py_fd >= 0) close(L->py_fd);
     pthread_mutex_destroy(&L->qlock);
     free(L);
 }

@@ -362,14 +362,9 @@ class Member:
             return self._refresh_view_locked()
 
     def _refresh_view_locked(self) -> View | None:
+        view = self.table.read_view()
         with self._shared:
             previous = self._view
-        # The monitor looks every check_interval: the same generation is the same view, and
-        # this costs a few loads instead of reading every slot (the time a pinned node's hit
-        # loop loses to it).
-        if previous is not None and self.table.published_generation() == previous.generation:
-            return None
-        view = self.table.read_view()
         if previous is not None and view.generation == previous.generation:
             return None
         if previous is not None:

@@ -123,6 +123,14 @@ def mcs_shm_objects() -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith("mcs.") and me in n}
 
 
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie its new parent has not reaped yet."""
+    try:
+        return procfs.read_stat(pid).exited
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
     deadline = time.monotonic() + timeout
     while True:

@@ -27,7 +27,7 @@ import pytest
 from mcs import procfs
 from mcs.sdnotify import NotifyListener, notify, watchdog_interval
 
-from conftest import wait_for
+from conftest import gone, wait_for
 
 MCS = str(Path(sys.executable).with_name("mcs"))
 PID = r"pid (\d+)"
@@ -146,14 +146,6 @@ def supervise(tmp_path: Path) -> Iterator:
     yield start
     for sup in started:
         sup.close()
-
-
-def gone(pid: int) -> bool:
-    """Dead: no such process, or a zombie its new parent has not reaped yet."""
-    try:
-        return procfs.read_stat(pid).exited
-    except (FileNotFoundError, ProcessLookupError):
-        return True
 
 
 # -- restarts, back-off, giving up ------------------------------------------------------------

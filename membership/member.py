@@ -83,6 +83,8 @@ RESERVE_FDS = 8  # descriptors each member keeps in reserve for its failure dete
 DEFER_LOG_EVERY = 10.0  # seconds between two warnings about views not handled yet
 EXIT_WAIT = 1.0  # seconds an evicting member waits for the one it killed to exit
 STOPPED_BEATS = 3  # a lock holder this many heartbeats late and stopped in procfs is fenced
+LIFE_TAKE_WAIT = 0.05  # seconds a joiner waits for a free slot's life mutex before the next
+WATCH_SLICE = 0.25  # seconds a watcher blocks on a life mutex before it looks at the word
 MAX_RESTARTS = 1 << 32  # bound on MCS_RESTARTS read from the environment
 
 
@@ -158,6 +160,9 @@ class MemberStats:
     """Watchers stopped by an error on a life mutex (logged; the heartbeat still evicts)."""
     evictions: tuple[tuple[str, int], ...] = ()
     """Evictions this member carried out, by cause (frozen, stopped, hung, stalled)."""
+    deaths_unlocked: int = 0
+    """Deaths (or leaves) seen from a life mutex's word alone: another process had taken that
+    mutex first and kept it (stopped while holding it), so this watcher could not lock it."""
 
 
 def _dying_soon(pids: list[int], grace: float,
@@ -194,6 +199,7 @@ class Member:
         self._fenced = threading.Event()
         self._deferred = 0  # counters, under _shared
         self._watcher_errors = 0
+        self._deaths_unlocked = 0
         self._evictions: dict[EvictionCause, int] = {}
         self._paused_logged: set[tuple[int, int]] = set()  # pauses already logged, under _shared
         self._next_defer_log = 0.0
@@ -272,9 +278,14 @@ class Member:
         free = [s for s in range(layout.MAX_MEMBERS) if table.state(s) == layout.SLOT_FREE]
         if not free:
             raise McsError(f"domain {self.domain!r} is full ({layout.MAX_MEMBERS} members)")
-        self.slot = free[0]
-        self.incarnation = boot.section.add64(layout.NEXT_INCARNATION, 1) + 1
-        self._start_life_thread()
+        for slot in free:  # a free slot whose life mutex another process still holds is skipped
+            self.slot = slot
+            self.incarnation = boot.section.add64(layout.NEXT_INCARNATION, 1) + 1
+            if self._start_life_thread():
+                break
+        else:
+            raise McsError(f"domain {self.domain!r}: the life mutex of every free slot is held "
+                           "by another process (a member stopped while it watched a death?)")
         now = time.monotonic_ns()
         table.fill(self.slot, os.getpid(), self.incarnation, self._node, now,
                    _restarts_from_env())
@@ -286,14 +297,18 @@ class Member:
         self._republish_locked()
         self._refresh_view()
 
-    def _start_life_thread(self) -> None:
+    def _start_life_thread(self) -> bool:
+        """Start the thread that holds this member's life mutex until it leaves; False (and no
+        thread) if that mutex stays held by another process for ``LIFE_TAKE_WAIT``: a survivor's
+        watcher holds it a few microseconds after a death, but one stopped meanwhile keeps it
+        (and the root mutex, held by this join, must not wait on it)."""
         acquired = threading.Event()
         result: list[object] = []
 
         def life() -> None:
             mutex = self.boot.life_mutex(self.slot, tag=self.incarnation)
             try:
-                status = mutex.lock()
+                status = mutex.lock(timeout=LIFE_TAKE_WAIT)
                 if status is LockStatus.ABANDONED:
                     mutex.mark_consistent()
                 result.append(status)
@@ -302,15 +317,24 @@ class Member:
                 acquired.set()
                 return
             acquired.set()
+            if status is LockStatus.TIMEOUT:
+                return
             self._leave_event.wait()
             mutex.unlock()
 
-        self._life = threading.Thread(target=life, name=f"mcs-life-{self.slot}", daemon=True)
-        self._life.start()
+        life_thread = threading.Thread(target=life, name=f"mcs-life-{self.slot}", daemon=True)
+        life_thread.start()
         acquired.wait()
         if isinstance(result[0], BaseException):
             raise result[0]
-        self._life_tid = self._life.native_id
+        if result[0] is LockStatus.TIMEOUT:
+            life_thread.join()
+            log.warning("domain %s: slot %d is free but another process holds its life mutex; "
+                        "joining another slot", self.domain, self.slot)
+            return False
+        self._life = life_thread
+        self._life_tid = life_thread.native_id
+        return True
 
     # -- the view -----------------------------------------------------------------------
 
@@ -334,8 +358,10 @@ class Member:
         with self._shared:
             deferred, watcher_errors = self._deferred, self._watcher_errors
             evictions = tuple((c.label, self._evictions.get(c, 0)) for c in EvictionCause)
+            deaths_unlocked = self._deaths_unlocked
         return MemberStats(deferred, self._reserve.held, self._reserve.spent,
-                           self._peers.procfs_fallbacks, watcher_errors, evictions)
+                           self._peers.procfs_fallbacks, watcher_errors, evictions,
+                           deaths_unlocked)
 
     def progress(self, source: ProgressSource = ProgressSource.APP) -> None:
         """Say that ``source`` made progress now. Once a source has said so, the others evict
@@ -427,11 +453,17 @@ class Member:
     # -- detection ----------------------------------------------------------------------
 
     def _watch(self, slot: int, incarnation: int) -> None:
-        """Block on a member's life mutex; when we get it, the member died or left."""
+        """Block on a member's life mutex; when we get it, the member died or left. When
+        another thread takes it first (another survivor's watcher) and does not let it go (its
+        process was stopped meanwhile, holding it), the word no longer names the member's life
+        thread: that is proof enough, and the death is published without the mutex."""
         mutex = self.boot.life_mutex(slot)
+        # The member's life thread holds its mutex from before it is in any view until it
+        # leaves or dies: while it lives, the word's thread id is this one.
+        living = self.boot.life_word(slot) & FUTEX_TID_MASK
         while not self._closing.is_set():
             try:
-                status = mutex.lock(timeout=0.25)
+                status = mutex.lock(timeout=WATCH_SLICE)
             except McsError as exc:
                 if not self._closing.is_set():
                     with self._shared:
@@ -441,18 +473,22 @@ class Member:
                                 self.domain, slot, incarnation, exc)
                 return
             if status is LockStatus.TIMEOUT:
-                continue
-            try:
-                # We hold its life mutex, so that incarnation is not alive. A clean leave has
-                # already set LEFT; anything else (ABANDONED, or a probe that consumed the
-                # abandonment first) is a death.
-                if self.table.field(slot, layout.M_INCARNATION) == incarnation:
-                    self.table.sec.cas64(layout.member_offset(slot, layout.M_STATE),
-                                         layout.SLOT_MEMBER, layout.SLOT_DEAD)
-                if status is LockStatus.ABANDONED:
-                    mutex.mark_consistent()
-            finally:
-                mutex.unlock()
+                word = self.boot.life_word(slot)
+                if (word & FUTEX_TID_MASK) == living and not word & FUTEX_OWNER_DIED:
+                    continue
+                with self._shared:
+                    self._deaths_unlocked += 1
+                self._mark_dead(slot, incarnation)  # its holder will find it done
+            else:
+                try:
+                    # We hold its life mutex, so that incarnation is not alive. A clean leave
+                    # has already set LEFT; anything else (ABANDONED, or a probe that consumed
+                    # the abandonment first) is a death.
+                    self._mark_dead(slot, incarnation)
+                    if status is LockStatus.ABANDONED:
+                        mutex.mark_consistent()
+                finally:
+                    mutex.unlock()
             if not self._closing.is_set():
                 # Every survivor's watcher gets this life mutex in turn; the first one publishes
                 # the view and clears the slot. The others find the slot cleared (or reused)
@@ -465,6 +501,12 @@ class Member:
                 self._refresh_view()
                 self._reap_pending()
             return
+
+    def _mark_dead(self, slot: int, incarnation: int) -> None:
+        """Member ``slot`` ``incarnation`` is not alive: a death unless it left (set LEFT)."""
+        if self.table.field(slot, layout.M_INCARNATION) == incarnation:
+            self.table.sec.cas64(layout.member_offset(slot, layout.M_STATE),
+                                 layout.SLOT_MEMBER, layout.SLOT_DEAD)
 
     def _monitor_main(self) -> None:
         seen = self._view_event.value

@@ -402,3 +402,60 @@ def test_the_pid_of_a_process_started_after_the_join_is_not_that_member(domain, 
         assert boot.runs_domain(node.slot)
         node.child.kill()
         assert wait_for(lambda: not boot.runs_domain(node.slot), 5)
+
+
+# A process that takes a member's life mutex and stops itself while holding it: what a
+# survivor's watcher does when its process is stopped just after it took a dead member's life
+# mutex (seen in tests/test_membership_fds.py, about 1 run in 30, before watchers looked at the
+# word). Not a member itself: nothing evicts it.
+LIFE_TAKER = """
+import os, signal, sys
+from mcs.bootstrap import Bootstrap
+from mcs.types import LockStatus
+boot = Bootstrap.open(sys.argv[1], create=len(sys.argv) > 3)
+mutex = boot.life_mutex(int(sys.argv[2]))
+print("waiting", flush=True)
+status = mutex.lock()
+print(status.name, flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+if status is LockStatus.ABANDONED:
+    mutex.mark_consistent()
+mutex.unlock()
+print("released", flush=True)
+"""
+
+SLOW = {"heartbeat": 0.05, "suspect_after": 5.0, "evict_after": 10.0}  # deaths by mutex only
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+
+
+def test_a_death_is_seen_while_a_stopped_process_holds_the_dead_members_life_mutex(
+        domain, spawn):
+    survivor, victim = start(spawn, domain, 2, timing=SLOW)
+    taker = spawn(LIFE_TAKER, domain, str(victim.slot))
+    taker.expect("waiting")
+    survivor.child.signal(signal.SIGSTOP)  # so that the taker, not its watcher, gets the mutex
+    victim.child.kill()
+    taker.expect("ABANDONED")
+    assert wait_for(lambda: _stopped(taker.pid), 5)
+    survivor.child.signal(signal.SIGCONT)
+    # evict_after is 10 s: only the life mutex's word can tell the survivor in time
+    view = survivor.wait_view(has_exactly([survivor.pid]), timeout=3.0)
+    assert view["departed"] == [[victim.pid, "dead"]]
+    taker.signal(signal.SIGCONT)
+    taker.expect("released")
+
+
+def test_a_join_skips_a_free_slot_whose_life_mutex_another_process_holds(domain, spawn):
+    taker = spawn(LIFE_TAKER, domain, "0", "create")
+    taker.expect("waiting")
+    taker.expect("OK")
+    assert wait_for(lambda: _stopped(taker.pid), 5)
+    joiner = Node(spawn, domain, "j", FAST)  # before: blocked for good, holding the root mutex
+    assert joiner.slot == 1
+    joiner.wait_view(has_exactly([joiner.pid]))
+    taker.signal(signal.SIGCONT)
+    taker.expect("released")

@@ -98,10 +98,10 @@ while True:
 # outside the root) for writing without blocking, which succeeds only while a reader has it
 # open: prints how often it did.
 FIFO_SWAPPER = r"""
-import ctypes, errno, os, signal, sys
+import ctypes, errno, os, signal, sys, time
 a, b, fifo = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), sys.argv[3]
 libc = ctypes.CDLL(None, use_errno=True)
-opened = 0
+opened = swaps = 0
 stop = False
 
 def done(*_):
@@ -119,7 +119,11 @@ while not stop:
     except OSError as exc:
         if exc.errno != errno.ENXIO:
             raise
-    os.sched_yield()
+    swaps += 1
+    if swaps % 64 == 0:  # a pause now and then, a swap apart: each name holds still a while
+        time.sleep(0.001)
+    else:
+        os.sched_yield()
 print("opened", opened, flush=True)
 """
 

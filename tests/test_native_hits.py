@@ -593,6 +593,7 @@ def test_the_reasons_and_the_headers_it_leaves_to_aiohttp_are_the_pythons():
     assert {h.name: h.value for h in HandOff} == _native_loop.REASONS
     assert HandOff.NOT_PLAIN not in TRANSIENT and HandOff.PARTIAL not in TRANSIENT
     assert HandOff.MISS in TRANSIENT and HandOff.RECOVERY in TRANSIENT
+    assert HandOff.NO_FILE in TRANSIENT
     assert {n.decode() for n in NOT_PLAIN_HEADERS} >= {"range", "if-none-match", "upgrade"}
 
 
@@ -628,6 +629,30 @@ def test_a_connection_handed_over_for_a_miss_comes_back_at_its_next_request(node
     assert before["handed_off_by_reason"]["miss"] >= 1
     assert after["given_back"] == before["given_back"] + 1
     assert after["hits"] == before["hits"] + 3
+
+
+def test_a_connection_handed_over_for_a_file_it_does_not_serve_comes_back_too(node):
+    # a file over max_entry (streamed by aiohttp) and a 404: the next plain hits are the loop's
+    cache, files = node
+    big = next(n for n, d in files.items() if len(d) > 256 * 1024)
+    with socket.create_connection(("127.0.0.1", cache.port), timeout=10) as s:
+        for _ in range(2):  # the miss (cached, handed over), then a hit (given back)
+            s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_responses(s, 1)[0][0] == 200
+        for target, status in ((big, 200), ("/missing.html", 404)):
+            before = native_status(cache)
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % target.encode())
+            (got, _, body), = read_responses(s, 1)
+            assert got == status and (status != 200 or body == files[big])
+            for _ in range(3):
+                s.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+                (got, _, body), = read_responses(s, 1)
+                assert got == 200 and body == files["/index.html"]
+            after = native_status(cache)
+            assert after["handed_off_by_reason"]["no_file"] == \
+                before["handed_off_by_reason"].get("no_file", 0) + 1
+            assert after["given_back"] == before["given_back"] + 1
+            assert after["hits"] == before["hits"] + 3
 
 
 def test_status_and_metrics_report_the_loop(node):

@@ -17,8 +17,7 @@ conditional or range request, an unusual header or target, a partial head, ``/_m
 with the bytes the loop read, with the reason counted (:class:`HandOff`), and is answered there
 (its fast path, then aiohttp) exactly as on a connection that began there. A connection handed
 over for what its client asked (:data:`TRANSIENT` says which are not: a method, header or
-target the loop leaves to aiohttp, a partial head, a file it does not serve) stays there; one
-handed
+target the loop leaves to aiohttp, a partial head) stays there; one handed
 over for the state of the cache (a miss, a recovery, a busy lock) comes back to the loop when
 its next request begins, if nothing on the asyncio side holds any state of it
 (``Connection._give_back``): one miss, or one recovery, does not leave a keep-alive connection
@@ -87,12 +86,12 @@ class HandOff(enum.IntEnum):
 
 
 # Hand-offs for the state of the cache, not for what the client asked: the connection goes back
-# to the loop at its next request (webcache.fastpath.Connection._give_back). NO_FILE is not
-# one: with it, a file swapped under a stream (tests/test_confinement.py, the FIFO swap)
-# failed about 1 run in 6; so one 404 or one file over max_entry keeps a keep-alive connection
-# off the loop for good (docs/webcache.md).
-TRANSIENT = frozenset({HandOff.MISS, HandOff.STALE, HandOff.CORRUPT, HandOff.RECOVERY,
-                       HandOff.BUSY, HandOff.UNAVAILABLE, HandOff.ERROR})
+# to the loop at its next request (webcache.fastpath.Connection._give_back). A file the loop does not serve (a 404, a directory, a file larger than max_entry streamed by
+# aiohttp) says nothing about the client's next request either: without NO_FILE here, one
+# large file or one 404 kept a keep-alive connection off the loop for good (in the chaos soak,
+# whose site has files over max_entry, the loop served under 1% of the hits).
+TRANSIENT = frozenset({HandOff.MISS, HandOff.NO_FILE, HandOff.STALE, HandOff.CORRUPT,
+                       HandOff.RECOVERY, HandOff.BUSY, HandOff.UNAVAILABLE, HandOff.ERROR})
 
 if {h.name: h.value for h in HandOff} != _native_loop.REASONS:
     raise LayoutMismatchError("webcache.native.HandOff disagrees with webcache/native_loop.h: "

@@ -826,6 +826,21 @@ def section_generic(plt, group: str, rows: list[dict], base_of: dict[str, dict],
     return lines
 
 
+def fmt_pct(v: float | None) -> str:
+    return "—" if v is None else f"{v * 100:.0f}%"
+
+
+def wrk_bound(e: dict) -> str:
+    """Which servers left wrk's thread at least 95% busy (wrk, not the server, the bound)."""
+    busy = e.get("load_generator_busy") or {}
+    bound = [f"{name} at {s}" for name, row in busy.items() for s, v in row.items()
+             if v is not None and v >= 0.95]
+    if not bound:
+        return " No server kept it 95% busy or more."
+    return (" It was 95% busy or more with " + _and(bound) + ": there the load generator, "
+            "not the server, bounds the rate, and the server may have had more to give.")
+
+
 def section_hits(rows: list[dict]) -> list[str]:
     """Cache hits against the plain servers: one table per process count, ratios of mcs to each
     server of the same run, and the targets' verdicts the benchmark recorded."""
@@ -839,24 +854,48 @@ def section_hits(rows: list[dict]) -> list[str]:
                 + (f"; every number is the median of {e['rounds']} rounds, each starting every "
                    "server afresh, in alternating order (a machine that speeds up or slows down "
                    "during the run favours no server)" if e.get("rounds", 1) > 1 else "")
+                + ("; a ratio is the median of the rounds' ratios, each of mcs and the other "
+                   "server in the same round (mcs and the nginx configurations run next to each "
+                   "other in every round)" if e.get("ratios_by_round") else "")
                 + ".", ""]
         # p99 latency and CPU per request, in runs that recorded them
         p99, cpu = e.get("p99_ms") or {}, e.get("cpu_us_per_request") or {}
+        busy = e.get("load_generator_busy") or {}
         header = ["server"] + [f"{s} req/s" for s in sizes] + [f"mcs ÷ it, {s}" for s in sizes]
         header += [f"p99 ms, {s}" for s in sizes if p99]
         header += [f"CPU µs/request, {s}" for s in sizes if cpu]
+        header += [f"wrk busy, {s}" for s in sizes if busy]
         table = []
         for name, row in e["rps"].items():
             ratios = e["ratios"].get(f"mcs/{name}", {})
             table.append([name] + [fmt(row.get(s)) for s in sizes]
                          + ["—" if name == "mcs" else fmt_ratio(ratios.get(s)) for s in sizes]
                          + [fmt((p99.get(name) or {}).get(s)) for s in sizes if p99]
-                         + [fmt((cpu.get(name) or {}).get(s)) for s in sizes if cpu])
+                         + [fmt((cpu.get(name) or {}).get(s)) for s in sizes if cpu]
+                         + [fmt_pct((busy.get(name) or {}).get(s)) for s in sizes if busy])
         out += [md_table(header, table), ""]
         if cpu:
             out += ["CPU µs/request: user + system time of the server's processes (every "
                     "thread) over the measured run ÷ the requests it answered; the load "
                     "generator's own CPU is not in it.", ""]
+        if busy:
+            out += ["wrk busy: the load generator's CPU time over the run's length (its "
+                    "rusage); its one thread can use at most one core (100%)." + wrk_bound(e),
+                    ""]
+        paced_p99, paced_rps = e.get("paced_p99_ms") or {}, e.get("paced_rps") or {}
+        paced = [name for name, row in paced_p99.items() if any(v is not None
+                                                              for v in row.values())]
+        if paced:
+            out += [f"Latency at the same moderate load: each of the {e.get('connections')} "
+                    f"connections waits {e.get('pace_ms')} ms before each request (wrk's "
+                    "`delay()`), far below every server's saturation, so the p99 is the "
+                    "server's own; at full load it also holds the time requests wait for "
+                    "wrk's one thread, the more so the busier that thread (above).", "",
+                    md_table(["server"] + [f"req/s, {s}" for s in sizes]
+                             + [f"p99 ms, {s}" for s in sizes],
+                             [[name] + [fmt(paced_rps.get(name, {}).get(s)) for s in sizes]
+                              + [fmt(paced_p99[name].get(s)) for s in sizes]
+                              for name in paced]), ""]
         targets = e.get("targets_met") or {}
         if targets:
             out += ["Targets: " + "; ".join(

@@ -30,8 +30,15 @@ wrk is missing). Config ``1``: one server process pinned to CPU 0, wrk pinned to
 there are >= 2 CPUs). Config ``N``: N processes (N = CPUs, at least 2, at most 4) and wrk,
 unpinned. Every body sampled before and after each load run is compared byte for byte.
 
+Paced: mcs and both nginx configurations are also loaded at a pace (wrk's ``delay()``: each
+connection waits ``PACE_MS`` before each request, about 20k requests/s, below every one's
+saturation): p99 there is the server's latency. At full load the one wrk thread is itself the
+bottleneck for a server faster than it, and its p99 then measures how wrk queues.
+
 ``extra_info``: ``rps`` (server -> size -> requests/s), ``p99_ms`` (wrk's 99th percentile
-latency), ``cpu_us_per_request`` (the server processes' user + system CPU time over the measured
+latency), ``paced_p99_ms`` and ``paced_rps`` (the paced run's), ``load_generator_busy`` (wrk's
+CPU time over the run's length, from its rusage: 1.0 is one core, the most its one thread can
+use), ``cpu_us_per_request`` (the server processes' user + system CPU time over the measured
 run, from /proc/PID/stat, divided by the requests: every thread counted, wrk not), ``ratios``
 (mcs / each other server, per size) and the load runs' details. Nothing fails for being slow.
 
@@ -45,7 +52,11 @@ Rounds: the whole matrix is measured ``MCS_WC_ROUNDS`` times (default 3), every 
 afresh each round, in the order of SERVERS, then reversed, and so on: a machine that speeds up
 or slows down during the run (a shared VM does) favours no server. Each number reported is the
 median of the rounds (requests/s, p99, CPU per request, each on its own); ``rounds`` keeps
-every round's requests/s.
+every round's requests/s. A ratio is paired: mcs over the other server in the same round, and
+the median of those (``ratios_by_round`` keeps each); mcs and the two nginx configurations are
+adjacent in every round, so a drift of the machine between them is a few seconds', not the
+whole round's (on this 2-core VM the same server's rate differs by up to 1.5x from one round
+to the next).
 
 Environment: ``MCS_WC_DURATION`` (seconds per load run, default 3), ``MCS_WC_NODES`` (N),
 ``MCS_WC_KILLS`` (default 5).
@@ -58,6 +69,7 @@ import json
 import os
 import queue
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -89,8 +101,12 @@ CONNS = 32
 N_NODES = int(os.environ.get("MCS_WC_NODES", str(max(2, min(4, CPUS)))))
 KILLS = int(os.environ.get("MCS_WC_KILLS", "5"))
 SIZES = {"4KiB": 4096, "64KiB": 65536}
-SERVERS = ("mcs", "mcs-copied", "mcs-asyncio", "mcs-aiohttp", "memory", "file", "nginx",
-           "nginx-tuned")
+# mcs and the nginx configurations it is held against side by side (adjacent in every round,
+# whichever way the round goes), then the others.
+SERVERS = ("mcs", "nginx-tuned", "nginx", "mcs-copied", "mcs-asyncio", "mcs-aiohttp", "memory",
+           "file")
+PACED = SERVERS[:3]  # the servers also measured at a paced load (latency side by side)
+PACE_MS = 1  # ms each connection waits before each request in the paced run (wrk's delay())
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RESULTS: dict[str, dict] = {}  # config -> rps table (for the cross-config scaling numbers)
 
@@ -383,17 +399,27 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
-def wrk_cmd(port: int, path: str, duration: int, cpus: str | None) -> list[str]:
+def wrk_cmd(port: int, path: str, duration: int, cpus: str | None,
+            script: Path | None = None) -> list[str]:
     return pinned([WRK, "-t1", f"-c{CONNS}", f"-d{duration}s", "--timeout", "5s", "--latency",
+                   *(["-s", str(script)] if script else []),
                    f"http://127.0.0.1:{port}{path}"], cpus)
 
 
-def run_load(port: int, path: str, duration: int, cpus: str | None) -> dict[str, Any]:
-    """One bounded load run: requests/s for ``duration`` seconds on ``CONNS`` connections."""
+def run_load(port: int, path: str, duration: int, cpus: str | None,
+             script: Path | None = None) -> dict[str, Any]:
+    """One bounded load run: requests/s for ``duration`` seconds on ``CONNS`` connections
+    (with wrk, ``script`` is a wrk Lua script: the paced run's)."""
     if WRK:
-        out = subprocess.run(wrk_cmd(port, path, duration, cpus), capture_output=True, text=True,
-                             timeout=duration + 30, check=True).stdout
-        return parse_wrk(out)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(wrk_cmd(port, path, duration, cpus, script), capture_output=True,
+                             text=True, timeout=duration + 30, check=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res = parse_wrk(out)
+        # wrk is the only child reaped meanwhile: its share of one core over the run
+        busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        res["load_generator_busy"] = round(busy / res["seconds"], 3) if res["seconds"] else None
+        return res
     cmd = pinned([sys.executable, "-P", str(BASELINES), "load", "--port", str(port), "--path",
                   path, "--conns", str(CONNS), "--duration", str(duration), "--procs", "2"], cpus)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60,
@@ -416,6 +442,27 @@ def cpu_ticks(pids: list[int]) -> int:
         st = procfs.read_stat(pid)
         total += st.utime + st.stime
     return total
+
+
+def pace_script(workdir: Path) -> Path:
+    """wrk's Lua hook: every connection waits PACE_MS before each request."""
+    script = workdir / "pace.lua"
+    script.write_text(f"function delay()\n  return {PACE_MS}\nend\n")
+    return script
+
+
+def measure_paced(server: Server, files: dict[str, bytes], label: str, cpus: str | None,
+                  workdir: Path) -> dict | None:
+    """Latency under the same moderate load for every server (PACE_MS between requests on each
+    connection, far below any server's saturation): what a request costs the server, not how
+    the load generator queues when it, not the server, is the bottleneck. None without wrk."""
+    if not WRK:
+        return None
+    path = path_of(label)
+    res = run_load(server.port, path, DURATION, cpus, pace_script(workdir))
+    assert res["requests"] > 0 and res["non2xx"] == 0, res
+    check_bodies(server.port, {path: files[path]}, count=3)
+    return res
 
 
 def measure(server: Server, files: dict[str, bytes], label: str, cpus: str | None) -> dict:
@@ -452,6 +499,10 @@ def _median(values: list) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
+def _ratio(mine: float | None, theirs: float | None) -> float | None:
+    return round(mine / theirs, 3) if mine and theirs else None
+
+
 def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
                server_cpus: str | None, load_cpus: str | None) -> dict:
     """ROUNDS rounds over every server (alternating order); the medians per server and size."""
@@ -459,17 +510,19 @@ def run_matrix(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
                         SERVERS if r % 2 == 0 else SERVERS[::-1]) for r in range(ROUNDS)]
     out: dict[str, Any] = {"rounds": {name: {label: [r["rps"][name][label] for r in rounds]
                                              for label in SIZES} for name in SERVERS}}
-    for key in ("rps", "p99_ms", "cpu_us_per_request"):
+    for key in ("rps", "p99_ms", "cpu_us_per_request", "paced_p99_ms", "paced_rps",
+                "load_generator_busy"):
         out[key] = {name: {label: _median([r[key][name][label] for r in rounds])
                            for label in SIZES} for name in SERVERS}
     ratios: dict[str, dict[str, float | None]] = {}
+    by_round: dict[str, dict[str, list[float | None]]] = {}
     for label in SIZES:
-        mcs = out["rps"]["mcs"][label]
         for other in SERVERS[1:]:
-            base = out["rps"][other][label]
-            ratios.setdefault(f"mcs/{other}", {})[label] = round(mcs / base, 3) \
-                if base and mcs else None
+            paired = [_ratio(r["rps"]["mcs"][label], r["rps"][other][label]) for r in rounds]
+            by_round.setdefault(f"mcs/{other}", {})[label] = paired
+            ratios.setdefault(f"mcs/{other}", {})[label] = _median(paired)
     out["ratios"] = ratios
+    out["ratios_by_round"] = by_round
     out["runs"] = {f"{key} round {i + 1}": res for i, r in enumerate(rounds)
                    for key, res in r["runs"].items()}
     return out
@@ -480,6 +533,9 @@ def run_round(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
     rps: dict[str, dict[str, float | None]] = {}
     p99: dict[str, dict[str, float | None]] = {}
     cpu: dict[str, dict[str, float | None]] = {}
+    paced_p99: dict[str, dict[str, float | None]] = {}
+    paced_rps: dict[str, dict[str, float | None]] = {}
+    wrk_busy: dict[str, dict[str, float | None]] = {}
     runs: dict[str, dict] = {}
     starters = {
         "mcs": lambda: start_mcs(root, workdir, procs, server_cpus),
@@ -492,8 +548,10 @@ def run_round(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
         "nginx-tuned": lambda: start_nginx(root, workdir, procs, server_cpus, tuned=True),
     }
     for name in order:
+        paced_p99[name] = {label: None for label in SIZES}
+        paced_rps[name] = {label: None for label in SIZES}
         if name.startswith("nginx") and not NGINX:
-            rps[name] = p99[name] = cpu[name] = {label: None for label in SIZES}
+            rps[name] = p99[name] = cpu[name] = wrk_busy[name] = {label: None for label in SIZES}
             continue
         server = starters[name]()
         try:
@@ -503,10 +561,18 @@ def run_round(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
                 rps.setdefault(name, {})[label] = res["rps"]
                 p99.setdefault(name, {})[label] = res.get("latency_p99_ms")
                 cpu.setdefault(name, {})[label] = res["cpu_us_per_request"]
+                wrk_busy.setdefault(name, {})[label] = res.get("load_generator_busy")
                 runs[f"{name}/{label}"] = res
+                paced = measure_paced(server, files, label, load_cpus, workdir) \
+                    if name in PACED else None
+                if paced is not None:
+                    paced_p99[name][label] = paced.get("latency_p99_ms")
+                    paced_rps[name][label] = paced["rps"]
+                    runs[f"{name}/{label} paced"] = paced
         finally:
             stop_and_check(server)
-    return {"rps": rps, "p99_ms": p99, "cpu_us_per_request": cpu, "runs": runs}
+    return {"rps": rps, "p99_ms": p99, "cpu_us_per_request": cpu, "paced_p99_ms": paced_p99,
+            "paced_rps": paced_rps, "load_generator_busy": wrk_busy, "runs": runs}
 
 
 def print_table(title: str, rps: dict, ratios: dict, p99: dict, cpu: dict) -> None:
@@ -567,8 +633,8 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
 
     benchmark.pedantic(body, rounds=1, iterations=1)
     RESULTS[config] = out["rps"]
-    def p99_at_most(other: str, label: str) -> bool:
-        mine, theirs = out["p99_ms"]["mcs"][label], out["p99_ms"][other][label]
+    def p99_at_most(other: str, label: str, key: str = "p99_ms") -> bool:
+        mine, theirs = out[key]["mcs"][label], out[key][other][label]
         return mine is not None and theirs is not None and mine <= theirs
 
     targets = {label: {"hits>=1.0x memory": (out["ratios"]["mcs/memory"][label] or 0) >= 1.0,
@@ -577,11 +643,17 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
                        "hits>=1.0x nginx-tuned":
                            (out["ratios"]["mcs/nginx-tuned"][label] or 0) >= 1.0,
                        "p99<=nginx": p99_at_most("nginx", label),
-                       "p99<=nginx-tuned": p99_at_most("nginx-tuned", label)}
+                       "p99<=nginx-tuned": p99_at_most("nginx-tuned", label),
+                       "paced p99<=nginx": p99_at_most("nginx", label, "paced_p99_ms"),
+                       "paced p99<=nginx-tuned":
+                           p99_at_most("nginx-tuned", label, "paced_p99_ms")}
                for label in SIZES}
     info = {"processes": procs, "pinning": pinning, **environment(), "rps": out["rps"],
             "p99_ms": out["p99_ms"], "cpu_us_per_request": out["cpu_us_per_request"],
-            "ratios": out["ratios"], "targets_met": targets, "rps_by_round": out["rounds"],
+            "paced_p99_ms": out["paced_p99_ms"], "paced_rps": out["paced_rps"],
+            "pace_ms": PACE_MS, "load_generator_busy": out["load_generator_busy"],
+            "ratios": out["ratios"], "ratios_by_round": out["ratios_by_round"],
+            "targets_met": targets, "rps_by_round": out["rounds"],
             "runs": out["runs"]}
     if config == "N" and "1" in RESULTS:
         info["scaling_N_over_1"] = {

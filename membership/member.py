@@ -473,7 +473,10 @@ class Member:
                                 self.domain, slot, incarnation, exc)
                 return
             if status is LockStatus.TIMEOUT:
-                word = self.boot.life_word(slot)
+                try:
+                    word = self.boot.life_word(slot)
+                except McsError:  # the section closed under a leave: nothing left to watch
+                    return
                 if (word & FUTEX_TID_MASK) == living and not word & FUTEX_OWNER_DIED:
                     continue
                 with self._shared:

@@ -204,7 +204,13 @@ def fmt(v: Any) -> str:
 
 
 def fmt_ratio(r: float | None) -> str:
-    return "—" if r is None else f"×{r:.2f}" if r < 100 else f"×{r:,.0f}"
+    """×r to two decimals; three where two would round across 1.0 (×0.996 is not ×1.00: a
+    target of ×1.0 is judged on the exact value)."""
+    if r is None:
+        return "—"
+    if r >= 100:
+        return f"×{r:,.0f}"
+    return f"×{r:.3f}" if (r < 1.0) != (round(r, 2) < 1.0) else f"×{r:.2f}"
 
 
 def fmt_bytes(n: float) -> str:

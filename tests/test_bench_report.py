@@ -167,6 +167,34 @@ def test_hits_tables_carry_latency_and_cpu_per_request_when_recorded(report, tmp
     assert "nginx with `open_file_cache`" in text
 
 
+@pytest.mark.parametrize("busy, bound", [(0.99, True), (0.9, False)])
+def test_hits_tables_say_when_wrk_was_the_bound_and_carry_the_paced_latency(report, tmp_path,
+                                                                            busy, bound):
+    doc = run_doc()
+    hits = next(b for b in doc["benchmarks"] if b["group"] == "webcache-hits")["extra_info"]
+    hits["load_generator_busy"] = {"mcs": {"4KiB": busy}, "memory": {"4KiB": 0.2},
+                                   "nginx": {"4KiB": None}}
+    hits["paced_p99_ms"] = {"mcs": {"4KiB": 0.46}, "memory": {"4KiB": None},
+                            "nginx": {"4KiB": 0.55}}
+    hits["paced_rps"] = {"mcs": {"4KiB": 22575.0}, "memory": {"4KiB": None},
+                         "nginx": {"4KiB": 23001.0}}
+    hits["pace_ms"] = 1
+    text = build(report, tmp_path, doc)
+    assert f"| {busy * 100:.0f}% |" in text and "| 20% |" in text
+    assert ("It was 95% busy or more with mcs at 4KiB" in text) is bound
+    assert ("No server kept it 95% busy or more." in text) is not bound
+    assert "each of the 32 connections waits 1 ms before each request" in text
+    assert "| mcs | 22,575 | 0.460 |" in text and "| nginx | 23,001 | 0.550 |" in text
+    assert "| memory | — |" not in text.split("each of the 32 connections")[1]  # not paced
+
+
+def test_a_ratio_that_two_decimals_would_round_to_one_keeps_three(report):
+    assert report.fmt_ratio(0.996) == "×0.996"
+    assert report.fmt_ratio(1.004) == "×1.00"
+    assert report.fmt_ratio(0.994) == "×0.99"
+    assert report.fmt_ratio(1.36) == "×1.36"
+
+
 def test_the_raw_json_is_kept_with_the_report_and_renders_it_again(report, tmp_path):
     doc = run_doc()
     text = build(report, tmp_path, doc)

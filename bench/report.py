@@ -885,8 +885,10 @@ def section_hits(rows: list[dict]) -> list[str]:
                     "thread) over the measured run ÷ the requests it answered; the load "
                     "generator's own CPU is not in it.", ""]
         if busy:
+            threads = e.get("load_threads", 1)
             out += ["wrk busy: the load generator's CPU time over the run's length (its "
-                    "rusage); its one thread can use at most one core (100%)." + wrk_bound(e),
+                    f"rusage), as a share of the {threads} core(s) its {threads} thread(s) can "
+                    "use." + wrk_bound(e),
                     ""]
         paced_p99, paced_rps = e.get("paced_p99_ms") or {}, e.get("paced_rps") or {}
         paced = [name for name, row in paced_p99.items() if any(v is not None

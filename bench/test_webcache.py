@@ -25,10 +25,11 @@ Servers (each serving the same two files from the same temp directory, loopback 
   ``open_file_cache max=1000 inactive=60s; open_file_cache_valid 60s`` (no open/stat/close per
   request: it may serve a file changed on disk for up to 60 s, which mcs never does).
 
-Load: ``wrk -t1 -c32 -dDs`` on loopback (``bench/webcache_baselines.py load`` as a fallback when
-wrk is missing). Config ``1``: one server process pinned to CPU 0, wrk pinned to CPU 1 (when
-there are >= 2 CPUs). Config ``N``: N processes (N = CPUs, at least 2, at most 4) and wrk,
-unpinned. Every body sampled before and after each load run is compared byte for byte.
+Load: ``wrk -tT -c32 -dDs`` on loopback (``bench/webcache_baselines.py load`` as a fallback when
+wrk is missing). Config ``1``: one server process pinned to CPU 0, wrk pinned to CPU 1 on a
+2-CPU machine, to CPUs 1-T with T threads on a larger one (T at most 4: one wrk thread cannot
+keep up with one fast server core at 64 KiB). Config ``N``: N processes (N = CPUs, at least 2,
+at most 4) and wrk with the threads the N leave (1 to 4), unpinned. Every body sampled before and after each load run is compared byte for byte.
 
 Paced: mcs and both nginx configurations are also loaded at a pace (wrk's ``delay()``: each
 connection waits ``PACE_MS`` before each request, about 20k requests/s, below every one's
@@ -37,8 +38,8 @@ bottleneck for a server faster than it, and its p99 then measures how wrk queues
 
 ``extra_info``: ``rps`` (server -> size -> requests/s), ``p99_ms`` (wrk's 99th percentile
 latency), ``paced_p99_ms`` and ``paced_rps`` (the paced run's), ``load_generator_busy`` (wrk's
-CPU time over the run's length, from its rusage: 1.0 is one core, the most its one thread can
-use), ``cpu_us_per_request`` (the server processes' user + system CPU time over the measured
+CPU time over the run's length and its threads' cores, from its rusage: 1.0 is all of them),
+``cpu_us_per_request`` (the server processes' user + system CPU time over the measured
 run, from /proc/PID/stat, divided by the requests: every thread counted, wrk not), ``ratios``
 (mcs / each other server, per size) and the load runs' details. Nothing fails for being slow.
 
@@ -399,9 +400,18 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return res
 
 
+def load_threads(cpus: str | None) -> int:
+    """wrk's threads: one per CPU it is pinned to ("1" or "1-3"); unpinned, the CPUs the N
+    server processes leave (at least 1, at most 4)."""
+    if cpus:
+        first, _, last = cpus.partition("-")
+        return int(last or first) - int(first) + 1
+    return max(1, min(4, CPUS - N_NODES))
+
+
 def wrk_cmd(port: int, path: str, duration: int, cpus: str | None,
             script: Path | None = None) -> list[str]:
-    return pinned([WRK, "-t1", f"-c{CONNS}", f"-d{duration}s", "--timeout", "5s", "--latency",
+    return pinned([WRK, f"-t{load_threads(cpus)}", f"-c{CONNS}", f"-d{duration}s", "--timeout", "5s", "--latency",
                    *(["-s", str(script)] if script else []),
                    f"http://127.0.0.1:{port}{path}"], cpus)
 
@@ -416,9 +426,10 @@ def run_load(port: int, path: str, duration: int, cpus: str | None,
                              text=True, timeout=duration + 30, check=True).stdout
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         res = parse_wrk(out)
-        # wrk is the only child reaped meanwhile: its share of one core over the run
+        # wrk is the only child reaped meanwhile: its share of its threads' cores over the run
         busy = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        res["load_generator_busy"] = round(busy / res["seconds"], 3) if res["seconds"] else None
+        res["load_generator_busy"] = round(busy / res["seconds"] / load_threads(cpus), 3) \
+            if res["seconds"] else None
         return res
     cmd = pinned([sys.executable, "-P", str(BASELINES), "load", "--port", str(port), "--path",
                   path, "--conns", str(CONNS), "--duration", str(duration), "--procs", "2"], cpus)
@@ -620,8 +631,10 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
     if config == "1":
         procs = 1
         split = CPUS >= 2 and TASKSET is not None
-        server_cpus, load_cpus = ("0", "1") if split else (None, None)
-        pinning = "server on CPU 0, wrk on CPU 1" if split else "none"
+        # wrk gets up to 4 CPUs of its own where the machine has them (one on 2 CPUs)
+        load_cpus = ("1" if CPUS == 2 else f"1-{min(CPUS - 1, 4)}") if split else None
+        server_cpus = "0" if split else None
+        pinning = f"server on CPU 0, wrk on CPU(s) {load_cpus}" if split else "none"
     else:
         procs, server_cpus, load_cpus, pinning = N_NODES, None, None, "none"
     workdir = tmp_path / "work"
@@ -648,7 +661,8 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
                        "paced p99<=nginx-tuned":
                            p99_at_most("nginx-tuned", label, "paced_p99_ms")}
                for label in SIZES}
-    info = {"processes": procs, "pinning": pinning, **environment(), "rps": out["rps"],
+    info = {"processes": procs, "pinning": pinning, "load_threads": load_threads(load_cpus),
+            **environment(), "rps": out["rps"],
             "p99_ms": out["p99_ms"], "cpu_us_per_request": out["cpu_us_per_request"],
             "paced_p99_ms": out["paced_p99_ms"], "paced_rps": out["paced_rps"],
             "pace_ms": PACE_MS, "load_generator_busy": out["load_generator_busy"],
@@ -662,7 +676,8 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
                    for label in SIZES} for name in SERVERS}
     report(**info)
     print_table(f"[webcache-hits] {procs} process(es) per server, pinning: {pinning}, "
-                f"wrk -t1 -c{CONNS} -d{DURATION}s, median of {ROUNDS} round(s)", out["rps"],
+                f"wrk -t{load_threads(load_cpus)} -c{CONNS} -d{DURATION}s, "
+                f"median of {ROUNDS} round(s)", out["rps"],
                 out["ratios"], out["p99_ms"],
                 out["cpu_us_per_request"])
 

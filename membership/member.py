@@ -39,6 +39,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import socket
@@ -84,6 +85,7 @@ DEFER_LOG_EVERY = 10.0  # seconds between two warnings about views not handled y
 EXIT_WAIT = 1.0  # seconds an evicting member waits for the one it killed to exit
 STOPPED_BEATS = 3  # a lock holder this many heartbeats late and stopped in procfs is fenced
 LIFE_TAKE_WAIT = 0.05  # seconds a joiner waits for a free slot's life mutex before the next
+JOIN_SLOT_WAIT = 1.0  # seconds a joiner goes on trying free slots whose life mutex is held
 WATCH_SLICE = 0.25  # seconds a watcher blocks on a life mutex before it looks at the word
 MAX_RESTARTS = 1 << 32  # bound on MCS_RESTARTS read from the environment
 
@@ -161,8 +163,9 @@ class MemberStats:
     evictions: tuple[tuple[str, int], ...] = ()
     """Evictions this member carried out, by cause (frozen, stopped, hung, stalled)."""
     deaths_unlocked: int = 0
-    """Deaths (or leaves) seen from a life mutex's word alone: another process had taken that
-    mutex first and kept it (stopped while holding it), so this watcher could not lock it."""
+    """Deaths (or leaves) seen from a life mutex's word alone: another thread had taken that
+    mutex and kept it past a watch slice (a survivor's watcher stopped, or slow, while holding
+    it), so this watcher could not lock it."""
 
 
 def _dying_soon(pids: list[int], grace: float,
@@ -278,14 +281,16 @@ class Member:
         free = [s for s in range(layout.MAX_MEMBERS) if table.state(s) == layout.SLOT_FREE]
         if not free:
             raise McsError(f"domain {self.domain!r} is full ({layout.MAX_MEMBERS} members)")
-        for slot in free:  # a free slot whose life mutex another process still holds is skipped
-            self.slot = slot
-            self.incarnation = boot.section.add64(layout.NEXT_INCARNATION, 1) + 1
-            if self._start_life_thread():
-                break
-        else:
-            raise McsError(f"domain {self.domain!r}: the life mutex of every free slot is held "
-                           "by another process (a member stopped while it watched a death?)")
+        # A free slot whose life mutex another process still holds is skipped: a member that
+        # left clears its slot before its life thread lets go, and a survivor's watcher holds
+        # a dead member's a moment (for good if it is stopped then). Passes over the free
+        # slots go on for JOIN_SLOT_WAIT at most: this join holds the root mutex meanwhile.
+        deadline = time.monotonic() + JOIN_SLOT_WAIT
+        while not self._take_a_free_slot(free):
+            if time.monotonic() >= deadline:
+                raise McsError(f"domain {self.domain!r}: the life mutex of every free slot "
+                               f"stayed held by another process for {JOIN_SLOT_WAIT:g} s (a "
+                               "member stopped while it watched a death?)")
         now = time.monotonic_ns()
         table.fill(self.slot, os.getpid(), self.incarnation, self._node, now,
                    _restarts_from_env())
@@ -296,6 +301,15 @@ class Member:
                                held_offset=layout.member_offset(self.slot, layout.M_HELD))
         self._republish_locked()
         self._refresh_view()
+
+    def _take_a_free_slot(self, free: list[int]) -> bool:
+        """Join the first of ``free`` whose life mutex can be had (self.slot, incarnation)."""
+        for slot in free:
+            self.slot = slot
+            self.incarnation = self.boot.section.add64(layout.NEXT_INCARNATION, 1) + 1
+            if self._start_life_thread():
+                return True
+        return False
 
     def _start_life_thread(self) -> bool:
         """Start the thread that holds this member's life mutex until it leaves; False (and no
@@ -329,8 +343,8 @@ class Member:
             raise result[0]
         if result[0] is LockStatus.TIMEOUT:
             life_thread.join()
-            log.warning("domain %s: slot %d is free but another process holds its life mutex; "
-                        "joining another slot", self.domain, self.slot)
+            log.info("domain %s: slot %d is free but another process holds its life mutex; "
+                     "joining another slot", self.domain, self.slot)
             return False
         self._life = life_thread
         self._life_tid = life_thread.native_id
@@ -481,8 +495,12 @@ class Member:
                     continue
                 with self._shared:
                     self._deaths_unlocked += 1
-                self._mark_dead(slot, incarnation)  # its holder will find it done
+                # Marked under the root mutex (in _republish), not here: without the life mutex
+                # nothing else keeps the slot from being cleared and filled by a joiner between
+                # the incarnation check and the mark, and joins and clears hold the root mutex.
+                first = functools.partial(self._mark_dead, slot, incarnation)
             else:
+                first = None
                 try:
                     # We hold its life mutex, so that incarnation is not alive. A clean leave
                     # has already set LEFT; anything else (ABANDONED, or a probe that consumed
@@ -497,7 +515,7 @@ class Member:
                 # the view and clears the slot. The others find the slot cleared (or reused)
                 # and publish nothing: no redundant recomputation under the root mutex.
                 self._republish(unless=lambda: self.table.field(
-                    slot, layout.M_INCARNATION) != incarnation)
+                    slot, layout.M_INCARNATION) != incarnation, first=first)
                 # This thread is awake and the view is published (by us or by the survivor
                 # that got the life mutex first): run the callbacks now rather than after a
                 # wake-up of the monitor thread.
@@ -715,10 +733,12 @@ class Member:
 
     # -- publishing ---------------------------------------------------------------------
 
-    def _republish(self, unless: Callable[[], bool] | None = None) -> None:
+    def _republish(self, unless: Callable[[], bool] | None = None,
+                   first: Callable[[], None] | None = None) -> None:
         """Publish the view from the slot states, under the root mutex; ``unless`` (checked
-        before and under the mutex) says the change was already published."""
-        if unless is not None and unless():
+        before and under the mutex) says the change was already published; ``first`` runs
+        under the mutex before it (a change of slot state that must not race a join)."""
+        if unless is not None and unless() and first is None:
             return
         root = self.boot.root_mutex(tag=self.incarnation)
         while True:
@@ -729,6 +749,8 @@ class Member:
                 return
             self._check_heartbeats()  # the holder may be frozen: evicting it frees the lock
         with held(root, status):
+            if first is not None:
+                first()
             if status is LockStatus.ABANDONED or unless is None or not unless():
                 self._republish_locked()
 

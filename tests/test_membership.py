@@ -459,3 +459,40 @@ def test_a_join_skips_a_free_slot_whose_life_mutex_another_process_holds(domain,
     joiner.wait_view(has_exactly([joiner.pid]))
     taker.signal(signal.SIGCONT)
     taker.expect("released")
+
+
+ALL_LIVES_TAKER = """
+import os, signal, sys
+from mcs import layout
+from mcs.bootstrap import Bootstrap
+boot = Bootstrap.open(sys.argv[1])
+mutexes = [boot.life_mutex(slot) for slot in range(layout.MAX_MEMBERS)]
+for mutex in mutexes:
+    mutex.lock()
+print("held", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+for mutex in mutexes:
+    mutex.unlock()
+print("released", flush=True)
+"""
+
+JOIN_ONCE = """
+import sys, time
+import membership
+from mcs.errors import McsError
+started = time.monotonic()
+try:
+    membership.join(sys.argv[1], node="j")
+except McsError as exc:
+    print(f"{type(exc).__name__} after {time.monotonic() - started:.1f} s: {exc}", flush=True)
+"""
+
+
+def test_a_join_where_every_free_slots_life_mutex_stays_held_fails_clearly(domain, spawn):
+    taker = spawn(ALL_LIVES_TAKER, domain)
+    taker.expect("held")
+    assert wait_for(lambda: _stopped(taker.pid), 5)
+    line = spawn(JOIN_ONCE, domain).readline(timeout=30)  # before: blocked for good
+    assert line.startswith("McsError after ") and "every free slot" in line, line
+    taker.signal(signal.SIGCONT)
+    taker.expect("released")

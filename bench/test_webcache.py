@@ -29,7 +29,8 @@ Load: ``wrk -tT -c32 -dDs`` on loopback (``bench/webcache_baselines.py load`` as
 wrk is missing). Config ``1``: one server process pinned to CPU 0, wrk pinned to CPU 1 on a
 2-CPU machine, to CPUs 1-T with T threads on a larger one (T at most 4: one wrk thread cannot
 keep up with one fast server core at 64 KiB). Config ``N``: N processes (N = CPUs, at least 2,
-at most 4) and wrk with the threads the N leave (1 to 4), unpinned. Every body sampled before and after each load run is compared byte for byte.
+at most 4) and wrk with the threads the N leave (1 to 4), unpinned. Every body sampled before
+and after each load run is compared byte for byte.
 
 Paced: mcs and both nginx configurations are also loaded at a pace (wrk's ``delay()``: each
 connection waits ``PACE_MS`` before each request, about 20k requests/s, below every one's
@@ -411,7 +412,8 @@ def load_threads(cpus: str | None) -> int:
 
 def wrk_cmd(port: int, path: str, duration: int, cpus: str | None,
             script: Path | None = None) -> list[str]:
-    return pinned([WRK, f"-t{load_threads(cpus)}", f"-c{CONNS}", f"-d{duration}s", "--timeout", "5s", "--latency",
+    return pinned([WRK, f"-t{load_threads(cpus)}", f"-c{CONNS}", f"-d{duration}s",
+                   "--timeout", "5s", "--latency",
                    *(["-s", str(script)] if script else []),
                    f"http://127.0.0.1:{port}{path}"], cpus)
 

@@ -512,8 +512,9 @@ class Member:
                     mutex.unlock()
             if not self._closing.is_set():
                 # Every survivor's watcher gets this life mutex in turn; the first one publishes
-                # the view and clears the slot. The others find the slot cleared (or reused)
-                # and publish nothing: no redundant recomputation under the root mutex.
+                # the view and clears the slot. The others find the slot reused and publish
+                # nothing, or (a cleared slot keeps its incarnation) recompute the same view
+                # under the root mutex: no new generation.
                 self._republish(unless=lambda: self.table.field(
                     slot, layout.M_INCARNATION) != incarnation, first=first)
                 # This thread is awake and the view is published (by us or by the survivor

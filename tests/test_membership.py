@@ -16,7 +16,7 @@ import pytest
 import membership
 from conftest import wait_for
 from mcs import gc as mcs_gc
-from mcs import layout
+from mcs import layout, procfs
 from mcs.bootstrap import FUTEX_OWNER_DIED, Bootstrap
 
 FAST = {"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.3}
@@ -410,17 +410,20 @@ def test_the_pid_of_a_process_started_after_the_join_is_not_that_member(domain, 
 # word). Not a member itself: nothing evicts it.
 LIFE_TAKER = """
 import os, signal, sys
+from mcs import layout
 from mcs.bootstrap import Bootstrap
 from mcs.types import LockStatus
 boot = Bootstrap.open(sys.argv[1], create=len(sys.argv) > 3)
-mutex = boot.life_mutex(int(sys.argv[2]))
+slots = range(layout.MAX_MEMBERS) if sys.argv[2] == "all" else [int(sys.argv[2])]
+mutexes = [boot.life_mutex(slot) for slot in slots]
 print("waiting", flush=True)
-status = mutex.lock()
-print(status.name, flush=True)
+statuses = [mutex.lock() for mutex in mutexes]
+print(",".join(sorted({status.name for status in statuses})), flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)
-if status is LockStatus.ABANDONED:
-    mutex.mark_consistent()
-mutex.unlock()
+for mutex, status in zip(mutexes, statuses):
+    if status is LockStatus.ABANDONED:
+        mutex.mark_consistent()
+    mutex.unlock()
 print("released", flush=True)
 """
 
@@ -428,8 +431,7 @@ SLOW = {"heartbeat": 0.05, "suspect_after": 5.0, "evict_after": 10.0}  # deaths 
 
 
 def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    return procfs.read_stat(pid).stopped
 
 
 def test_a_death_is_seen_while_a_stopped_process_holds_the_dead_members_life_mutex(
@@ -461,21 +463,6 @@ def test_a_join_skips_a_free_slot_whose_life_mutex_another_process_holds(domain,
     taker.expect("released")
 
 
-ALL_LIVES_TAKER = """
-import os, signal, sys
-from mcs import layout
-from mcs.bootstrap import Bootstrap
-boot = Bootstrap.open(sys.argv[1])
-mutexes = [boot.life_mutex(slot) for slot in range(layout.MAX_MEMBERS)]
-for mutex in mutexes:
-    mutex.lock()
-print("held", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-for mutex in mutexes:
-    mutex.unlock()
-print("released", flush=True)
-"""
-
 JOIN_ONCE = """
 import sys, time
 import membership
@@ -489,8 +476,9 @@ except McsError as exc:
 
 
 def test_a_join_where_every_free_slots_life_mutex_stays_held_fails_clearly(domain, spawn):
-    taker = spawn(ALL_LIVES_TAKER, domain)
-    taker.expect("held")
+    taker = spawn(LIFE_TAKER, domain, "all", "create")
+    taker.expect("waiting")
+    taker.expect("OK")
     assert wait_for(lambda: _stopped(taker.pid), 5)
     line = spawn(JOIN_ONCE, domain).readline(timeout=30)  # before: blocked for good
     assert line.startswith("McsError after ") and "every free slot" in line, line

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-
 from conftest import gone, wait_for
 
 FAST = json.dumps({"heartbeat": 0.02, "suspect_after": 0.1, "evict_after": 0.4})

@@ -16,13 +16,13 @@ conditional or range request, an unusual header or target, a partial head, ``/_m
 ``/metrics``, a request during a recovery, a stale or corrupt entry — goes to the asyncio side
 with the bytes the loop read, with the reason counted (:class:`HandOff`), and is answered there
 (its fast path, then aiohttp) exactly as on a connection that began there. A connection handed
-over for what its client asked (:data:`TRANSIENT` says which are not: a method, header or
-target the loop leaves to aiohttp, a partial head) stays there; one handed
-over for the state of the cache (a miss, a recovery, a busy lock) comes back to the loop when
-its next request begins, if nothing on the asyncio side holds any state of it
-(``Connection._give_back``): one miss, or one recovery, does not leave a keep-alive connection
-on the slower side for good. Accepting stays in Python (webcache/acceptor.py: the cap,
-descriptor exhaustion), which gives each accepted socket to the loop.
+over for what its client asked (:data:`TRANSIENT` says which are not: a method, header or target
+the loop leaves to aiohttp, a partial head) stays there; one handed over for the state of the
+cache (a miss, a recovery, a busy lock) comes back to the loop when its next request begins, if
+nothing on the asyncio side holds any state of it (``Connection._give_back``): one miss, or one
+recovery, does not leave a keep-alive connection on the slower side for good. Accepting stays in
+Python (webcache/acceptor.py: the cap, descriptor exhaustion), which gives each accepted socket
+to the loop.
 
 The recovery gate: the loop keeps a gate word that the component closes and opens with its
 own (``McsWebCache.on_gate``), and the quiesce phase waits until the loop is out of shared
@@ -85,11 +85,12 @@ class HandOff(enum.IntEnum):
     ERROR = 9  # an unexpected system error (no memory, no descriptor)
 
 
-# Hand-offs for the state of the cache, not for what the client asked: the connection goes back
-# to the loop at its next request (webcache.fastpath.Connection._give_back). A file the loop does not serve (a 404, a directory, a file larger than max_entry streamed by
-# aiohttp) says nothing about the client's next request either: without NO_FILE here, one
-# large file or one 404 kept a keep-alive connection off the loop for good (in the chaos soak,
-# whose site has files over max_entry, the loop served under 1% of the hits).
+# Hand-offs for the state of the cache, not for what the client asked: the connection goes
+# back to the loop at its next request (webcache.fastpath.Connection._give_back). A file the
+# loop does not serve (a 404, a directory, a file larger than max_entry streamed by aiohttp)
+# says nothing about the client's next request either: without NO_FILE here, one large file or
+# one 404 kept a keep-alive connection off the loop for good (in the chaos soak, whose site
+# has files over max_entry, the loop served under 1% of the hits).
 TRANSIENT = frozenset({HandOff.MISS, HandOff.NO_FILE, HandOff.STALE, HandOff.CORRUPT,
                        HandOff.RECOVERY, HandOff.BUSY, HandOff.UNAVAILABLE, HandOff.ERROR})
 

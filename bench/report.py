@@ -684,7 +684,9 @@ def comparison_findings(rows: list[dict], base: dict) -> list[str]:
 
 def hits_intro(rows: list[dict]) -> str:
     """Which servers webcache-hits measured (a server that did not run is said so)."""
-    known = {"mcs": None, "mcs-copied": "`mcs` without sealed copies (`--sealed-copies 0`: "
+    known = {"mcs": None, "mcs-memfd": "`mcs` as shipped, its sealed copies in sealed memfds "
+             "instead of `--sealed-dir`'s page cache",
+             "mcs-copied": "`mcs` without sealed copies (`--sealed-copies 0`: "
              "every body copied and summed per response)",
              "mcs-asyncio": "`mcs` with its native hit loop off (the asyncio "
              "fast path serves the hits)", "mcs-aiohttp": "`mcs` with its fast path off",
@@ -702,6 +704,13 @@ def hits_intro(rows: list[dict]) -> str:
     text = ("Requests/s of cache **hits** (every measured request checked to be a hit from "
             "shared memory by the nodes' counters) against, in the same run on the same files: "
             + _and(ran) + ". Ratios are mcs ÷ that server.")
+    if "mcs-memfd" in e0["rps"]:
+        where = ", ".join(f"{label} {e0[key]}" for key, label in
+                          (("sealed_dir_filesystem", "on"), ("kernel", "Linux")) if e0.get(key))
+        text += (" `mcs` is `mcs-webcache serve` with `--sealed-dir` on the run's work directory"
+                 + (f" ({where})" if where else "") + " (sealed copies as unnamed read-only "
+                 "files in its page cache: mcs's own best configuration for large hits, as "
+                 "`nginx-tuned` is nginx's).")
     if missing:
         text += " Not run: " + _and(missing) + (f" ({e0['nginx']})" if "nginx" in str(missing)
                                                 and e0.get("nginx") else "") + "."

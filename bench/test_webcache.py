@@ -3,11 +3,15 @@ files, side by side in one run, and the recovery time of the survivors under loa
 
 Servers (each serving the same two files from the same temp directory, loopback only):
 
-- ``mcs``: ``mcs-webcache serve`` with 1 or N nodes (one cache in shared memory), as shipped:
-  the native hit loop serves the hits (webcache/native.py); the cache is warmed first and every
-  measured request is checked to be a hit (the nodes' ``/_mcs/status`` counters: hits grew by
-  at least wrk's completed requests, misses/disk reads/served-during-recovery did not grow at
-  all).
+- ``mcs``: ``mcs-webcache serve`` with 1 or N nodes (one cache in shared memory) and
+  ``--sealed-dir`` on the run's work directory (mcs's own best configuration for large hits,
+  as ``nginx-tuned`` is nginx's: sealed copies are unnamed read-only files in the page cache,
+  sent in large folios where the filesystem keeps them, webcache/sealdir.py): the native hit
+  loop serves the hits (webcache/native.py); the cache is warmed first and every measured
+  request is checked to be a hit (the nodes' ``/_mcs/status`` counters: hits grew by at least
+  wrk's completed requests, misses/disk reads/served-during-recovery did not grow at all).
+- ``mcs-memfd``: the same as shipped (sealed copies in sealed memfds: what the page cache is
+  worth).
 - ``mcs-copied``: the same with ``--sealed-copies 0``: the native loop copies and sums every
   body instead of sending hot large ones from their sealed copies (what sealed copies are worth).
 - ``mcs-asyncio``: the same with ``--no-native-hits``: the asyncio fast path serves the hits
@@ -69,6 +73,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import platform
 import queue
 import re
 import resource
@@ -105,8 +110,8 @@ KILLS = int(os.environ.get("MCS_WC_KILLS", "5"))
 SIZES = {"4KiB": 4096, "64KiB": 65536}
 # mcs and the nginx configurations it is held against side by side (adjacent in every round,
 # whichever way the round goes), then the others.
-SERVERS = ("mcs", "nginx-tuned", "nginx", "mcs-copied", "mcs-asyncio", "mcs-aiohttp", "memory",
-           "file")
+SERVERS = ("mcs", "nginx-tuned", "nginx", "mcs-memfd", "mcs-copied", "mcs-asyncio", "mcs-aiohttp",
+           "memory", "file")
 PACED = SERVERS[:3]  # the servers also measured at a paced load (latency side by side)
 PACE_MS = 1  # ms each connection waits before each request in the paced run (wrk's delay())
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -291,19 +296,21 @@ def free_port() -> int:
 _domains = iter(range(1_000_000))
 
 
-MCS_MODES = {"mcs": (), "mcs-copied": ("--sealed-copies", "0"),
-             "mcs-asyncio": ("--no-native-hits",),
+MCS_MODES = {"mcs": ("--sealed-dir", "{workdir}"), "mcs-memfd": (),
+             "mcs-copied": ("--sealed-copies", "0"), "mcs-asyncio": ("--no-native-hits",),
              "mcs-aiohttp": ("--no-native-hits", "--no-fast-path")}
 
 
 def start_mcs(root: Path, workdir: Path, nodes: int, cpus: str | None,
               mode: str = "mcs") -> Server:
-    """``mcs``: the node as shipped (the native hit loop); ``mcs-copied``: without sealed
-    copies; ``mcs-asyncio``: the asyncio fast path serves the hits; ``mcs-aiohttp``: the fast
-    path off (every request through aiohttp)."""
+    """``mcs``: the native hit loop with sealed copies in ``workdir``'s page cache;
+    ``mcs-memfd``: as shipped (sealed memfds); ``mcs-copied``: without sealed copies;
+    ``mcs-asyncio``: the asyncio fast path serves the hits; ``mcs-aiohttp``: the fast path off
+    (every request through aiohttp)."""
     domain = f"wcbench-{os.getpid()}-{next(_domains)}"
+    options = [arg.format(workdir=workdir) for arg in MCS_MODES[mode]]
     cmd = [MCS_WEBCACHE, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
-           "--domain", domain, "--cache-size", "64M", "--max-entry", "1M", *MCS_MODES[mode]]
+           "--domain", domain, "--cache-size", "64M", "--max-entry", "1M", *options]
     return Server(mode, pinned(cmd, cpus), workdir, domain=domain)
 
 
@@ -552,6 +559,7 @@ def run_round(root: Path, files: dict[str, bytes], workdir: Path, procs: int,
     runs: dict[str, dict] = {}
     starters = {
         "mcs": lambda: start_mcs(root, workdir, procs, server_cpus),
+        "mcs-memfd": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-memfd"),
         "mcs-copied": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-copied"),
         "mcs-asyncio": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-asyncio"),
         "mcs-aiohttp": lambda: start_mcs(root, workdir, procs, server_cpus, "mcs-aiohttp"),
@@ -601,6 +609,19 @@ def print_table(title: str, rps: dict, ratios: dict, p99: dict, cpu: dict) -> No
             f"{row[label]:>11.2f}x" if row[label] else f"{'n/a':>12}" for label in SIZES))
 
 
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem ``path`` is on (the longest mount point above it)."""
+    target, best, kind = os.path.realpath(path), "", "unknown"
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mount_point = fields[4].replace("\\040", " ")
+            inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(best):
+                best, kind = mount_point, fields[fields.index("-") + 1]
+    return kind
+
+
 def environment() -> dict[str, Any]:
     import aiohttp
 
@@ -610,7 +631,7 @@ def environment() -> dict[str, Any]:
     except ImportError:
         loop = "asyncio"
     info: dict[str, Any] = {"cpus": CPUS, "connections": CONNS, "duration_s": DURATION,
-                            "rounds": ROUNDS,
+                            "rounds": ROUNDS, "kernel": platform.release(),
                             "aiohttp": aiohttp.__version__, "event_loop": loop,
                             "load_generator": "wrk" if WRK else "python fallback (wrk unavailable)"}
     if WRK:
@@ -664,7 +685,7 @@ def test_hits_vs_baselines(benchmark, report, site, tmp_path, config):
                            p99_at_most("nginx-tuned", label, "paced_p99_ms")}
                for label in SIZES}
     info = {"processes": procs, "pinning": pinning, "load_threads": load_threads(load_cpus),
-            **environment(), "rps": out["rps"],
+            **environment(), "sealed_dir_filesystem": filesystem_of(workdir), "rps": out["rps"],
             "p99_ms": out["p99_ms"], "cpu_us_per_request": out["cpu_us_per_request"],
             "paced_p99_ms": out["paced_p99_ms"], "paced_rps": out["paced_rps"],
             "pace_ms": PACE_MS, "load_generator_busy": out["load_generator_busy"],

@@ -188,6 +188,16 @@ def test_hits_tables_say_when_wrk_was_the_bound_and_carry_the_paced_latency(repo
     assert "| memory | — |" not in text.split("each of the 32 connections")[1]  # not paced
 
 
+def test_the_hits_intro_says_how_mcs_ran_when_its_memfd_row_is_there(report, tmp_path):
+    doc = run_doc()
+    said = "`mcs` is `mcs-webcache serve` with `--sealed-dir` on the run's work directory"
+    assert said not in build(report, tmp_path, doc)  # a run from before --sealed-dir
+    hits = next(b for b in doc["benchmarks"] if b["group"] == "webcache-hits")["extra_info"]
+    hits["rps"]["mcs-memfd"] = {"4KiB": 25000.0}
+    text = build(report, tmp_path, doc)
+    assert said in text and "in sealed memfds instead of `--sealed-dir`'s page cache" in text
+
+
 def test_a_ratio_that_two_decimals_would_round_to_one_keeps_three(report):
     assert report.fmt_ratio(0.996) == "×0.996"
     assert report.fmt_ratio(1.004) == "×1.00"

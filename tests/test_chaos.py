@@ -8,10 +8,13 @@ from webcache.chaos import soak
 
 
 @pytest.mark.slow
-def test_short_chaos_soak(seed):
-    summary = soak(seconds=45, faults=12, seed=seed, nodes=3, clients=3, log=lambda *a: None)
+@pytest.mark.parametrize("sealed_dir", [False, True], ids=["memfd-copies", "file-copies"])
+def test_short_chaos_soak(seed, sealed_dir):
+    summary = soak(seconds=45, faults=12, seed=seed, nodes=3, clients=3, log=lambda *a: None,
+                   sealed_dir=sealed_dir)
+    replay = f"mcs-chaos --seed {seed} --faults 12" + (" --sealed-dir" if sealed_dir else "")
     assert summary["violations"] == [], (
-        f"replay with: MCS_TEST_SEED={seed}, or mcs-chaos --seed {seed} --faults 12: {summary}")
+        f"replay with: MCS_TEST_SEED={seed}, or {replay}: {summary}")
     assert summary["faults"] >= 5, summary
     assert summary["requests_ok"] > 0 and summary["wrong_bytes"] == 0
     assert summary["leaks"] == []

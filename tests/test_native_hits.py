@@ -16,14 +16,19 @@ and sealed copies are reported.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import re
 import resource
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +45,7 @@ from webcache.fastpath import (NOT_PLAIN_HEADERS, connection_tail, plain_request
 from webcache.limits import ConnectionLimits
 from webcache.native import TRANSIENT, HandOff, make_loop, sealed_count
 from webcache.paths import ResolvedFile
+from webcache.sealdir import SealedDirError, open_sealed_dir
 from webcache.semantics import content_types, http_date
 
 from conftest import wait_for
@@ -59,14 +65,18 @@ class Harness:
     attaches it), and a loopback listener whose accepted sockets go to the loop."""
 
     def __init__(self, root: Path, domain: str, limits: ConnectionLimits | None = None,
-                 sealed_copies: int = 0, max_sealed: int | None = None) -> None:
+                 sealed_copies: int = 0, max_sealed: int | None = None,
+                 sealed_dir: Path | None = None) -> None:
         self.root = root.resolve()
         self.cache = McsWebCache(domain, cache_size=4 << 20, max_entry=MAX_ENTRY,
                                  **TIMING).start()
         self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.sealed_dir_fd = -1 if sealed_dir is None else open_sealed_dir(sealed_dir)
+        # what readlink says of a copy's descriptor: "/memfd:NAME (deleted)", "DIR/#INODE (deleted)"
+        self.sealed_prefix = SEALED if sealed_dir is None else f"{sealed_dir.resolve()}/#"
         self.loop = make_loop(self.root_fd, str(self.root) + "/", MAX_ENTRY,
                               limits or ConnectionLimits(), sealed_copies=sealed_copies,
-                              max_sealed=max_sealed)
+                              max_sealed=max_sealed, sealed_dir_fd=self.sealed_dir_fd)
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
         self.cache.attach_native(self)
@@ -91,6 +101,8 @@ class Harness:
             os.close(fd)
         self.loop.close()
         os.close(self.root_fd)
+        if self.sealed_dir_fd >= 0:
+            os.close(self.sealed_dir_fd)
         self.listener.close()
         self.cache.stop()
 
@@ -126,6 +138,9 @@ class Harness:
             left = deadline - time.monotonic()
             assert left > 0, "nothing was handed off"
             select.select([self.loop.wake_fd], [], [], left)
+
+    def sealed_fds(self) -> list[int]:
+        return sealed_fds(self.sealed_prefix)
 
     def counters(self) -> dict[str, int]:
         values, _ = self.loop.counters()
@@ -333,27 +348,34 @@ def test_deadlines(tmp_path, domain, sealed):
 SEALED = "/memfd:mcs-sealed-hit "  # readlink of a memfd: "/memfd:NAME (deleted)"
 
 
-def sealed_fds() -> list[int]:
-    """This process's descriptors of sealed copies."""
+def sealed_fds(prefix: str = SEALED) -> list[int]:
+    """This process's descriptors of sealed copies (memfds, or files named from ``prefix``)."""
     out = []
     for name in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith(SEALED):
+            if os.readlink(f"/proc/self/fd/{name}").startswith(prefix):
                 out.append(int(name))
         except OSError:
             pass  # the descriptor listdir used, or one closed meanwhile
     return out
 
 
-@pytest.fixture
-def sealed(tmp_path, domain):
+@pytest.fixture(params=["memfd", "file"])
+def sealed(request, tmp_path, domain):
+    """A loop with 200,000 bytes of sealed copies: memfds, or unnamed files (--sealed-dir)."""
     root = tmp_path / "site"
     root.mkdir()
-    before = sealed_fds()
-    h = Harness(root, domain, sealed_copies=200_000)
+    sealed_dir = None
+    if request.param == "file":
+        sealed_dir = tmp_path / "sealed"
+        sealed_dir.mkdir()
+    h = Harness(root, domain, sealed_copies=200_000, sealed_dir=sealed_dir)
+    before = h.sealed_fds()
     yield h
     h.close()
-    assert sealed_fds() == before, "sealed copies outlived their loop"
+    assert h.sealed_fds() == before, "sealed copies outlived their loop"
+    if sealed_dir is not None:
+        assert not os.listdir(sealed_dir), "a sealed copy got a name"
 
 
 def entry_of(harness: Harness, f: ResolvedFile) -> tuple[object, int]:
@@ -374,6 +396,27 @@ def get_on(c: socket.socket, name: bytes, times: int = 1) -> list[bytes]:
     return bodies
 
 
+# Drops every capability (capset), then opens argv[1] to read and to write.
+OPEN_WITHOUT_CAPABILITIES = r"""
+import ctypes, os, sys
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) != 0:
+    sys.exit("capset: " + os.strerror(ctypes.get_errno()))
+os.close(os.open(sys.argv[1], os.O_RDONLY))
+print("read")
+try:
+    os.close(os.open(sys.argv[1], os.O_RDWR))
+    print("write-opened")
+except PermissionError:
+    print("write-refused")
+"""
+
+
 def test_a_large_body_asked_for_again_is_sent_from_a_sealed_copy(sealed):
     data = os.urandom(65536)
     f = sealed.cache_file("big.bin", data)
@@ -383,11 +426,29 @@ def test_a_large_body_asked_for_again_is_sent_from_a_sealed_copy(sealed):
         # 1st: copied (a candidate); 2nd: copied, then sealed; then from the sealed copy
         assert get_on(c, b"big.bin", 5) == [data] * 5
         assert get_on(c, b"small.bin", 5) == [small] * 5  # below SEALED_MIN: always copied
+    wait_for(lambda: sealed.counters()["hits"] == 10)  # counted once its response is written
     n = sealed.counters()
     assert (n["hits"], n["sealed_made"], n["sealed_hits"], n["sealed_held"], n["sealed_bytes"]) \
         == (10, 1, 3, 1, 65536), n
     assert sealed.entry_pins(f) == (0, 0)
-    fd, = sealed_fds()
+    fd, = sealed.sealed_fds()
+    assert os.pread(fd, 65537, 0) == data
+    if sealed.sealed_dir_fd >= 0:
+        # an unnamed file: no name, mode 0400, and the loop's descriptor is read-only (the
+        # writable one it was written through is closed): only root could open one to write
+        st = os.fstat(fd)
+        assert st.st_nlink == 0 and st.st_mode & 0o7777 == 0o400 and st.st_uid == os.geteuid()
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(OSError) as err:
+            os.pwrite(fd, b"x", 0)
+        assert err.value.errno == errno.EBADF
+        # a process of this user without CAP_DAC_OVERRIDE, given the descriptor, can open the
+        # file again to read, not to write
+        opened = subprocess.run([sys.executable, "-P", "-c", OPEN_WITHOUT_CAPABILITIES,
+                                 f"/proc/self/fd/{fd}"], capture_output=True, text=True,
+                                timeout=30, pass_fds=(fd,))
+        assert opened.stdout.split() == ["read", "write-refused"], opened.stderr
+        return
     # the kernel refuses any change to it, from anyone (even through a new descriptor)
     seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
@@ -405,14 +466,14 @@ def test_a_sealed_copy_is_sent_only_for_the_entry_it_was_verified_against(sealed
     f = sealed.cache_file("v.bin", data)
     with sealed.connect() as c:
         assert get_on(c, b"v.bin", 3) == [data] * 3
-    assert sealed.counters()["sealed_hits"] == 1
+    assert wait_for(lambda: sealed.counters()["sealed_hits"] == 1)  # counted once written
     arena, off = entry_of(sealed, f)
     # Garbage in the shared entry's bytes: the sealed copy was verified and cannot change, so
     # what is sent is still the file's bytes.
     arena.view(L.data_offset(off, len(os.fsencode(f.path))) + 100, 1)[0] ^= 1
     with sealed.connect() as c:
         assert get_on(c, b"v.bin") == [data]
-    assert sealed.counters()["sealed_hits"] == 2
+    assert wait_for(lambda: sealed.counters()["sealed_hits"] == 2)
     # Garbage in the entry's checksum: it no longer names the copy: the entry is checked as
     # any other, found corrupt and handed over.
     arena.add64(off + L.E_SUM, 1)
@@ -433,10 +494,11 @@ def test_a_sealed_copy_is_sent_only_for_the_entry_it_was_verified_against(sealed
     assert sealed.cache.store(g, new)
     with sealed.connect() as c:
         assert get_on(c, b"v.bin", 4) == [new] * 4
+    assert wait_for(lambda: sealed.counters()["sealed_hits"] == 4)
     n = sealed.counters()
     assert (n["sealed_made"], n["sealed_dropped"], n["sealed_held"], n["sealed_hits"]) \
         == (2, 1, 1, 4), n
-    assert len(sealed_fds()) == 1
+    assert len(sealed.sealed_fds()) == 1
 
 
 def test_sealed_copies_stay_within_their_budget(sealed):
@@ -449,37 +511,79 @@ def test_sealed_copies_stay_within_their_budget(sealed):
                 assert get_on(c, name, 3) == [data] * 3
                 n = sealed.counters()
                 assert n["sealed_bytes"] <= 200_000 and n["sealed_held"] <= 3
-                assert len(sealed_fds()) == n["sealed_held"]
+                assert len(sealed.sealed_fds()) == n["sealed_held"]
     n = sealed.counters()
     assert n["sealed_made"] >= 4 and n["sealed_dropped"] == n["sealed_made"] - n["sealed_held"]
     assert n["sealed_held"] == 3 and n["sealed_failed"] == 0
 
 
-def test_no_descriptor_for_a_sealed_copy_loses_nothing(sealed):
-    # memfd_create fails with EMFILE: counted, and the body is copied and summed as before
+@contextlib.contextmanager
+def no_free_descriptor() -> Iterator[None]:
+    """Every descriptor this process may open is taken meanwhile."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    spare = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        while True:
+            try:
+                spare.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextlib.contextmanager
+def no_file_larger_than(size: int) -> Iterator[None]:
+    """Writes past ``size`` in any file fail meanwhile (EFBIG). Process-wide, so keep the
+    window to one request; SIGXFSZ is ignored by Python and blocked by the loop thread."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("fault", ["no descriptor", "file size limit"])
+def test_a_copy_that_cannot_be_made_loses_nothing(sealed, fault):
+    # memfd_create or openat fails (EMFILE), or the copy's write does (EFBIG past
+    # RLIMIT_FSIZE; ENOSPC on a full filesystem takes the same path): counted, nothing left
+    # behind, the body copied and summed as before, and no copy tried for SEAL_RETRY
     data = os.urandom(65536)
-    sealed.cache_file("nofd.bin", data)
+    sealed.cache_file("body.bin", data)
     with sealed.connect() as c:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        spare = []
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8,
-                                                        hard))
-            while True:  # every descriptor taken
-                try:
-                    spare.append(os.open("/dev/null", os.O_RDONLY))
-                except OSError:
-                    break
-            assert get_on(c, b"nofd.bin", 4) == [data] * 4
-        finally:
-            for fd in spare:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert get_on(c, b"body.bin") == [data]  # a candidate now
+        with (no_free_descriptor() if fault == "no descriptor"
+              else no_file_larger_than(len(data) - 1)):
+            assert get_on(c, b"body.bin") == [data]  # its copy fails
+        assert get_on(c, b"body.bin", 2) == [data] * 2  # not tried again so soon
+        assert wait_for(lambda: sealed.counters()["hits"] == 4)
         n = sealed.counters()
-        assert (n["sealed_failed"], n["sealed_made"], n["sealed_hits"]) == (3, 0, 0), n
-        assert get_on(c, b"nofd.bin", 2) == [data] * 2  # descriptors again: sealed, then sent
+        assert (n["sealed_failed"], n["sealed_made"], n["sealed_held"]) == (1, 0, 0), n
+        assert not sealed.sealed_fds()
+        time.sleep(_native_loop.SEAL_RETRY)
+        assert get_on(c, b"body.bin", 2) == [data] * 2  # sealed, then sent from the copy
+    assert wait_for(lambda: sealed.counters()["hits"] == 6)
     n = sealed.counters()
-    assert (n["sealed_made"], n["sealed_hits"], n["hits"]) == (1, 1, 6), n
+    assert (n["sealed_made"], n["sealed_hits"], n["sealed_failed"]) == (1, 1, 1), n
+
+
+def test_a_sealed_dir_is_checked_before_use(tmp_path):
+    # what --sealed-dir refuses, with the reason (the CLI prints it: test_webcache)
+    (tmp_path / "file").write_text("x")
+    for path, reason in ((tmp_path / "missing", "no such directory"),
+                         (tmp_path / "file", "not a directory")):
+        with pytest.raises(SealedDirError, match=reason):
+            open_sealed_dir(path)
+    fd = open_sealed_dir(tmp_path)  # one unnamed file was made there, and is gone
+    try:
+        assert os.listdir(tmp_path) == ["file"]
+    finally:
+        os.close(fd)
 
 
 def test_sealed_copies_stay_within_their_descriptors(tmp_path, domain):

@@ -394,6 +394,70 @@ def test_shutdown_leaves_no_shared_memory(site, domain):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"mcs.{domain}")]
 
 
+def fd_links(pid: int) -> list[str]:
+    """Where process ``pid``'s descriptors lead (readlink of /proc/PID/fd/*)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass  # closed meanwhile
+    return links
+
+
+def get_four_times_each(c: Cache, files: dict[str, bytes], names: tuple[str, ...]) -> None:
+    """Each of ``names`` four times on one keep-alive connection (the native loop's)."""
+    conn = c.conn()
+    try:
+        for _ in range(4):
+            for name in names:
+                conn.request("GET", name)
+                r = conn.getresponse()
+                assert (r.status, r.read()) == (200, files[name])
+    finally:
+        conn.close()
+
+
+def test_sealed_copies_in_a_directory_are_unnamed_files(site, domain, tmp_path):
+    if HIT_PATH == "asyncio":
+        pytest.skip("sealed copies are the native hit loop's")
+    root, files = site
+    sealed_dir = tmp_path / "sealed"
+    sealed_dir.mkdir()
+    c = Cache(root, domain, nodes=1, extra=("--sealed-dir", str(sealed_dir)))
+    try:
+        get_four_times_each(c, files, ("/f65536.bin", "/f200000.bin"))
+        assert wait_for(lambda: c.status()["fast_path"]["native"]["sealed_hits"] >= 2)
+        assert c.status()["fast_path"]["native"]["sealed_in"] == str(sealed_dir)
+        links = fd_links(c.pids[0])
+        copies = [link for link in links if link.startswith(f"{sealed_dir}/#")]
+        assert len(copies) == 2 and all(link.endswith("(deleted)") for link in copies), links
+        assert not [link for link in links if link.startswith("/memfd:mcs-sealed-hit")]
+        assert not os.listdir(sealed_dir)  # never a name
+
+        # The directory goes away; the node is killed and restarted: the new node says so and
+        # keeps its copies in memfds.
+        sealed_dir.rmdir()
+        old = c.pids[0]
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: gone(old), 10)
+
+        def restarted() -> bool:
+            try:
+                return c.status()["pid"] != old
+            except (OSError, http.client.HTTPException, ValueError):  # not serving yet
+                return False
+        assert wait_for(restarted, 30, 0.1)
+        new = c.status()["pid"]
+        get_four_times_each(c, files, ("/f65536.bin",))
+        assert wait_for(lambda: c.status()["fast_path"]["native"]["sealed_hits"] >= 1)
+        assert c.status()["fast_path"]["native"]["sealed_in"] == "memfd"
+        assert [link for link in fd_links(new) if link.startswith("/memfd:mcs-sealed-hit")]
+        assert any("sealed copies are memfds" in line for line in c.stderr_tail)
+    finally:
+        assert c.stop() == 0
+
+
 def test_launcher_errors(tmp_path):
     exe = str(Path(sys.executable).with_name("mcs-webcache"))
 
@@ -413,6 +477,12 @@ def test_launcher_errors(tmp_path):
     assert r.returncode == 2 and "--sealed-copies" in r.stderr and "bad size" in r.stderr
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--sealed-copies", "2T")
     assert r.returncode == 2 and "at most 1024G" in r.stderr
+    (tmp_path / "file").write_text("x")
+    for where, reason in (("missing", "no such directory"), ("file", "not a directory")):
+        r = run("serve", "--root", str(tmp_path), "--port", "0", "--sealed-dir",
+                str(tmp_path / where))
+        assert r.returncode == 2 and f"--sealed-dir {tmp_path / where}: {reason}" in r.stderr
+        assert "Traceback" not in r.stderr
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--nodes", "0")
     assert r.returncode == 2
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--domain", "../x")

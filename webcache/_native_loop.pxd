@@ -43,6 +43,8 @@ cdef extern from "native_loop.h" nogil:
         HL_UNAVAILABLE
         HL_ERROR
 
+    int64_t HL_SEAL_RETRY_NS
+
     ctypedef struct hl_layout:
         int slots
         uint64_t buckets, buckets_at, bucket_size, b_mutex, b_head
@@ -58,6 +60,7 @@ cdef extern from "native_loop.h" nogil:
         uint64_t sealed_budget
         uint64_t sealed_min
         uint64_t sealed_count
+        int sealed_dir_fd
         int check_readable
         int64_t header_timeout_ns, keepalive_timeout_ns, send_timeout_ns, sweep_ns, lock_wait_ns
         hl_layout lay
@@ -118,4 +121,5 @@ cdef extern from "native_loop.h" nogil:
     uint64_t hl_path_hash(const unsigned char* data, size_t n)
     int hl_parse(const hl_config* C, const char* head, size_t n, hl_request* rq)
     int hl_plain_target(const char* t, size_t n)
+    int hl_seal_file(int dir_fd, const char* data, size_t n)
     size_t hl_response_head(hl_loop* L, const hl_request* rq, const hl_file* f, int64_t now_real_ns)

@@ -11,6 +11,7 @@ memory the loop reads are set from the component's recovery (:meth:`HitLoop.open
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
@@ -45,6 +46,8 @@ LAYOUT_FIELDS = ("slots", "buckets", "buckets_at", "bucket_size", "b_mutex", "b_
                  "m_ref", "m_arena", "slot_shift", "max_chain", "mf_offset")
 MAX_SLOTS = HL_MAX_SLOTS
 MAX_SEALED = HL_SEALED_MAX
+#: seconds after a failed sealed copy during which the loop tries none
+SEAL_RETRY = HL_SEAL_RETRY_NS / 1e9
 
 
 def path_hash(bytes path):
@@ -78,7 +81,8 @@ cdef class HitLoop:
                  double header_timeout, double keepalive_timeout, double send_timeout,
                  double sweep_interval, double lock_wait, dict layout, not_plain,
                  dict types, bytes default_type, bytes node, bytes server, bytes host=b"",
-                 uint64_t sealed_budget=0, uint64_t sealed_min=0, uint64_t sealed_count=0):
+                 uint64_t sealed_budget=0, uint64_t sealed_min=0, uint64_t sealed_count=0,
+                 int sealed_dir_fd=-1):
         cdef int err = 0
         cdef int k = 0
         memset(&self._cfg, 0, sizeof(hl_config))
@@ -91,6 +95,7 @@ cdef class HitLoop:
         if sealed_count > HL_SEALED_MAX:
             raise ValueError(f"{sealed_count} sealed copies: the loop keeps {HL_SEALED_MAX}")
         self._cfg.sealed_count = sealed_count
+        self._cfg.sealed_dir_fd = sealed_dir_fd
         self._cfg.check_readable = check_readable
         self._cfg.header_timeout_ns = <int64_t>(header_timeout * 1e9)
         self._cfg.keepalive_timeout_ns = <int64_t>(keepalive_timeout * 1e9)
@@ -342,6 +347,22 @@ cdef class HitLoop:
         f.ctime_ns = ctime_ns
         n = hl_response_head(loop, &rq, &f, now_ns)
         return PyBytes_FromStringAndSize(loop.head, n)
+
+
+def seal_file(int dir_fd, bytes data):
+    """A sealed copy of ``data`` as the loop makes one with a sealed directory: an unnamed
+    read-only file in the directory ``dir_fd`` (its descriptor, read-only: the caller closes
+    it). OSError if it cannot be made."""
+    cdef int fd
+    cdef int err
+    cdef const char* p = PyBytes_AS_STRING(data)
+    cdef size_t n = PyBytes_GET_SIZE(data)
+    with nogil:
+        fd = hl_seal_file(dir_fd, p, n)
+        err = errno
+    if fd < 0:
+        raise native_error("sealed copy", err)
+    return fd
 
 
 def plain_target(bytes target):

@@ -163,8 +163,11 @@ def _evictions(domain: str) -> dict[str, int]:
 
 
 def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 4,
-         log=print, burners: int = 0, evict_after: float | None = None) -> dict[str, Any]:
-    """Run the soak; returns the summary (``violations`` lists what went wrong)."""
+         log=print, burners: int = 0, evict_after: float | None = None,
+         sealed_dir: bool = False) -> dict[str, Any]:
+    """Run the soak; returns the summary (``violations`` lists what went wrong).
+    ``sealed_dir``: the nodes keep their sealed copies as unnamed files in a directory of the
+    soak's (``--sealed-dir``), which must hold no name at the end."""
     from mcs.poison import poison
     from webcache.cache import McsWebCache
     from webcache.check import check_domain
@@ -190,10 +193,13 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         nodes_log_file = open(Path(tmp, "nodes.log"), "w")
         stack.callback(nodes_log_file.close)
         _start_burners(burners, stack)
+        copies = Path(tmp, "sealed")
+        copies.mkdir()
         launcher = subprocess.Popen(
             [exe, "serve", "--root", str(root), "--nodes", str(nodes), "--port", "0",
              "--domain", domain, "--cache-size", "16M", "--max-entry", "256K",
-             "--timing", json.dumps(timing)],
+             "--timing", json.dumps(timing)] + (["--sealed-dir", str(copies)] if sealed_dir
+                                                 else []),
             stdout=subprocess.PIPE, stderr=nodes_log_file, text=True,
             env=env)
         launcher_log: list[str] = []
@@ -325,6 +331,8 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
                 violations.append("the launcher did not stop")
             drain.join(10)
             launcher.stdout.close()
+            if os.listdir(copies):
+                violations.append(f"sealed copies with a name: {os.listdir(copies)[:5]}")
     survivors_failed = [f for f in load.failures if f[0] is not None and f[0] not in killed]
     unattributed = [f for f in load.failures if f[0] is None]
     if survivors_failed:
@@ -357,6 +365,7 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
         "evictions": evictions,
         "served": served,
         "burners": burners,
+        "sealed_copies": "files (--sealed-dir)" if sealed_dir else "memfds",
         "timing": timing,
         "leaks": sorted(leaked_shm) + sorted(map(str, leaked_seg)),
         "violations": violations,
@@ -375,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                              "heartbeat (default: the soak's fast timing, 20 ms / 400 ms)")
     parser.add_argument("--burners", type=int, default=0,
                         help="busy-looping processes to saturate the CPUs meanwhile (default 0)")
+    parser.add_argument("--sealed-dir", action="store_true",
+                        help="the nodes keep sealed copies as unnamed files in a directory "
+                             "(mcs-webcache serve --sealed-dir) instead of memfds")
     args = parser.parse_args(argv)
     if (args.nodes < 2 or args.clients < 1 or args.seconds <= 0 or args.faults < 1
             or not 0 <= args.burners <= 64
@@ -386,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.nodes} nodes, {args.clients} clients, {args.burners} burners", flush=True)
     try:
         summary = soak(args.seconds, args.faults, seed, args.nodes, args.clients,
-                       burners=args.burners, evict_after=args.evict_after)
+                       burners=args.burners, evict_after=args.evict_after,
+                       sealed_dir=args.sealed_dir)
     except Violation as exc:
         summary = {"seed": seed, "violations": [str(exc)]}
     except KeyboardInterrupt:  # the nodes were stopped and checked on the way out

@@ -89,6 +89,7 @@ class Launcher:
                 "--host-name", a.host_name,
                 "--native-hits" if a.native_hits else "--no-native-hits",
                 "--sealed-copies", str(a.sealed_copies)] + (
+                    ["--sealed-dir", a.sealed_dir] if a.sealed_dir else []) + (
                     ["--no-fast-path"] if a.no_fast_path else []) + a.limits.argv()
 
     def log(self, message: str) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcs.errors import McsError
+from webcache.sealdir import SealedDirError, check_sealed_dir
 
 __all__ = ["ConnectionLimits", "ConnectionStats", "InvalidLimit", "Expiry", "add_arguments",
            "add_native_argument", "default_max_connections", "descriptor_share", "parse_size",
@@ -163,10 +164,18 @@ def _sealed_copies(text: str) -> int:
     return size
 
 
-def add_native_argument(parser: argparse.ArgumentParser) -> None:
-    """``--native-hits`` / ``--no-native-hits`` and ``--sealed-copies``, shared like the limits
-    (the native hit loop takes the node's connections: the limits above are enforced by it
-    too)."""
+def _sealed_dir(text: str) -> str:
+    try:
+        return check_sealed_dir(text)
+    except SealedDirError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_native_argument(parser: argparse.ArgumentParser, check_dir: bool = True) -> None:
+    """``--native-hits`` / ``--no-native-hits``, ``--sealed-copies`` and ``--sealed-dir``
+    (checked here unless ``check_dir`` is false: a node falls back to memfds), shared like the
+    limits (the native hit loop takes the node's connections: the limits above are enforced by
+    it too)."""
     parser.add_argument("--native-hits", action=argparse.BooleanOptionalAction,
                         default=NATIVE_HITS_DEFAULT,
                         help="serve plain cache hits from a native thread, without Python "
@@ -175,6 +184,12 @@ def add_native_argument(parser: argparse.ArgumentParser) -> None:
                         metavar="SIZE",
                         help="memory per node for sealed copies of hot large bodies, which the "
                         "native loop sends without copying (default 32M; 0: none)")
+    parser.add_argument("--sealed-dir", type=_sealed_dir if check_dir else str, default=None,
+                        metavar="DIR",
+                        help="keep sealed copies as unnamed read-only files in DIR's page cache "
+                        "instead of sealed memfds (default: memfds); on ext4 (Linux >= 6.16) "
+                        "or XFS, large bodies are then sent in large folios, as nginx sends "
+                        "files; the filesystem writes them back to its disk")
 
 
 @dataclass

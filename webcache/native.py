@@ -47,6 +47,7 @@ from webcache import layout as L
 from webcache.cache import McsWebCache
 from webcache.fastpath import NODE_PID, NOT_PLAIN_HEADERS, SERVER, FastPath
 from webcache.limits import ConnectionLimits, Expiry, descriptor_share
+from webcache.sealdir import open_sealed_dir
 from webcache.semantics import content_type, content_types
 
 __all__ = ["NativeHits", "HandOff", "TRANSIENT", "LOCK_WAIT", "SEALED_MIN", "loop_layout",
@@ -115,7 +116,8 @@ def loop_layout() -> dict[str, int]:
 
 def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimits, *,
               check_readable: bool = False, host_name: str | None = None,
-              sealed_copies: int = 0, max_sealed: int | None = None) -> _native_loop.HitLoop:
+              sealed_copies: int = 0, max_sealed: int | None = None,
+              sealed_dir_fd: int = -1) -> _native_loop.HitLoop:
     """A loop (not running) for files under ``prefix`` (the canonical root and ``/``) found
     from ``root_fd`` (the loop's own descriptor: it does not close it).
 
@@ -124,7 +126,8 @@ def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimit
     ctime, so the entry was read from this very file state (HEAD always checks).
 
     ``sealed_copies``: bytes of sealed copies at most (0: none), in at most ``max_sealed``
-    copies (default: :func:`sealed_count`)."""
+    copies (default: :func:`sealed_count`); sealed memfds, or unnamed read-only files in the
+    directory ``sealed_dir_fd`` (webcache.sealdir; the loop's own: it does not close it)."""
     return _native_loop.HitLoop(
         root_fd=root_fd, prefix=os.fsencode(prefix), max_entry=max_entry,
         check_readable=check_readable, header_timeout=limits.header_timeout,
@@ -135,7 +138,8 @@ def make_loop(root_fd: int, prefix: str, max_entry: int, limits: ConnectionLimit
         default_type=content_type("file").encode(), node=NODE_PID.encode(),
         server=SERVER.encode(), host=(host_name or "").encode(),
         sealed_budget=sealed_copies, sealed_min=SEALED_MIN,
-        sealed_count=sealed_count() if max_sealed is None else max_sealed)
+        sealed_count=sealed_count() if max_sealed is None else max_sealed,
+        sealed_dir_fd=sealed_dir_fd)
 
 
 class NativeHits:
@@ -144,17 +148,24 @@ class NativeHits:
     acceptor gives it connections (:meth:`adopt`); :meth:`close` before the cache stops."""
 
     def __init__(self, cache: McsWebCache, front: FastPath, limits: ConnectionLimits, *,
-                 check_readable: bool = False, sealed_copies: int = 0) -> None:
+                 check_readable: bool = False, sealed_copies: int = 0,
+                 sealed_dir: str | os.PathLike[str] | None = None) -> None:
         self.cache = cache
         self.front = front
+        self._sealed_dir_fd = -1
+        self.sealed_in = "memfd" if sealed_copies else None  # /_mcs/status: where copies are
         self._root_fd = os.dup(front.root_fd)
         try:
+            if sealed_dir is not None and sealed_copies:
+                self._sealed_dir_fd = open_sealed_dir(sealed_dir)
+                self.sealed_in = os.path.abspath(sealed_dir)
             self.loop = make_loop(self._root_fd, front.prefix, cache.max_entry, limits,
                                   host_name=front.host_name,
                                   check_readable=check_readable,
-                                  sealed_copies=sealed_copies)
+                                  sealed_copies=sealed_copies,
+                                  sealed_dir_fd=self._sealed_dir_fd)
         except BaseException:
-            os.close(self._root_fd)
+            self._close_fds()
             raise
         self._thread = threading.Thread(target=self._run, name="mcs-webcache-native", daemon=True)
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -199,7 +210,14 @@ class NativeHits:
         self.sync()
         self.front.native = None
         self.loop.close()
-        os.close(self._root_fd)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        try:
+            os.close(self._root_fd)
+        finally:
+            if self._sealed_dir_fd >= 0:
+                os.close(self._sealed_dir_fd)
 
     # -- the gate (McsWebCache.on_gate, workers_quiet) ------------------------------------------
 
@@ -280,7 +298,8 @@ class NativeHits:
         """``fast_path.native`` of /_mcs/status."""
         self.sync()
         out: dict[str, Any] = {"running": not self.closed and not self.failed,
-                               "open": self.open, **self._seen, "given_back": self.given_back}
+                               "open": self.open, **self._seen, "given_back": self.given_back,
+                               "sealed_in": self.sealed_in}
         out["handed_off_by_reason"] = {HandOff(r).name.lower(): n
                                        for r, n in sorted(self._reasons.items())}
         return out

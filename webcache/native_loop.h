@@ -21,7 +21,10 @@
  * sum) and send the memfd with sendfile, which gives the socket the memfd's pages instead of
  * copying them: no copy and no checksum pass per response, and what the client reads can never
  * differ from what was verified. At most ``sealed_budget`` bytes and ``sealed_count`` copies
- * (descriptors); the least recently used goes first.
+ * (descriptors); the least recently used goes first. With ``sealed_dir_fd``, a copy is an
+ * unnamed read-only file in that directory instead (hl_seal_file): the page cache of a
+ * filesystem that keeps files in large folios (ext4 since Linux 6.16, XFS) gives the socket a
+ * 64 KiB body as one piece instead of sixteen pages.
  *
  * The gate: ``inside`` is raised before the gate word is read (seq_cst both), the recovery
  * closes the gate before it reads ``inside`` (webcache.cache: workers_quiet), so either the
@@ -38,6 +41,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <stdio.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -69,6 +73,7 @@
 #define HL_KEY_MAX 120        /* longer targets are hashed every time */
 #define HL_DATES 16           /* memoized Last-Modified values (direct-mapped by second) */
 #define HL_SEALED_MAX 256     /* sealed copies (and candidates) a loop keeps at most */
+#define HL_SEAL_RETRY_NS 1000000000LL  /* after a copy failed, none is tried for this long */
 #define HL_SEALED_WAYS 4      /* places a body's hash may take in the table */
 
 /* Why a request went to the asyncio side (webcache.native.HandOff mirrors these). */
@@ -115,6 +120,8 @@ typedef struct {
     uint64_t sealed_budget;          /* bytes of sealed copies at most (0: none are made) */
     uint64_t sealed_min;             /* the smallest body given a sealed copy */
     uint64_t sealed_count;           /* sealed copies (descriptors) at most, <= HL_SEALED_MAX */
+    int sealed_dir_fd;               /* -1: copies are sealed memfds; else a directory (O_PATH,
+                                      * the loop's own) for unnamed read-only files */
     int check_readable;              /* access(R_OK) of every file (GET too) */
     int64_t header_timeout_ns, keepalive_timeout_ns, send_timeout_ns, sweep_ns, lock_wait_ns;
     hl_layout lay;
@@ -183,6 +190,7 @@ typedef struct {
     hl_date_memo last_modified[HL_DATES];
     hl_key *keys;
     hl_sealed *sealed;               /* HL_SEALED_MAX places (NULL: sealed copies off) */
+    int64_t seal_retry_at;           /* no copy is made before (a full disk, no descriptor) */
     hl_type *types; size_t n_types, types_cap;
     int64_t now, now_real, next_sweep;  /* CLOCK_MONOTONIC, CLOCK_REALTIME: per wake-up */
     uint64_t counters[HC_COUNT];
@@ -829,22 +837,53 @@ static inline int hl_sealed_is(const hl_sealed *s, const hl_file *f, uint64_t su
         && s->dev == f->dev && s->ctime_ns == f->ctime_ns && s->sum == sum;
 }
 
-/* A memfd holding data[0:n], sealed against any change; -1 if it cannot be made. */
-static int hl_seal(const char *data, size_t n) {
-    int fd = memfd_create("mcs-sealed-hit", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (fd < 0) return -1;
+/* Write data[0:n] at the start of fd; 0, or -1 (errno set). */
+static int hl_write_all(int fd, const char *data, size_t n) {
     size_t done = 0;
     while (done < n) {
         ssize_t w = write(fd, data + done, n - done);
         if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) { close(fd); return -1; }
+        if (w == 0) errno = ENOSPC;
+        if (w <= 0) return -1;
         done += (size_t)w;
     }
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+    return 0;
+}
+
+/* A memfd holding data[0:n], sealed against any change; -1 if it cannot be made. */
+static int hl_seal_memfd(const char *data, size_t n) {
+    int fd = memfd_create("mcs-sealed-hit", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    if (hl_write_all(fd, data, n) < 0
+            || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
         close(fd);
         return -1;
     }
     return fd;
+}
+
+/* An unnamed file in the directory dir_fd holding data[0:n]: made with O_TMPFILE | O_EXCL (it
+ * never gets a name), written, made mode 0400, and reopened read-only through /proc/self/fd;
+ * the writable descriptor is closed, so no descriptor anywhere can write it and no one but
+ * root can open one. -1 if it cannot be made (the directory's filesystem full, no O_TMPFILE
+ * there, no descriptor). */
+static int hl_seal_file(int dir_fd, const char *data, size_t n) {
+    char self[64];
+    int fd = openat(dir_fd, ".", O_TMPFILE | O_RDWR | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return -1;
+    int ro = -1;
+    if (hl_write_all(fd, data, n) == 0 && fchmod(fd, 0400) == 0) {
+        snprintf(self, sizeof self, "/proc/self/fd/%d", fd);
+        ro = open(self, O_RDONLY | O_CLOEXEC);
+    }
+    close(fd);
+    return ro;
+}
+
+/* A sealed copy of data[0:n] (see the top of this file); -1 if it cannot be made. */
+static int hl_seal(const hl_loop *L, const char *data, size_t n) {
+    return L->cfg.sealed_dir_fd >= 0 ? hl_seal_file(L->cfg.sealed_dir_fd, data, n)
+                                     : hl_seal_memfd(data, n);
 }
 
 /* After a hit served from a verified copy (data: the body, summed to ``sum``): the first time a
@@ -869,6 +908,7 @@ static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t s
     }
     s->used = L->now;
     if (s->fd >= 0) return;
+    if (L->now < L->seal_retry_at) return;  /* what failed a moment ago would fail again */
     while (hl_counter(L, HC_SEALED_BYTES) + f->size > L->cfg.sealed_budget
            || hl_counter(L, HC_SEALED_HELD) >= L->cfg.sealed_count) {
         hl_sealed *lru = NULL;
@@ -879,9 +919,10 @@ static void hl_sealed_admit(hl_loop *L, uint64_t h, const hl_file *f, uint64_t s
         if (!lru) return;
         hl_sealed_drop(L, lru);
     }
-    s->fd = hl_seal(data, (size_t)f->size);
+    s->fd = hl_seal(L, data, (size_t)f->size);
     if (s->fd < 0) {
         hl_count(L, HC_SEALED_FAILED, 1);
+        L->seal_retry_at = L->now + HL_SEAL_RETRY_NS;
         return;
     }
     hl_count(L, HC_SEALED_MADE, 1);

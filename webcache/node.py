@@ -28,6 +28,7 @@ from webcache.limits import (ConnectionLimits, ConnectionStats, InvalidLimit, ad
                              add_native_argument, default_max_connections)
 from webcache.native import NativeHits
 from webcache.paths import DocumentRoot
+from webcache.sealdir import SealedDirError
 from webcache.tracking import track_requests
 
 log = logging.getLogger("mcs.webcache.node")
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing", default="{}", help="JSON: heartbeat, suspect_after, evict_after")
     p.add_argument("--no-fast-path", action="store_true",
                    help="serve every request through aiohttp (for comparison)")
-    add_native_argument(p)
+    add_native_argument(p, check_dir=False)
     add_arguments(p)
     args = p.parse_args(argv)
     try:
@@ -79,7 +80,7 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     conn_stats = ConnectionStats()
     front = FastPath(cache, root, runner.server, enabled=not args.no_fast_path, stats=stats,
                      limits=limits, conn_stats=conn_stats, host_name=args.host_name)
-    native = start_native(cache, front, limits, args.sealed_copies) \
+    native = start_native(cache, front, limits, args.sealed_copies, args.sealed_dir) \
         if args.native_hits and front.enabled else None
     server = Acceptor(listening_sockets(args.host, args.port), front.protocol, limits, conn_stats,
                       front.open_connections, adopt=native.adopt if native is not None else None)
@@ -109,11 +110,16 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
 
 
 def start_native(cache: McsWebCache, front: FastPath, limits: ConnectionLimits,
-                 sealed_copies: int) -> NativeHits | None:
+                 sealed_copies: int, sealed_dir: str | None = None) -> NativeHits | None:
     """The native hit loop in front of ``front``, running; None (logged) if it cannot start:
     the asyncio fast path then serves everything."""
     try:
-        native = NativeHits(cache, front, limits, sealed_copies=sealed_copies)
+        try:
+            native = NativeHits(cache, front, limits, sealed_copies=sealed_copies,
+                                sealed_dir=sealed_dir)
+        except SealedDirError as exc:  # checked by the launcher, gone or changed since
+            log.warning("%s; sealed copies are memfds", exc)
+            native = NativeHits(cache, front, limits, sealed_copies=sealed_copies)
     except OSError as exc:
         log.warning("native hit loop off: %s; the asyncio fast path serves every request", exc)
         return None

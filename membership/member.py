@@ -738,8 +738,9 @@ class Member:
                    first: Callable[[], None] | None = None) -> None:
         """Publish the view from the slot states, under the root mutex; ``unless`` (checked
         before and under the mutex) says the change was already published; ``first`` runs
-        under the mutex before it (a change of slot state that must not race a join)."""
-        if unless is not None and unless() and first is None:
+        under the mutex before it (a change of slot state that must not race a join, and a
+        no-op once ``unless`` holds: the watcher's mark checks the same incarnation)."""
+        if unless is not None and unless():
             return
         root = self.boot.root_mutex(tag=self.incarnation)
         while True:

@@ -331,8 +331,9 @@ def soak(seconds: float, faults: int, seed: int, nodes: int = 3, clients: int = 
                 violations.append("the launcher did not stop")
             drain.join(10)
             launcher.stdout.close()
-            if os.listdir(copies):
-                violations.append(f"sealed copies with a name: {os.listdir(copies)[:5]}")
+            named = os.listdir(copies)
+            if named:
+                violations.append(f"sealed copies with a name: {named[:5]}")
     survivors_failed = [f for f in load.failures if f[0] is not None and f[0] not in killed]
     unattributed = [f for f in load.failures if f[0] is None]
     if survivors_failed:

@@ -864,9 +864,9 @@ static int hl_seal_memfd(const char *data, size_t n) {
 
 /* An unnamed file in the directory dir_fd holding data[0:n]: made with O_TMPFILE | O_EXCL (it
  * never gets a name), written, made mode 0400, and reopened read-only through /proc/self/fd;
- * the writable descriptor is closed, so no descriptor anywhere can write it and no one but
- * root can open one. -1 if it cannot be made (the directory's filesystem full, no O_TMPFILE
- * there, no descriptor). */
+ * the writable descriptor is closed, so no descriptor anywhere can write it, and opening one
+ * takes CAP_DAC_OVERRIDE or a deliberate chmod by its owner (docs/webcache.md). -1 if it
+ * cannot be made (the directory's filesystem full, no O_TMPFILE there, no descriptor). */
 static int hl_seal_file(int dir_fd, const char *data, size_t n) {
     char self[64];
     int fd = openat(dir_fd, ".", O_TMPFILE | O_RDWR | O_EXCL | O_CLOEXEC, 0600);

@@ -260,6 +260,31 @@ def host_description() -> dict[str, str]:
             "Python": f"{platform.python_implementation()} {platform.python_version()}"}
 
 
+def run_label(doc: dict) -> str:
+    """When and at which commit a run was measured: ``2026-12-03 09:46 UTC, commit 12aa4de3ded8``."""
+    when = str(doc.get("datetime", "?"))
+    try:
+        when = dt.datetime.fromisoformat(when).astimezone(dt.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        pass
+    ci = doc.get("commit_info") or {}
+    commit = str(ci.get("id", "?"))[:12] + (" (dirty tree)" if ci.get("dirty") else "")
+    return f"{when}, commit {commit}"
+
+
+def run_labels(docs: list[dict], source: dict[str, Path]) -> dict[Path, str]:
+    """Each source run's :func:`run_label`: from the run itself, or for a kept report (which
+    merged several runs) from what it recorded (``mcs_report_runs``)."""
+    labels: dict[Path, str] = {}
+    for d in docs:
+        recorded = d["doc"].get("mcs_report_runs") or {}
+        for where, label in recorded.items():
+            labels[REPO / where] = str(label)
+        labels.setdefault(d["path"], run_label(d["doc"]))
+    return {p: labels.get(p, "?") for p in dict.fromkeys(source.values())}
+
+
 def run_description(doc: dict) -> dict[str, str]:
     mi = doc.get("machine_info") or {}
     cpu = mi.get("cpu") or {}
@@ -1507,14 +1532,17 @@ def raw_path(out: Path) -> Path:
 def kept_run(docs: list[dict], groups: dict[str, list[dict]],
              source: dict[str, Path]) -> dict:
     """The raw pytest-benchmark document the report was computed from: the input itself when
-    there is one; else the last input with exactly the reported rows and where each group came
-    from (``mcs_report_sources``)."""
+    there is one; else the last input with exactly the reported rows, where each group came
+    from (``mcs_report_sources``) and when and at which commit each of those runs was measured
+    (``mcs_report_runs``)."""
     if len(docs) == 1:
         doc = dict(docs[0]["doc"])
     else:
         doc = dict(docs[-1]["doc"])
         doc["benchmarks"] = [b for rows in groups.values() for b in rows]
         doc["mcs_report_sources"] = {g: _shown(p) for g, p in source.items()}
+        doc["mcs_report_runs"] = {_shown(p): label
+                                  for p, label in run_labels(docs, source).items()}
     doc["benchmarks"] = [_without_samples(b) for b in doc["benchmarks"]]
     return doc
 
@@ -1565,9 +1593,18 @@ def build(paths: list[Path], out: Path, img_dir: Path, *, plots: bool = True) ->
         "",
         "## The machine",
         "",
-        md_table(["", "benchmark run (from the JSON)"],
+        md_table(["", "benchmark run (from the JSON" + (" of the last run)" if len(sources) > 1
+                                                         else ")")],
                  [[k, v] for k, v in run_description(last).items()]),
         "",
+    ]
+    if len(sources) > 1:  # the groups come from several runs: when and at which commit each
+        labels = run_labels(docs, source)
+        lines += [md_table(["run", "measured", "groups"],
+                           [[f"`{_shown(p)}`", labels[p],
+                             ", ".join(g for g, q in source.items() if q == p)]
+                            for p in sources]), ""]
+    lines += [
         md_table(["", "this host (where the report was generated)"],
                  [[k, v] for k, v in host_description().items()]),
         "",

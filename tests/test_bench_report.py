@@ -514,3 +514,33 @@ def test_groups_taken_from_a_kept_report_keep_their_source(report, tmp_path):
     sources = json.loads(out.with_suffix(".json").read_text())["mcs_report_sources"]
     assert sources["cache-comparison"] == ".benchmarks/full-run.json"
     assert sources["cache-size-sweep"] == str(new)
+
+
+def test_a_page_merged_from_several_runs_says_when_and_at_which_commit_each_was_measured(
+        report, tmp_path):
+    first, second = run_doc(), hosts_doc()
+    first["datetime"], first["commit_info"] = "2026-12-03T05:19:00+00:00", {"id": "744b5ba" * 6}
+    second["datetime"] = "2026-12-03T09:46:30+00:00"
+    second["commit_info"] = {"id": "12aa4de" * 6, "dirty": True}
+    second["benchmarks"] = [b for b in second["benchmarks"] if b["group"] == "hosts-balance"]
+    paths = []
+    for name, doc in (("full.json", first), ("hosts.json", second)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(doc))
+    out = tmp_path / "out" / "benchmarks.md"
+    text = report.build(paths, out, tmp_path / "img", plots=False)
+    runs = [f"| `{paths[0]}` | 2026-12-03 05:19 UTC, commit 744b5ba744b5 | "
+            "webcache-scaling, cache-comparison, webcache-hits |",
+            f"| `{paths[1]}` | 2026-12-03 09:46 UTC, commit 12aa4de12aa4 (dirty tree) | "
+            "hosts-balance |"]
+    for row in runs:
+        assert row in text
+    assert "benchmark run (from the JSON of the last run)" in text
+    # Re-rendered from the kept JSON alone: the same runs, dates and commits.
+    again = report.build([out.with_suffix(".json")], tmp_path / "again" / "benchmarks.md",
+                         tmp_path / "img", plots=False)
+    for row in runs:
+        assert row in again
+    # One run: no such table.
+    single = build(report, tmp_path, run_doc())
+    assert "| run | measured | groups |" not in single

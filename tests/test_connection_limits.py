@@ -352,7 +352,8 @@ def test_limits_are_options_validated_and_reported(node, tmp_path, domain):
     for option, value in [("--header-timeout", "0"), ("--body-timeout", "-1"),
                           ("--keepalive-timeout", "nan"), ("--send-timeout", "1e9"),
                           ("--max-connections", "0"), ("--header-timeout", "soon"),
-                          ("--max-connections", "many")]:
+                          ("--max-connections", "many"), ("--drain-timeout", "-1"),
+                          ("--drain-timeout", "inf")]:
         launcher = subprocess.Popen([exe, "serve", "--root", str(tmp_path), "--port", "0",
                                      "--domain", domain, option, value], text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -365,11 +366,12 @@ def test_limits_are_options_validated_and_reported(node, tmp_path, domain):
         assert launcher.returncode == 2, (option, value, err)
         assert option in err and "Traceback" not in err, err
     cache = node(True, "--header-timeout", "7", "--body-timeout", "8", "--keepalive-timeout",
-                 "30", "--send-timeout", "9", "--max-connections", "123")
+                 "30", "--send-timeout", "9", "--max-connections", "123", "--drain-timeout",
+                 "2.5")
     doc = cache.status()["connections"]
     assert doc["limits"] == {"header_timeout": 7.0, "body_timeout": 8.0,
                              "keepalive_timeout": 30.0, "send_timeout": 9.0,
-                             "max_connections": 123}
+                             "max_connections": 123, "drain_timeout": 2.5}
     assert doc["open"] >= 1 and doc["accepted"] >= 1
     metrics = cache.get("/metrics")[2].decode()
     for name in ("mcs_webcache_connections_open{", "mcs_webcache_connections_max{",

@@ -108,6 +108,8 @@ cdef extern from "native_loop.h" nogil:
     void hl_types_done(hl_loop* L)
     int hl_run(hl_loop* L)
     void hl_stop(hl_loop* L)
+    void hl_drain(hl_loop* L)
+    int hl_is_draining(hl_loop* L)
     void hl_free(hl_loop* L)
     int hl_adopt(hl_loop* L, int fd, const char* data, size_t len)
     size_t hl_take(hl_loop* L, hl_handoff* out, size_t max)

@@ -186,6 +186,16 @@ cdef class HitLoop:
         if self._loop != NULL:
             hl_stop(self._loop)
 
+    def drain(self):
+        """The node stops (any thread): every response from now on says ``Connection: close``
+        and its connection is closed once it is sent; connections with no request in progress
+        are closed at once. The loop serves on until :meth:`stop`."""
+        hl_drain(self._get())
+
+    @property
+    def draining(self):
+        return hl_is_draining(self._get()) != 0
+
     def close(self):
         """Close every connection the loop holds and free it (after :meth:`run` returned)."""
         if self._running:

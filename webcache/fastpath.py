@@ -177,6 +177,7 @@ class FastPath:
         self._date = b""
         self.enabled = enabled and self._openat2_works()
         self._sweeper: asyncio.TimerHandle | None = None
+        self.draining = False  # the node stops: every connection closes once idle
 
     def _openat2_works(self) -> bool:
         try:
@@ -237,6 +238,19 @@ class FastPath:
             sock.close()
         finally:
             self.adopting -= 1
+
+    def drain(self) -> None:
+        """The node stops: from now on a fast-path response says ``Connection: close`` and
+        ends its connection, and :meth:`close_idle` closes the connections that wait for a
+        request (those aiohttp serves too, once its response is written)."""
+        self.draining = True
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close every connection with no request in progress (what it has to send is sent
+        first: the transport flushes its buffer before closing)."""
+        for conn in list(self.connections):
+            conn.close_if_idle()
 
     def close(self) -> None:
         """Stop the deadlines; close every connection still on the fast path (aiohttp shuts
@@ -507,6 +521,16 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def close_if_idle(self) -> None:
+        """Close this connection if it waits for a request and holds none (the node stops)."""
+        transport = self.transport
+        if (transport is None or self.phase is not _IDLE or self.in_request or self.buffer
+                or self.payload is not None
+                or (self.inner is not None and not _aiohttp_idle(self.inner))):
+            return
+        self.phase = _CLOSED
+        transport.close()
+
     # -- deadlines ----------------------------------------------------------------------------
 
     def check(self, now: float) -> None:
@@ -704,6 +728,7 @@ class Connection(asyncio.Protocol):
             raise _Handover
         method, target, http10, keep_alive = request
         front = self.front
+        keep_alive = keep_alive and not front.draining
         cache = front.cache
         if cache.recovering or self.transport.is_closing():
             raise _Handover

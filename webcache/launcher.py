@@ -34,6 +34,9 @@ from webcache.limits import ConnectionLimits, InvalidLimit, add_arguments, add_n
 __all__ = ["main", "parse_size"]
 
 READY_TIMEOUT = 30.0
+# A node stopping drains for --drain-timeout, then leaves its domain: killed if it takes this
+# much longer (as `mcs supervise --stop-timeout`).
+STOP_MARGIN = 5.0
 # A node that crashes more than 10 times within 10 s is given up (a crash loop, not faults: a
 # chaos soak kills a node at most every few seconds); the first restart is at once (50 ms),
 # later ones in a row wait longer (docs/supervise.md has the rules).
@@ -101,7 +104,8 @@ class Launcher:
         supervisor = Supervisor(self.command, self.args.nodes, intensity=RESTART_INTENSITY,
                                 backoff=BACKOFF, ready_timeout=READY_TIMEOUT,
                                 restart=RestartPolicy.ALWAYS, stdout=subprocess.DEVNULL,
-                                log=self.log, on_ready=self.serving)
+                                log=self.log, on_ready=self.serving,
+                                stop_timeout=self.args.limits.drain_timeout + STOP_MARGIN)
         try:
             return supervisor.run()
         finally:

@@ -1,7 +1,8 @@
 """Connection limits of a node: the deadlines every connection lives under and the per-node cap.
 
 One place defines the options (``--header-timeout``, ``--body-timeout``,
-``--keepalive-timeout``, ``--send-timeout``, ``--max-connections``), their defaults, their
+``--keepalive-timeout``, ``--send-timeout``, ``--max-connections``, ``--drain-timeout``), their
+defaults, their
 validation and how the launcher passes them to its nodes. The policy is enforced by
 webcache/fastpath.py (deadlines, on the fast path and after the hand-over to aiohttp alike) and
 webcache/acceptor.py (the cap, descriptor exhaustion).
@@ -28,6 +29,8 @@ HEADER_TIMEOUT = 10.0  # a whole request head, from its first byte (or from acce
 BODY_TIMEOUT = 10.0  # a whole request body, from the end of its head
 KEEPALIVE_TIMEOUT = 75.0  # idle between requests: longer than a proxy's pool (nginx: 60 s)
 SEND_TIMEOUT = 60.0  # a response the client does not read (no progress at all), as nginx
+DRAIN_TIMEOUT = 5.0  # a stopping node lets responses in progress finish for this long at most
+MAX_DRAIN_TIMEOUT = 3600.0
 MAX_TIMEOUT = 86400.0
 FD_RESERVE = 64  # descriptors never given to connections: listeners, loop, membership, ...
 CONNECTIONS_CEILING = 16384  # memory, not descriptors, bounds a node beyond this
@@ -85,10 +88,16 @@ class ConnectionLimits:
     keepalive_timeout: float = KEEPALIVE_TIMEOUT
     send_timeout: float = SEND_TIMEOUT
     max_connections: int | None = None
+    drain_timeout: float = DRAIN_TIMEOUT
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
             _timeout(name.replace("_", "-"), getattr(self, name))
+        drain = self.drain_timeout
+        if not (isinstance(drain, (int, float)) and math.isfinite(drain)
+                and 0 <= drain <= MAX_DRAIN_TIMEOUT):
+            raise InvalidLimit(f"--drain-timeout must be a number of seconds in "
+                               f"[0, {MAX_DRAIN_TIMEOUT:.0f}], not {drain!r}")
         cap = self.max_connections
         if cap is not None and not (isinstance(cap, int) and 1 <= cap <= 1_000_000):
             raise InvalidLimit(f"--max-connections must be an integer in 1..1000000, not {cap!r}")
@@ -110,13 +119,14 @@ class ConnectionLimits:
     def from_args(cls, args: argparse.Namespace) -> "ConnectionLimits":
         return cls(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                    keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
-                   max_connections=args.max_connections)
+                   max_connections=args.max_connections, drain_timeout=args.drain_timeout)
 
     def argv(self) -> list[str]:
         """The node options that reproduce these limits (the launcher passes them on)."""
         out = ["--header-timeout", repr(self.header_timeout), "--body-timeout",
                repr(self.body_timeout), "--keepalive-timeout", repr(self.keepalive_timeout),
-               "--send-timeout", repr(self.send_timeout)]
+               "--send-timeout", repr(self.send_timeout),
+               "--drain-timeout", repr(self.drain_timeout)]
         if self.max_connections is not None:
             out += ["--max-connections", str(self.max_connections)]
         return out
@@ -124,7 +134,7 @@ class ConnectionLimits:
     def describe(self) -> dict[str, Any]:
         return {"header_timeout": self.header_timeout, "body_timeout": self.body_timeout,
                 "keepalive_timeout": self.keepalive_timeout, "send_timeout": self.send_timeout,
-                "max_connections": self.cap}
+                "max_connections": self.cap, "drain_timeout": self.drain_timeout}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=int, default=None, metavar="N",
                         help="connections per node; more are closed at once (default: 3/4 of "
                         f"RLIMIT_NOFILE minus {FD_RESERVE}, at most {CONNECTIONS_CEILING})")
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT, metavar="S",
+                        help="on SIGTERM/SIGINT, a node stops taking connections, closes the "
+                        "idle ones and lets the responses in progress finish for at most S "
+                        + seconds + "; 0: close everything at once")
 
 
 def parse_size(text: str) -> int:

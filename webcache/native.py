@@ -197,6 +197,12 @@ class NativeHits:
             if self._aio is not None:  # its connections are closed, new ones go to the front
                 self._aio.call_soon_threadsafe(self.close)
 
+    def drain(self) -> None:
+        """The node stops: each connection is closed once it has no request in progress (its
+        last response says ``Connection: close``); :meth:`open` counts what is left."""
+        if not (self.closed or self.failed):
+            self.loop.drain()
+
     def close(self) -> None:
         """Stop the loop (its connections are closed) and give the cache back (idempotent)."""
         if self.closed:
@@ -253,7 +259,7 @@ class NativeHits:
 
     def taking(self) -> bool:
         """Whether a connection given back would be served here (else it would come back)."""
-        return not (self.failed or self.closed or self.loop.gate_closed)
+        return not (self.failed or self.closed or self.loop.gate_closed or self.loop.draining)
 
     def give_back(self, fd: int, data: bytes) -> bool:
         """A connection the asyncio side gives back with ``data``, the start of its next

@@ -175,6 +175,7 @@ typedef struct {
     hl_config cfg;
     int epfd, wake_fd, py_fd;
     int stop;
+    int draining;                    /* 1 once the node stops: each connection closes when idle */
     uint32_t gate_closed;            /* mirrors the component's gate (1: closed) */
     uint32_t inside;                 /* 1 while the loop reads shared memory */
     hl_shared sh;
@@ -549,6 +550,16 @@ static void hl_stop(hl_loop *L) {
     __atomic_store_n(&L->stop, 1, __ATOMIC_SEQ_CST);
     hl_poke(L->wake_fd);
 }
+
+/* Any thread: the node is stopping. From now on every response says ``Connection: close`` and
+ * its connection is closed once it is sent; a connection with no request in progress is closed
+ * at the loop's next wake-up (hl_close_idle). The loop keeps running until hl_stop. */
+static void hl_drain(hl_loop *L) {
+    __atomic_store_n(&L->draining, 1, __ATOMIC_SEQ_CST);
+    hl_poke(L->wake_fd);
+}
+
+static inline int hl_is_draining(hl_loop *L) { return __atomic_load_n(&L->draining, __ATOMIC_RELAXED); }
 
 /* -- connections ------------------------------------------------------------------------------ */
 
@@ -1166,6 +1177,7 @@ static int hl_serve(hl_loop *L, hl_conn *c, const char *head, size_t n) {
     char key[4096 + HL_MAX_TARGET + 1];
     int r = hl_parse(&L->cfg, head, n, &rq);
     if (r != HL_HIT) return r;
+    if (hl_is_draining(L)) rq.keep_alive = 0;  /* the node stops: the last response here */
     if (hl_gate_is_closed(L)) return HL_RECOVERY;  /* during a recovery: the disk path */
     if (!hl_plain_target(rq.target, rq.target_len)) return HL_NOT_PLAIN;
     size_t plen = L->cfg.prefix_len + rq.target_len - 1;
@@ -1401,6 +1413,21 @@ static void hl_sweep(hl_loop *L) {
     }
 }
 
+/* While draining: close each connection with no request in progress (nothing received that
+ * is not answered, nothing to send, no byte waiting in the socket: a request that is arriving
+ * is served, with ``Connection: close``, and its connection closed after it). */
+static void hl_close_idle(hl_loop *L) {
+    hl_conn *c = L->conns.next;
+    while (c != &L->conns) {
+        hl_conn *next = c->next;
+        char b;
+        if (c->phase != HL_SENDING && c->in_len == 0 && !c->out_len
+                && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) <= 0)  /* none, the end, an error */
+            hl_close(L, c);
+        c = next;
+    }
+}
+
 /* The loop; returns 0 after hl_stop, else an errno. Never takes the GIL. */
 static int hl_run(hl_loop *L) {
     struct epoll_event ev[HL_EVENTS];
@@ -1434,6 +1461,7 @@ static int hl_run(hl_loop *L) {
             hl_sweep(L);
             L->next_sweep = L->now + L->cfg.sweep_ns;
         }
+        if (hl_is_draining(L)) hl_close_idle(L);
     }
     return 0;
 }

@@ -2,7 +2,9 @@
 
 Started by the launcher (``python -m webcache.node ...``); when it serves it prints one JSON line
 ``{"ready": ..., "pid": ..., "slot": ...}`` and says ``READY=1`` to its supervisor (sd_notify,
-when NOTIFY_SOCKET is set), and stops cleanly on SIGTERM/SIGINT.
+when NOTIFY_SOCKET is set), and stops cleanly on SIGTERM/SIGINT: it takes no more connections,
+lets the responses in progress finish (``--drain-timeout``, :func:`drain`) and leaves the
+domain.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from webcache.sealdir import SealedDirError
 from webcache.tracking import track_requests
 
 log = logging.getLogger("mcs.webcache.node")
+
+DRAIN_POLL = 0.05  # while a stopping node drains, it looks for idle connections this often
+AIOHTTP_SHUTDOWN = 1.0  # aiohttp's own wait for its handlers, after the drain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +77,8 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
     # count what they close): backstops only.
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            keepalive_timeout=limits.keepalive_timeout + limits.header_timeout + 1,
-                           lingering_time=limits.body_timeout)
+                           lingering_time=limits.body_timeout,
+                           shutdown_timeout=AIOHTTP_SHUTDOWN)
     await runner.setup()
     assert runner.server is not None
     # The deadlines after the hand-over to aiohttp (webcache/tracking.py).
@@ -103,10 +109,33 @@ async def serve(args: argparse.Namespace, cache: McsWebCache, root: DocumentRoot
                     break
     finally:
         server.close()
+        await drain(front, native, limits.drain_timeout)
         if native is not None:
             native.close()
         front.close()
         await runner.cleanup()
+
+
+async def drain(front: FastPath, native: NativeHits | None, timeout: float) -> int:
+    """A stopping node's last act of service (nginx's graceful quit): no connection is taken
+    any more (the caller closed the listeners); each one still open is closed as soon as it has
+    no request in progress, so that every response begun is sent whole; the connections left
+    after ``timeout`` seconds are returned (counted) and the caller closes them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    if native is not None:
+        native.drain()
+    front.drain()
+    while True:
+        left = front.open_connections()
+        if left == 0 or loop.time() >= deadline:
+            break
+        await asyncio.sleep(DRAIN_POLL)
+        front.close_idle()
+    if left:
+        log.warning("stopping with %d connection(s) still busy after the drain timeout (%g s); "
+                    "closing them", left, timeout)
+    return left
 
 
 def start_native(cache: McsWebCache, front: FastPath, limits: ConnectionLimits,

@@ -662,6 +662,17 @@ def test_the_parser_accepts_exactly_what_the_fast_path_accepts(idle_loop, head):
     assert idle_loop.parse(head) == plain_request(head)
 
 
+@pytest.mark.parametrize("version, tokens, keep_alive", [
+    ("1.0", "close, keep-alive", False), ("1.0", "keep-alive, close", False),
+    ("1.0", "keep-alive", True), ("1.0", "", False), ("1.1", "keep-alive, close", False),
+    ("1.1", "close, keep-alive", False), ("1.1", "keep-alive", True), ("1.1", "", True)])
+def test_close_wins_over_keep_alive_in_any_order(idle_loop, version, tokens, keep_alive):
+    head = f"GET /a HTTP/{version}\r\nHost: x".encode() + (
+        f"\r\nConnection: {tokens}".encode() if tokens else b"")
+    assert plain_request(head)[3] is keep_alive
+    assert idle_loop.parse(head)[3] is keep_alive
+
+
 @settings(max_examples=400, deadline=None)
 @given(target=st.sampled_from(_TARGETS) | st.text(
     alphabet=st.sampled_from(list("/.ab_~-%?9")), max_size=12).map(lambda t: "/" + t))
@@ -781,3 +792,75 @@ def test_status_and_metrics_report_the_loop(node):
     assert native["sealed_bytes"] == 65536
     assert re.search(r"^mcs_webcache_native_sealed_hits_total\{[^}]*\} 1$", metrics, re.M)
     assert re.search(r"^mcs_webcache_sealed_copy_bytes\{[^}]*\} 65536$", metrics, re.M)
+
+
+# A client that pipelines HEADs without end and reads the answers as fast as they come: its
+# pump and its reader are threads of their own process.
+FLOOD = r"""
+import socket, sys, threading, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+batch = b"HEAD /index.html HTTP/1.1\r\nHost: x\r\n\r\n" * 20000
+s = socket.create_connection(("127.0.0.1", port))
+end = time.monotonic() + seconds
+def pump():
+    try:
+        while time.monotonic() < end:
+            s.sendall(batch)
+    except OSError:
+        pass
+threading.Thread(target=pump, daemon=True).start()
+s.settimeout(2)
+got = 0
+try:
+    while time.monotonic() < end:
+        data = s.recv(1 << 20)
+        if not data:
+            break
+        got += len(data)
+except OSError:
+    pass
+print(got)
+"""
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_a_client_that_pipelines_without_end_cannot_hold_the_loop(node):
+    # Each connection gets a turn of at most HL_TURN answers, and no more of its input is read
+    # while answers of it wait their turn: the others are served meanwhile (before, one such
+    # client held the loop thread: 1.5 s per request of every other client), and its buffered
+    # input stays bounded (before, it grew with every wake-up).
+    cache, files = node
+    for _ in range(2):
+        assert cache.get("/index.html")[2] == files["/index.html"]
+    (pid,) = cache.pids
+    with socket.create_connection(("127.0.0.1", cache.port), timeout=10) as probe:
+        probe.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(probe, 1)[0][2] == files["/index.html"]  # the loop holds it now
+        heads, rss = native_status(cache)["heads"], rss_kib(pid)
+        flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(cache.port), "4"],
+                                 stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.5)
+            waits = []
+            while flood.poll() is None and len(waits) < 200:
+                started = time.monotonic()
+                probe.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+                (status, _, body), = read_responses(probe, 1)
+                waits.append(time.monotonic() - started)
+                assert status == 200 and body == files["/index.html"]
+                time.sleep(0.01)
+            grown = rss_kib(pid) - rss
+        finally:
+            flood.wait(30)
+            flooded = int(flood.stdout.read() or 0)
+            flood.stdout.close()
+    waits.sort()
+    assert len(waits) >= 20 and flooded > 1 << 20  # the flood ran beside the probes
+    assert native_status(cache)["heads"] - heads > 10_000
+    assert waits[len(waits) // 2] < 0.2, waits  # (before: 1.5 s)
+    assert grown < 64 << 10, f"the node grew by {grown} KiB"

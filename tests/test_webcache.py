@@ -487,3 +487,31 @@ def test_launcher_errors(tmp_path):
     assert r.returncode == 2
     r = run("serve", "--root", str(tmp_path), "--port", "0", "--domain", "../x")
     assert r.returncode == 2 and "invalid domain name" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hit_path", ["--native-hits", "--no-native-hits"])
+def test_a_file_dated_before_1970_is_served_from_disk_and_costs_the_cache_nothing(
+        tmp_path, domain, hit_path):
+    # Times are kept as unsigned words: such a file is never cached, by any path. Before, each
+    # request was a 500 that left its arena block allocated, until no file could be cached.
+    root = tmp_path / "site"
+    root.mkdir()
+    files = make_site(root)
+    old = root / "f200000.bin"
+    os.utime(old, ns=(-86_400 * 10**9, -86_400 * 10**9))  # 1969-12-31
+    cache = Cache(root, domain, nodes=1, extra=(hit_path,))
+    try:
+        for _ in range(60):  # 12 MB through an 8 MiB arena
+            status, headers, body = cache.get("/f200000.bin")
+            assert status == 200 and body == files["/f200000.bin"]
+        assert headers["Last-Modified"] == "Thu, 01 Jan 1970 00:00:00 GMT"  # (clamped)
+        tag = headers["ETag"]
+        assert cache.get("/f200000.bin", {"If-None-Match": tag})[0] == 304
+        doc = cache.status()
+        assert doc["cache"]["entries"] == 0 and doc["cache"]["bytes"] == 0
+        for _ in range(3):  # the cache still caches everything else
+            assert cache.get("/f65536.bin")[2] == files["/f65536.bin"]
+        assert cache.status()["cache"]["entries"] == 1
+    finally:
+        assert cache.stop() == 0

@@ -94,6 +94,13 @@ def _random_id() -> int:
     return int.from_bytes(os.urandom(8), "little") | 1  # never 0 ("none")
 
 
+def cacheable(f: ResolvedFile) -> bool:
+    """Whether ``f`` may be cached at all: its times are stored (and compared by the native hit
+    loop) as unsigned 64-bit words, so a file dated before 1970 is served from disk every time,
+    by every path."""
+    return f.mtime_ns >= 0 and f.ctime_ns >= 0
+
+
 def path_hash(path: str) -> int:
     """A stable 64-bit hash of a path (the same in every process)."""
     return int.from_bytes(blake2b(os.fsencode(path), digest_size=8).digest(), "little")
@@ -624,6 +631,8 @@ class McsWebCache(McsComponent):
         if self._gate_closed:
             stats.served_during_recovery += 1
             return None
+        if not cacheable(f):
+            return None
         path, h = self._key(f.path)
         bucket = h % L.BUCKETS
         try:
@@ -695,7 +704,7 @@ class McsWebCache(McsComponent):
         were, and revalidation could not see it."""
         self.cache_stats.misses += 1
         loop = asyncio.get_running_loop()
-        if f.size > self.max_entry or self._gate_closed:
+        if f.size > self.max_entry or self._gate_closed or not cacheable(f):
             self.cache_stats.disk_reads += 1
             return await loop.run_in_executor(None, read)
         path, h = self._key(f.path)
@@ -774,7 +783,7 @@ class McsWebCache(McsComponent):
         (to warm a cache from a list of files, say). True if it is cached now (by this call, or
         already by someone); False if it was not: larger than ``max_entry``, not the file's size,
         changed too recently (:data:`SETTLE_NS`), no room, or a recovery is running."""
-        if (len(data) != f.size or f.size > self.max_entry
+        if (len(data) != f.size or f.size > self.max_entry or not cacheable(f)
                 or time.time_ns() - f.ctime_ns < SETTLE_NS or self._gate_closed):
             return False
         path, h = self._key(f.path)
@@ -787,18 +796,13 @@ class McsWebCache(McsComponent):
                 off = self._allocate(size)
                 if off is None:
                     return False
+                self._entries[off] = _Local(off, size, h, f.path)  # freed again if it fails
+                try:
+                    self._write_entry(off, f, h, path, size, data)
+                except BaseException:
+                    self._free_entry(off)
+                    raise
                 arena = self.contribution
-                arena.view(off, L.ENTRY_HEADER)[:] = bytes(L.ENTRY_HEADER)
-                for field_, value in ((L.E_HASH, h), (L.E_SIZE, f.size), (L.E_MTIME, f.mtime_ns),
-                                      (L.E_INODE, f.inode), (L.E_DEV, f.dev),
-                                      (L.E_CTIME, f.ctime_ns), (L.E_ACCESS, time.monotonic_ns()),
-                                      (L.E_PATH_LEN, len(path)), (L.E_ALLOC, size)):
-                    arena.store64(off + field_, value)
-                arena.view(off + L.ENTRY_HEADER, len(path))[:] = path
-                doff = L.data_offset(off, len(path))
-                arena.store64(off + L.E_SUM, copy_checksum(arena.view(doff, len(data)), data))
-                arena.store64(off + L.E_MAGIC, L.ENTRY_MAGIC)
-                self._entries[off] = _Local(off, size, h, f.path)
                 area = self.master_area
                 boff = L.bucket_offset(bucket)
                 with self.lock(self._mutexes[bucket], repair=_consistent):
@@ -815,6 +819,21 @@ class McsWebCache(McsComponent):
             return True
         except UNAVAILABLE:
             return False  # an entry not linked yet is reclaimed later (it is in _entries)
+
+    def _write_entry(self, off: int, f: ResolvedFile, h: int, path: bytes, size: int,
+                     data: bytes) -> None:
+        """Fill the allocated block at ``off`` with the entry for ``f`` (not linked yet)."""
+        arena = self.contribution
+        arena.view(off, L.ENTRY_HEADER)[:] = bytes(L.ENTRY_HEADER)
+        for field_, value in ((L.E_HASH, h), (L.E_SIZE, f.size), (L.E_MTIME, f.mtime_ns),
+                              (L.E_INODE, f.inode), (L.E_DEV, f.dev),
+                              (L.E_CTIME, f.ctime_ns), (L.E_ACCESS, time.monotonic_ns()),
+                              (L.E_PATH_LEN, len(path)), (L.E_ALLOC, size)):
+            arena.store64(off + field_, value)
+        arena.view(off + L.ENTRY_HEADER, len(path))[:] = path
+        doff = L.data_offset(off, len(path))
+        arena.store64(off + L.E_SUM, copy_checksum(arena.view(doff, len(data)), data))
+        arena.store64(off + L.E_MAGIC, L.ENTRY_MAGIC)
 
     def _allocate(self, size: int) -> int | None:
         """Space in our arena, evicting our least recently used unpinned entries if needed."""

@@ -113,10 +113,13 @@ class Phase(enum.Enum):
     HEAD = "bytes of a head received: header_timeout from its first byte, never extended"
     BODY = "a request whose body is not complete: body_timeout from the end of its head"
     BUSY = "a request being answered: only send_timeout, if the client stops reading"
+    LINGER = "the last response sent, our side shut: the client's input dropped, LINGER at most"
     CLOSED = "closed or closing"
 
 
 _IDLE, _HEAD, _BODY, _BUSY, _CLOSED = Phase.IDLE, Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.CLOSED
+_LINGER = Phase.LINGER
+LINGER = 5.0  # s a lingering close waits for the client to close (the native loop's too)
 
 
 @dataclass
@@ -326,7 +329,8 @@ class FastPath:
                 stat_beneath(self._root_fd, known[0])
         except (OSError, ValueError):
             return None
-        if not stat.S_ISREG(mode) or nlink == 0 or not readable or size > self.cache.max_entry:
+        if (not stat.S_ISREG(mode) or nlink == 0 or not readable or size > self.cache.max_entry
+                or mtime_ns < 0 or ctime_ns < 0):  # dated before 1970: never cached
             return None
         return ResolvedFile(known[1], size, mtime_ns, inode, dev, ctime_ns)
 
@@ -388,6 +392,7 @@ def plain_request(head: bytes) -> tuple[bytes, bytes, bool, bool] | None:
     else:
         return None
     hosts = 0
+    close = False  # "close" wins over "keep-alive", in any order (RFC 9112 9.3)
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
         if not sep or not name or b" " in name or b"\t" in name:
@@ -399,7 +404,7 @@ def plain_request(head: bytes) -> tuple[bytes, bytes, bool, bool] | None:
             for token in value.lower().split(b","):
                 token = token.strip(b" \t")
                 if token == b"close":
-                    keep_alive = False
+                    close = True
                 elif token == b"keep-alive":
                     keep_alive = keep_alive or version == b"HTTP/1.0"
                 else:
@@ -411,7 +416,7 @@ def plain_request(head: bytes) -> tuple[bytes, bytes, bool, bool] | None:
             return None
     if hosts != 1 and version == b"HTTP/1.1" or hosts > 1:
         return None
-    return method, target, version == b"HTTP/1.0", keep_alive
+    return method, target, version == b"HTTP/1.0", keep_alive and not close
 
 
 def _aiohttp_idle(handler: Any) -> bool:
@@ -482,6 +487,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         phase = self.phase
+        if phase is _LINGER:
+            return  # input after the last response: dropped
         if phase is _IDLE:
             if self.returnable and self._give_back(data):
                 return
@@ -565,6 +572,9 @@ class Connection(asyncio.Protocol):
             self.close()
         elif phase is _BODY:
             self._expired(Expiry.BODY)
+            self.close()
+        elif phase is _LINGER:
+            self.phase = _CLOSED
             self.close()
 
     def _expired(self, why: Expiry) -> None:
@@ -751,7 +761,20 @@ class Connection(asyncio.Protocol):
         front.stats.served += 1
         if not keep_alive and self.transport is not None:
             self.buffer = b""
-            self.transport.close()
+            self._linger()
+
+    def _linger(self) -> None:
+        """After the last response: a lingering close (RFC 9112 9.6), as the native loop does.
+        Closing the socket while the client still sends (a request pipelined behind this one)
+        would have the kernel answer with a reset that drops what of the response is still on
+        its way; instead our side is shut down once the response is flushed (it ends with a
+        FIN), and the client's input is dropped until it closes too, ``LINGER`` s at most."""
+        transport = self.transport
+        self._set(_LINGER, time.monotonic() + LINGER)
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
 
     def _write(self, head: bytes, data: memoryview) -> None:
         """Header block and body (a view of the scratch buffer) in one ``writev`` when the

@@ -43,6 +43,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/sendfile.h>
@@ -66,6 +67,7 @@
 #define HL_READ_SIZE 65536
 #define HL_RESPONSE_HEAD 2048 /* room for the status line and headers of one response */
 #define HL_EVENTS 64
+#define HL_TURN 32            /* requests one connection gets answered per turn (then the others') */
 #define HL_NAME_MAX 32        /* request header names compared (longer ones are none of ours) */
 #define HL_NOT_PLAIN_MAX 32
 #define HL_STR_MAX 256
@@ -74,6 +76,7 @@
 #define HL_DATES 16           /* memoized Last-Modified values (direct-mapped by second) */
 #define HL_SEALED_MAX 256     /* sealed copies (and candidates) a loop keeps at most */
 #define HL_SEAL_RETRY_NS 1000000000LL  /* after a copy failed, none is tried for this long */
+#define HL_LINGER_NS 5000000000LL      /* a lingering close reads and drops input this long at most */
 #define HL_SEALED_WAYS 4      /* places a body's hash may take in the table */
 
 /* Why a request went to the asyncio side (webcache.native.HandOff mirrors these). */
@@ -158,17 +161,19 @@ typedef struct {
     int64_t used;                    /* L->now when last asked for */
 } hl_sealed;
 
-enum { HL_FRESH = 0, HL_IDLE, HL_SENDING };
+enum { HL_FRESH = 0, HL_IDLE, HL_SENDING, HL_LINGER };
 
 typedef struct hl_conn {
     int fd;
     int phase;
     int close_after;                 /* close once the pending output is sent */
-    int64_t deadline;                /* FRESH (header_timeout), IDLE (keepalive_timeout) */
+    int64_t deadline;                /* FRESH (header_timeout), IDLE (keepalive_timeout), LINGER */
     char *in; size_t in_len, in_cap; /* bytes received and not consumed yet */
     char *out; size_t out_len, out_off;  /* output the socket did not take */
     size_t stall_left; int64_t stall_since;
     struct hl_conn *prev, *next;
+    struct hl_conn *pprev, *pnext;   /* in L->posted while it has a turn to come (posted) */
+    int posted;
 } hl_conn;
 
 typedef struct {
@@ -184,6 +189,8 @@ typedef struct {
     hl_handoff *hand_q; size_t hand_n, hand_cap;
     uint64_t open;                   /* queued adoptions + connections + queued hand-offs */
     hl_conn conns;                   /* list head */
+    hl_conn posted;                  /* head: connections whose complete requests wait a turn */
+    int turn;                        /* requests the connection served now may still answer */
     char *rbuf;
     char *scratch; size_t scratch_cap;
     char head[HL_RESPONSE_HEAD];
@@ -380,6 +387,7 @@ static hl_loop *hl_new(const hl_config *cfg, int *err) {
     L->epfd = L->wake_fd = L->py_fd = -1;
     L->gate_closed = 1;
     L->conns.next = L->conns.prev = &L->conns;
+    L->posted.pnext = L->posted.pprev = &L->posted;
     pthread_mutex_init(&L->qlock, NULL);
     L->date_sec = -1;
     L->scratch_cap = cfg->max_entry ? (size_t)cfg->max_entry : 1;
@@ -563,7 +571,27 @@ static inline int hl_is_draining(hl_loop *L) { return __atomic_load_n(&L->draini
 
 /* -- connections ------------------------------------------------------------------------------ */
 
+/* Fairness: a connection that used its turn (HL_TURN requests) with requests still buffered
+ * waits in L->posted while the others' events are handled; the loop gives it its next turn
+ * without sleeping (hl_run_posted). A client that pipelines without end cannot hold the loop. */
+static void hl_post(hl_loop *L, hl_conn *c) {
+    if (c->posted) return;
+    c->posted = 1;
+    c->pnext = &L->posted;
+    c->pprev = L->posted.pprev;
+    L->posted.pprev->pnext = c;
+    L->posted.pprev = c;
+}
+
+static void hl_unpost(hl_conn *c) {
+    if (!c->posted) return;
+    c->pprev->pnext = c->pnext;
+    c->pnext->pprev = c->pprev;
+    c->posted = 0;
+}
+
 static void hl_unlink(hl_loop *L, hl_conn *c) {
+    hl_unpost(c);
     c->prev->next = c->next;
     c->next->prev = c->prev;
     free(c->in);
@@ -588,6 +616,41 @@ static int hl_watch(hl_loop *L, hl_conn *c, int op, uint32_t events) {
     ev.events = events;
     ev.data.ptr = c;
     return epoll_ctl(L->epfd, op, c->fd, &ev);
+}
+
+/* The last response of a connection is given to the socket: close it. While the client has
+ * not received all of it, input that it sends (or sent) would make the kernel of a closed
+ * socket answer with a reset, which drops what of the response is still on its way; so then it
+ * is a lingering close (RFC 9112 9.6, nginx's lingering_close): our side is shut down (the
+ * response ends with a FIN), the client's input is read and dropped until it closes too,
+ * HL_LINGER_NS at most (hl_sweep). */
+static void hl_finish(hl_loop *L, hl_conn *c, int dropped) {
+    char b;
+    int unacked = 0;
+    c->in_len = 0;
+    if (!dropped && ioctl(c->fd, TIOCOUTQ, &unacked) == 0 && unacked == 0
+            && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) <= 0) {
+        hl_close(L, c);  /* all of it received, no input waiting (or the client is gone) */
+        return;
+    }
+    if (shutdown(c->fd, SHUT_WR) < 0 || hl_watch(L, c, EPOLL_CTL_MOD, EPOLLIN) < 0) {
+        hl_close(L, c);
+        return;
+    }
+    c->phase = HL_LINGER;
+    c->deadline = L->now + HL_LINGER_NS;
+}
+
+/* A lingering connection is readable: drop its input; close it at its end (or an error). */
+static void hl_discard(hl_loop *L, hl_conn *c) {
+    for (;;) {
+        ssize_t n = recv(c->fd, L->rbuf, HL_READ_SIZE, MSG_DONTWAIT);
+        if (n > 0) continue;
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        hl_close(L, c);
+        return;
+    }
 }
 
 /* Give the connection, with ``data`` (the bytes received and not answered), to Python. */
@@ -674,7 +737,7 @@ static int hl_parse(const hl_config *C, const char *head, size_t n, hl_request *
     rq->target = sp1 + 1;
     rq->target_len = (size_t)(sp2 - sp1 - 1);
     rq->keep_alive = !rq->http10;
-    int hosts = 0;
+    int hosts = 0, close = 0;  /* "close" wins over "keep-alive", in any order (RFC 9112 9.3) */
     const char *p = eol ? eol + 2 : end;
     while (p < end) {
         const char *le = (const char *)memmem(p, (size_t)(end - p), "\r\n", 2);
@@ -703,7 +766,7 @@ static int hl_parse(const hl_config *C, const char *head, size_t n, hl_request *
                     size_t tl = (size_t)(z - a);
                     if (tl > 10) return HL_NOT_PLAIN;
                     for (size_t k = 0; k < tl; k++) tok[k] = hl_lower(a[k]);
-                    if (hl_eq(tok, tl, "close")) rq->keep_alive = 0;
+                    if (hl_eq(tok, tl, "close")) close = 1;
                     else if (hl_eq(tok, tl, "keep-alive")) rq->keep_alive = rq->keep_alive || rq->http10;
                     else return HL_NOT_PLAIN;
                     if (!comma) break;
@@ -722,6 +785,7 @@ static int hl_parse(const hl_config *C, const char *head, size_t n, hl_request *
         p = le + 2;
     }
     if ((hosts != 1 && !rq->http10) || hosts > 1) return HL_NOT_PLAIN;
+    if (close) rq->keep_alive = 0;
     return HL_HIT;
 }
 
@@ -770,7 +834,8 @@ static int hl_stat(hl_loop *L, const char *rel, size_t n, hl_file *f, int readab
         close(fd);
     }
     if (rc != 0 || !S_ISREG(st.st_mode) || st.st_nlink == 0 || !readable
-            || (uint64_t)st.st_size > L->cfg.max_entry)
+            || (uint64_t)st.st_size > L->cfg.max_entry
+            || st.st_mtim.tv_sec < 0 || st.st_ctim.tv_sec < 0)  /* dated before 1970: not cached */
         return HL_NO_FILE;
     f->size = (uint64_t)st.st_size;
     f->mtime_ns = (uint64_t)st.st_mtim.tv_sec * 1000000000ULL + (uint64_t)st.st_mtim.tv_nsec;
@@ -1217,16 +1282,18 @@ static int hl_serve(hl_loop *L, hl_conn *c, const char *head, size_t n) {
 
 /* -- the connection's bytes --------------------------------------------------------------------- */
 
-enum { HP_DONE = 0, HP_MORE, HP_WAIT, HP_GONE };
+enum { HP_DONE = 0, HP_MORE, HP_WAIT, HP_GONE, HP_TURN };
 
 /* Answer the complete heads at the start of buf[0:len] (L->rbuf or c->in); what is left
  * unanswered stays in c->in. HP_DONE: all answered; HP_MORE: a partial head, more bytes are
- * needed; HP_WAIT: output pending; HP_GONE: the connection was closed or handed off. */
+ * needed; HP_WAIT: output pending; HP_GONE: the connection was closed or handed off; HP_TURN:
+ * its turn is used up (L->turn) with complete requests left: the caller posts it. */
 static int hl_feed(hl_loop *L, hl_conn *c, char *buf, size_t len) {
     size_t pos = 0;
     int result = HP_DONE;
     while (pos < len) {
         if (c->out_len) { result = HP_WAIT; break; }
+        if (L->turn <= 0) { result = HP_TURN; break; }
         size_t window = len - pos < HL_MAX_HEAD ? len - pos : HL_MAX_HEAD;
         const char *end = (const char *)memmem(buf + pos, window, "\r\n\r\n", 4);
         if (!end) {
@@ -1245,8 +1312,9 @@ static int hl_feed(hl_loop *L, hl_conn *c, char *buf, size_t len) {
             return HP_GONE;
         }
         pos += hlen + 4;
+        L->turn--;
         if (r == HS_CLOSE) {  /* the rest of the input is dropped */
-            if (!c->out_len) { hl_close(L, c); return HP_GONE; }
+            if (!c->out_len) { hl_finish(L, c, pos < len); return HP_GONE; }
             c->close_after = 1;
             c->in_len = 0;
             return HP_WAIT;
@@ -1278,6 +1346,7 @@ static int hl_feed(hl_loop *L, hl_conn *c, char *buf, size_t len) {
 /* The socket is readable (or ``again``: a partial head wants more, which must be there now:
  * if it is not, the head goes to Python, as the asyncio fast path hands over a partial head). */
 static void hl_readable(hl_loop *L, hl_conn *c, int again) {
+    if (c->posted) return;  /* its buffered requests first (its turn): no more input till then */
     for (;;) {
         char *buf;
         size_t have, cap;
@@ -1313,6 +1382,7 @@ static void hl_readable(hl_loop *L, hl_conn *c, int again) {
             return;
         }
         int r = hl_feed(L, c, buf, have + (size_t)n);
+        if (r == HP_TURN) hl_post(L, c);
         if (r != HP_MORE) return;
         again = 1;
     }
@@ -1332,13 +1402,14 @@ static void hl_writable(hl_loop *L, hl_conn *c) {
     free(c->out);
     c->out = NULL;
     c->out_len = c->out_off = 0;
-    if (c->close_after) { hl_close(L, c); return; }
+    if (c->close_after) { hl_finish(L, c, 0); return; }
     c->phase = HL_IDLE;
     c->deadline = L->now + L->cfg.keepalive_timeout_ns;
     if (hl_watch(L, c, EPOLL_CTL_MOD, EPOLLIN) < 0) { hl_close(L, c); return; }
     if (c->in_len) {  /* pipelined requests that waited for this response */
         int r = hl_feed(L, c, c->in, c->in_len);
         if (r == HP_MORE) hl_readable(L, c, 1);
+        else if (r == HP_TURN) hl_post(L, c);
     }
 }
 
@@ -1381,8 +1452,10 @@ static void hl_adopt_queued(hl_loop *L) {
             hl_count(L, HC_ADOPTED, 1);
             if (items[i].len) {
                 c->phase = HL_IDLE;  /* a connection given back: its next head has begun */
-                if (hl_feed(L, c, items[i].data, items[i].len) == HP_MORE)
-                    hl_readable(L, c, 1);
+                L->turn = HL_TURN;
+                int r = hl_feed(L, c, items[i].data, items[i].len);
+                if (r == HP_MORE) hl_readable(L, c, 1);
+                else if (r == HP_TURN) hl_post(L, c);
             }
             free(items[i].data);
         }
@@ -1406,7 +1479,8 @@ static void hl_sweep(hl_loop *L) {
                 hl_close(L, c);
             }
         } else if (L->now >= c->deadline) {
-            hl_count(L, c->phase == HL_FRESH ? HC_TIMEOUT_HEADER : HC_TIMEOUT_IDLE, 1);
+            if (c->phase != HL_LINGER)
+                hl_count(L, c->phase == HL_FRESH ? HC_TIMEOUT_HEADER : HC_TIMEOUT_IDLE, 1);
             hl_close(L, c);
         }
         c = next;
@@ -1421,10 +1495,31 @@ static void hl_close_idle(hl_loop *L) {
     while (c != &L->conns) {
         hl_conn *next = c->next;
         char b;
-        if (c->phase != HL_SENDING && c->in_len == 0 && !c->out_len
+        if (c->phase != HL_SENDING && c->phase != HL_LINGER && c->in_len == 0 && !c->out_len
                 && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) <= 0)  /* none, the end, an error */
             hl_close(L, c);
         c = next;
+    }
+}
+
+/* The next turn of each connection posted before this call (one posted again by it waits for
+ * the next call: the events that arrived meanwhile are handled first). */
+static void hl_run_posted(hl_loop *L) {
+    hl_conn batch;
+    if (L->posted.pnext == &L->posted) return;
+    batch.pnext = L->posted.pnext;  /* the whole list moves to batch */
+    batch.pprev = L->posted.pprev;
+    batch.pnext->pprev = &batch;
+    batch.pprev->pnext = &batch;
+    L->posted.pnext = L->posted.pprev = &L->posted;
+    while (batch.pnext != &batch) {
+        hl_conn *c = batch.pnext;
+        hl_unpost(c);
+        if (c->phase == HL_SENDING || !c->in_len) continue;  /* hl_writable feeds it */
+        L->turn = HL_TURN;
+        int r = hl_feed(L, c, c->in, c->in_len);
+        if (r == HP_MORE) hl_readable(L, c, 1);
+        else if (r == HP_TURN) hl_post(L, c);
     }
 }
 
@@ -1440,6 +1535,7 @@ static int hl_run(hl_loop *L) {
     L->next_sweep = L->now + L->cfg.sweep_ns;
     while (!__atomic_load_n(&L->stop, __ATOMIC_SEQ_CST)) {
         int64_t wait = (L->next_sweep - L->now) / 1000000 + 1;
+        if (L->posted.pnext != &L->posted) wait = 0;  /* turns to give: no sleep */
         int n = epoll_wait(L->epfd, ev, HL_EVENTS, wait < 0 ? 0 : (int)wait);
         if (n < 0) {
             if (errno == EINTR) continue;
@@ -1454,9 +1550,12 @@ static int hl_run(hl_loop *L) {
                 hl_adopt_queued(L);
                 continue;
             }
+            L->turn = HL_TURN;
             if (c->phase == HL_SENDING) hl_writable(L, c);
+            else if (c->phase == HL_LINGER) hl_discard(L, c);
             else hl_readable(L, c, 0);
         }
+        hl_run_posted(L);
         if (L->now >= L->next_sweep) {
             hl_sweep(L);
             L->next_sweep = L->now + L->cfg.sweep_ns;

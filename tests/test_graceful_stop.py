@@ -217,3 +217,25 @@ def test_input_after_the_last_response_does_not_cut_it(tmp_path, domain, hit_pat
             assert status == 200 and headers["connection"] == "close"
             assert body == files["/big.bin"]
     assert cache.stop() == 0
+
+
+def test_a_client_that_shuts_its_side_gets_every_answer_then_the_end(tmp_path, domain,
+                                                                      hit_path):
+    # printf 'GET ...' | nc -N: the request, then a half-close. Answers that aiohttp writes (a
+    # miss, a 404, a status page) were lost: its protocol let the transport close at the EOF.
+    cache, files = start(tmp_path, domain, hit_path, drain=5.0)
+    warm(cache, "/index.html", files)
+    singles = [("/index.html", 200), ("/f4096.bin", 200), ("/nope.txt", 404), ("/sub/", 200),
+               ("/_mcs/ready", 200)]
+    batch = [("/nope.txt", 404), ("/index.html", 200), ("/f65536.bin", 200)]
+    for requests in [[one] for one in singles] + [batch]:
+        with socket.create_connection(("127.0.0.1", cache.port), timeout=10) as s:
+            s.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % name.encode()
+                               for name, _ in requests))
+            s.shutdown(socket.SHUT_WR)
+            got = read_responses_from(read_to_end(s, b""), len(requests))  # then the end
+        assert [status for status, _, _ in got] == [status for _, status in requests], requests
+        for (name, status), (_, _, body) in zip(requests, got):
+            if status == 200 and name in files:
+                assert body == files[name]
+    assert cache.stop() == 0

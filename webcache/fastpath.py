@@ -439,7 +439,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = ("front", "transport", "fd", "buffer", "paused", "inner", "phase", "deadline",
                  "fresh", "pending", "in_request", "payload", "line_pending", "unsent",
-                 "stalled_since", "initial", "returnable")
+                 "stalled_since", "initial", "returnable", "half_closed")
 
     def __init__(self, front: FastPath, initial: bytes = b"", returnable: bool = False) -> None:
         self.front = front
@@ -459,6 +459,7 @@ class Connection(asyncio.Protocol):
         self.line_pending = True  # aiohttp gets no byte of a request before its request line
         self.unsent = 0  # the write buffer's size at the last sweep
         self.stalled_since = 0.0  # since when it has not changed
+        self.half_closed = False  # the client shut its side: answer what it asked, then close
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -505,9 +506,17 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool | None:
-        if self.inner is not None:
-            return self.inner.eof_received()
-        return None  # close; a partial head at EOF gets no answer (as aiohttp does)
+        """The client shut its side (``printf ... | nc -N``, a half-close). The requests it sent
+        complete are answered first: aiohttp's own protocol would let the transport close at
+        once, losing the answers it had not written. A partial head at EOF gets no answer."""
+        inner = self.inner
+        if inner is None:
+            return None  # close: the fast path answered every complete head already
+        inner.eof_received()
+        if self.phase is not _CLOSED and (self.in_request or not _aiohttp_idle(inner)):
+            self.half_closed = True
+            return True  # keep the transport open for the answers (request_finished closes)
+        return None
 
     def pause_writing(self) -> None:
         if self.inner is not None:
@@ -609,6 +618,11 @@ class Connection(asyncio.Protocol):
     def request_finished(self) -> None:
         """aiohttp's answer to that request is written (or failed)."""
         self.in_request = False
+        if self.half_closed and not getattr(self.inner, "_messages", None):
+            self.phase = _CLOSED  # the last request of a half-closed client is answered
+            if self.transport is not None:
+                self.transport.close()  # (after what is buffered is sent)
+            return
         if self.phase is _CLOSED or (self.phase is _BODY and not self.payload.is_eof()):
             return  # an unread body keeps its deadline while aiohttp drains it
         self.payload = None

@@ -112,6 +112,23 @@ def test_a_slow_head_is_cut_at_the_header_deadline(node, fast_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", ["--native-hits", "--no-native-hits", "--no-fast-path"])
+def test_the_first_heads_deadline_runs_from_accept(node, path):
+    # A client that waits 1.5 s and then begins its first head is cut 2 s after it connected,
+    # not 2 s after its first byte (3.5 s): the deadline is not restarted by the first byte,
+    # nor by the native loop's hand-over of the partial head (it was, on every path).
+    cache = node(path != "--no-fast-path", path, "--header-timeout", "2")
+    with connect(cache) as s:
+        accepted = time.monotonic()
+        time.sleep(1.5)
+        s.sendall(HEAD_START)
+        got, closed = closed_within(s)
+        took = time.monotonic() - accepted
+    assert closed and got.startswith(b"HTTP/1.1 408 "), got[:200]
+    assert took < 3.0, f"cut {took:.2f} s after accept (the deadline: 2 s, swept every 0.5 s)"
+
+
+@pytest.mark.slow
 @BOTH
 def test_a_slow_head_after_the_hand_over_is_cut_too(node, fast_path):
     # /_mcs/status is always aiohttp's: the connection is handed over, and the next head,

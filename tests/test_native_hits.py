@@ -97,7 +97,7 @@ class Harness:
         self.cache.detach_native()
         self.loop.stop()
         self.thread.join(10)
-        for fd, _, _ in self.handed + self.loop.take():
+        for fd, _, _, _ in self.handed + self.loop.take():
             os.close(fd)
         self.loop.close()
         os.close(self.root_fd)
@@ -132,7 +132,7 @@ class Harness:
             taken = self.loop.take()
             if taken:
                 self.handed += taken[1:]
-                fd, reason, data = taken[0]
+                fd, reason, data, _ = taken[0]
                 os.close(fd)
                 return fd, HandOff(reason), data
             left = deadline - time.monotonic()

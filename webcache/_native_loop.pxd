@@ -86,6 +86,7 @@ cdef extern from "native_loop.h" nogil:
     ctypedef struct hl_handoff:
         int fd
         int reason
+        int64_t deadline
         char* data
         size_t len
 

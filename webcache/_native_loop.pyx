@@ -223,8 +223,9 @@ cdef class HitLoop:
             raise native_error("native hit loop: adopt", err)
 
     def take(self):
-        """The connections handed off since the last call: ``[(fd, reason, data)]`` (the
-        descriptors are the caller's)."""
+        """The connections handed off since the last call: ``[(fd, reason, data, deadline)]``
+        (the descriptors are the caller's; ``deadline``: for a first head handed over partial,
+        its header deadline on ``time.monotonic()``'s clock, else None)."""
         cdef hl_handoff items[64]
         cdef size_t n, i
         cdef hl_loop* loop = self._get()
@@ -237,7 +238,8 @@ cdef class HitLoop:
                         if items[i].len else b""
                 finally:
                     free(items[i].data)
-                out.append((items[i].fd, items[i].reason, data))
+                out.append((items[i].fd, items[i].reason, data,
+                            items[i].deadline / 1e9 if items[i].deadline else None))
             if n < 64:
                 return out
 

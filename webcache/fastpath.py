@@ -200,28 +200,31 @@ class FastPath:
         """The canonical root path and ``/``: a plain target's file is ``prefix + target[1:]``."""
         return self._prefix
 
-    def protocol(self, initial: bytes = b"", counted: bool = True,
-                 returnable: bool = False) -> asyncio.Protocol:
+    def protocol(self, initial: bytes = b"", counted: bool = True, returnable: bool = False,
+                 deadline: float | None = None) -> asyncio.Protocol:
         """Protocol factory (``connect_accepted_socket``, ``create_server``). ``initial``: the
         bytes the native hit loop read from a connection it hands over (not counted again);
-        ``returnable``: the connection goes back to the loop at its next request."""
+        ``returnable``: the connection goes back to the loop at its next request;
+        ``deadline``: its first head's header deadline, from accept (time.monotonic())."""
         if self.enabled and counted:
             self.stats.connections += 1
         if self._sweeper is None and self._root_fd >= 0:  # not once closed
             self._sweeper = asyncio.get_running_loop().call_later(
                 self.limits.sweep_interval, self._sweep)
-        return Connection(self, initial, returnable)
+        return Connection(self, initial, returnable, deadline)
 
     def open_connections(self) -> int:
         """Connections open on this node: this front's, the native loop's, those between."""
         native = self.native.open if self.native is not None else 0
         return len(self.connections) + native + self.adopting
 
-    def adopt(self, fd: int, data: bytes, returnable: bool = False) -> None:
+    def adopt(self, fd: int, data: bytes, returnable: bool = False,
+              deadline: float | None = None) -> None:
         """A connection the native hit loop hands over with ``data``, the bytes it read and did
         not answer: this front's (and aiohttp's, as it decides) from now on; or, if
         ``returnable`` (it was handed over for the state of the cache, not for what its client
-        asked), until its next request begins, which goes back to the loop."""
+        asked), until its next request begins, which goes back to the loop. ``deadline``: the
+        header deadline of a first head handed over partial (it runs from accept)."""
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
@@ -229,14 +232,17 @@ class FastPath:
             return
         self.stats.native_handed_off += 1
         self.adopting += 1
-        task = asyncio.get_running_loop().create_task(self._adopt(sock, data, returnable))
+        task = asyncio.get_running_loop().create_task(
+            self._adopt(sock, data, returnable, deadline))
         self._adoptions.add(task)
         task.add_done_callback(self._adoptions.discard)
 
-    async def _adopt(self, sock: socket.socket, data: bytes, returnable: bool) -> None:
+    async def _adopt(self, sock: socket.socket, data: bytes, returnable: bool,
+                     deadline: float | None) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: self.protocol(data, counted=False, returnable=returnable), sock)
+                lambda: self.protocol(data, counted=False, returnable=returnable,
+                                      deadline=deadline), sock)
         except OSError:  # reset meanwhile
             sock.close()
         finally:
@@ -441,7 +447,8 @@ class Connection(asyncio.Protocol):
                  "fresh", "pending", "in_request", "payload", "line_pending", "unsent",
                  "stalled_since", "initial", "returnable", "half_closed")
 
-    def __init__(self, front: FastPath, initial: bytes = b"", returnable: bool = False) -> None:
+    def __init__(self, front: FastPath, initial: bytes = b"", returnable: bool = False,
+                 deadline: float | None = None) -> None:
         self.front = front
         self.initial = initial  # bytes received before this protocol (the native hit loop's)
         self.returnable = returnable  # back to the native hit loop at its next request
@@ -451,7 +458,9 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.inner: Any = None  # aiohttp's RequestHandler once handed over
         self.phase = _IDLE
-        self.deadline = time.monotonic() + front.header_timeout  # the first head, from accept
+        # The first head's deadline runs from accept (the native loop's, if it accepted).
+        self.deadline = deadline if deadline is not None \
+            else time.monotonic() + front.header_timeout
         self.fresh = True  # no byte received yet
         self.pending = False  # bytes arrived while a request was being answered (pipelined)
         self.in_request = False  # aiohttp runs a request of this connection
@@ -494,7 +503,9 @@ class Connection(asyncio.Protocol):
             if self.returnable and self._give_back(data):
                 return
             self.phase = _HEAD
-            self.deadline = time.monotonic() + self.front.header_timeout
+            deadline = time.monotonic() + self.front.header_timeout
+            # a head's deadline runs from its first byte; the first head's from accept
+            self.deadline = min(self.deadline, deadline) if self.fresh else deadline
             self.fresh = False
             self.line_pending = True
         elif phase is _BUSY:

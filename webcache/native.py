@@ -273,8 +273,8 @@ class NativeHits:
         return True
 
     def _take(self) -> None:
-        for fd, reason, data in self.loop.take():
-            self.front.adopt(fd, data, returnable=reason in TRANSIENT)
+        for fd, reason, data, deadline in self.loop.take():
+            self.front.adopt(fd, data, returnable=reason in TRANSIENT, deadline=deadline)
 
     # -- counters --------------------------------------------------------------------------------
 

@@ -145,7 +145,9 @@ typedef struct {                     /* the shared memory the loop reads (hl_set
 
 typedef struct { char ext[HL_NAME_MAX + 1]; char *type; size_t type_len; } hl_type;
 
-typedef struct { int fd; int reason; char *data; size_t len; } hl_handoff;
+/* A connection between the loop and Python; ``deadline``: for a first head handed over
+ * partial, its header deadline (CLOCK_MONOTONIC ns, from accept), else 0. */
+typedef struct { int fd; int reason; char *data; size_t len; int64_t deadline; } hl_handoff;
 
 typedef struct { uint32_t len; char rel[HL_KEY_MAX]; uint64_t hash; } hl_key;
 
@@ -532,6 +534,7 @@ static int hl_adopt(hl_loop *L, int fd, const char *data, size_t len) {
     a->reason = 0;
     a->data = copy;
     a->len = len;
+    a->deadline = 0;
     hl_open_add(L, 1);
     pthread_mutex_unlock(&L->qlock);
     hl_poke(L->wake_fd);
@@ -681,6 +684,7 @@ static void hl_hand_off(hl_loop *L, hl_conn *c, int reason, const char *data, si
     h->reason = reason;
     h->data = copy;
     h->len = len;
+    h->deadline = c->phase == HL_FRESH ? c->deadline : 0;  /* the first head: from accept */
     hl_open_add(L, 1);  /* counted until Python takes it */
     pthread_mutex_unlock(&L->qlock);
     hl_count(L, HC_HANDED_OFF, 1);

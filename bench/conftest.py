@@ -26,7 +26,7 @@ from mcs import procfs
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tests_module(name: str) -> Any:
+def import_from_tests(name: str) -> Any:
     """A helper module of tests/ (the lab or component a test and a benchmark share), loaded
     by path: bench/ does not put tests/ on sys.path."""
     spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")

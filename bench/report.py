@@ -930,9 +930,12 @@ def section_hits(rows: list[dict]) -> list[str]:
         if paced:
             out += [f"Latency at the same moderate load: each of the {e.get('connections')} "
                     f"connections waits {e.get('pace_ms')} ms before each request (wrk's "
-                    "`delay()`), far below every server's saturation, so the p99 is the "
-                    "server's own; at full load it also holds the time requests wait for "
-                    "wrk's one thread, the more so the busier that thread (above).", "",
+                    "`delay()`), below every server's saturation. wrk's timers tick in whole "
+                    "milliseconds, so the paced requests leave in bursts (up to one per "
+                    "connection each millisecond): this p99 is how fast a burst is answered, "
+                    "by the server and by wrk's one thread that writes and reads it in turn; "
+                    "at full load it also holds the time requests wait for that thread, the "
+                    "more so the busier it is (above).", "",
                     md_table(["server"] + [f"req/s, {s}" for s in sizes]
                              + [f"p99 ms, {s}" for s in sizes],
                              [[name] + [fmt(paced_rps.get(name, {}).get(s)) for s in sizes]
@@ -1455,12 +1458,21 @@ def fast_path_findings(rows: list[dict]) -> list[str]:
            f"{fmt(m.get('hit_ratio'))} and {fmt(m.get('fast_path_share'))} of the requests on "
            "the fast path."]
     share, hit = m.get("fast_path_share"), m.get("hit_ratio")
-    if _num(share) and _num(hit) and share < hit:
+    if _num(share) and _num(hit) and share < HITS_OFF_FAST_PATH * hit:
         out[-1] += (" Hits too went through aiohttp there: a miss is answered by aiohttp, and "
-                    "the keep-alive connection it came on stays with aiohttp afterwards "
-                    "(docs/webcache.md, the fast path), so a few misses take most requests off "
-                    "the fast path.")
+                    "the keep-alive connection it came on stayed with aiohttp afterwards (as it "
+                    "does with --no-native-hits; with the native hit loop it goes back to the "
+                    "loop at its next request: docs/webcache.md), so a few misses took most "
+                    "requests off the fast path.")
+    elif _num(share) and _num(hit):
+        out[-1] += (f" Every hit but {fmt(hit - share)} of the requests was on the fast path: a "
+                    "connection that brought a miss went back to it at its next request.")
     return out
+
+
+# A sweep row whose fast-path share is below this fraction of its hit ratio had hits answered by
+# aiohttp (connections that stayed there after a miss): the report says so.
+HITS_OFF_FAST_PATH = 0.9
 
 
 def plot_sweep(plt, rows: list[dict], path: Path) -> None:

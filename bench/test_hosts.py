@@ -41,14 +41,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import tests_module
+from conftest import import_from_tests
 from test_scaling import CORES, LOADGEN, Load, make_zipf_site, run_load, zipf_expectations
 from webcache import layout as L
 from webcache.board import PUBLISH_INTERVAL
 from webcache.front import FrontError, engine_binary
 
 
-hostlab = tests_module("hostlab")
+hostlab = import_from_tests("hostlab")
 
 FILES = 600
 SMALLEST, LARGEST = 4 << 10, 28 << 10

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import new_domain, remove_bootstrap, tests_module
+from conftest import new_domain, remove_bootstrap, import_from_tests
 from mcs import McsComponent, Recovering
 from mcs._gsm import set_hold_watch
 
-holder = tests_module("holder")
+holder = import_from_tests("holder")
 IMPORT, Holder = holder.IMPORT, holder.Holder
 
 HOLDER = IMPORT + '''

@@ -38,8 +38,11 @@ and after each load run is compared byte for byte.
 
 Paced: mcs and both nginx configurations are also loaded at a pace (wrk's ``delay()``: each
 connection waits ``PACE_MS`` before each request, about 20k requests/s, below every one's
-saturation): p99 there is the server's latency. At full load the one wrk thread is itself the
-bottleneck for a server faster than it, and its p99 then measures how wrk queues.
+saturation). wrk's timers tick in whole milliseconds, so paced requests leave in bursts of up
+to one per connection (``perf sched`` of a node at 15k paced requests/s: about 10 requests per
+wake-up of its loop): the paced p99 is how fast a burst is answered. At full load the one wrk
+thread is itself the bottleneck for a server faster than it, and its p99 then measures how wrk
+queues.
 
 ``extra_info``: ``rps`` (server -> size -> requests/s), ``p99_ms`` (wrk's 99th percentile
 latency), ``paced_p99_ms`` and ``paced_rps`` (the paced run's), ``load_generator_busy`` (wrk's

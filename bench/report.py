@@ -490,7 +490,8 @@ def summary_line(doc: dict) -> str | None:
 
 
 SERIES = {  # webcache-scaling series -> what it is
-    "mcs-shared": "the nodes as shipped, hits on the fast path",
+    "mcs-shared": "the nodes as shipped: hits from the native hit loop, or from the asyncio "
+                  "fast path in runs older than the loop",
     "mcs-shared-aiohttp": "the same nodes with `--no-fast-path`: every request through aiohttp, "
                           "like the baseline",
     "shared-nothing-lru": "the baseline: an aiohttp node with a private dict, no shared memory, "
@@ -658,8 +659,9 @@ def comparison_findings(rows: list[dict], base: dict) -> list[str]:
         if speed == "faster":
             why = ["it hit more often"] if hit == "higher" else []
             if m.get("fast_path"):
-                why.append("its nodes answer hits on the fast path, without the aiohttp "
-                           "request object the baseline builds for every request")
+                why.append("its nodes answer hits on the fast path (the native hit loop as "
+                           "shipped now), without the aiohttp request object the baseline "
+                           "builds for every request")
             if why:
                 text += " (" + ", and ".join(why) + ")"
         elif speed == "slower":

@@ -31,7 +31,11 @@ subtracted (every generated request has the same length; at most one request per
 in flight when the generator stops: the recorded error bound). The shared-nothing row records
 both figures (``disk_bytes`` counted, ``disk_bytes_rchar`` derived) to validate the derivation in
 every run. "Disk" means a ``read()`` of the file: the files sit in the page cache, so these are
-system calls and copies, not device I/O.
+system calls and copies, not device I/O. Known gap: since the native hit loop, a node also sends
+hot bodies of 16 KiB or more from its sealed copies with ``sendfile``, which ``rchar`` counts
+too, so the derived figure of ``mcs-shared`` holds those bytes (5.7 GiB in a run of 2026-12-03,
+with 0 file reads): it needs a counter of the bytes sent from sealed copies before it can be
+published again (docs/benchmarks.md keeps the comparison of a run before the loop).
 
 Every load is bounded in time, loopback only; every process is stopped and checked: exit status
 0, no ``/dev/shm/mcs.*`` object and no SysV segment of a node left behind.

@@ -2,8 +2,7 @@
 
 One place defines the options (``--header-timeout``, ``--body-timeout``,
 ``--keepalive-timeout``, ``--send-timeout``, ``--max-connections``, ``--drain-timeout``), their
-defaults, their
-validation and how the launcher passes them to its nodes. The policy is enforced by
+defaults, their validation and how the launcher passes them to its nodes. The policy is enforced by
 webcache/fastpath.py (deadlines, on the fast path and after the hand-over to aiohttp alike) and
 webcache/acceptor.py (the cap, descriptor exhaustion).
 """
@@ -72,10 +71,12 @@ def default_max_connections(nofile: int | None = None) -> int:
     return max(1, descriptor_share(3 / 4, CONNECTIONS_CEILING, nofile))
 
 
-def _timeout(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
-        raise InvalidLimit(f"--{name} must be a number of seconds in (0, {MAX_TIMEOUT:.0f}], "
-                           f"not {value!r}")
+def _timeout(name: str, value: float, *, zero: bool = False, most: float = MAX_TIMEOUT) -> float:
+    """``value`` if it is a number of seconds in (0, most], or [0, most] with ``zero``."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value)
+            and (0 <= value if zero else 0 < value) and value <= most):
+        raise InvalidLimit(f"--{name} must be a number of seconds in {'[' if zero else '('}0, "
+                           f"{most:.0f}], not {value!r}")
     return float(value)
 
 
@@ -93,11 +94,7 @@ class ConnectionLimits:
     def __post_init__(self) -> None:
         for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
             _timeout(name.replace("_", "-"), getattr(self, name))
-        drain = self.drain_timeout
-        if not (isinstance(drain, (int, float)) and math.isfinite(drain)
-                and 0 <= drain <= MAX_DRAIN_TIMEOUT):
-            raise InvalidLimit(f"--drain-timeout must be a number of seconds in "
-                               f"[0, {MAX_DRAIN_TIMEOUT:.0f}], not {drain!r}")
+        _timeout("drain-timeout", self.drain_timeout, zero=True, most=MAX_DRAIN_TIMEOUT)
         cap = self.max_connections
         if cap is not None and not (isinstance(cap, int) and 1 <= cap <= 1_000_000):
             raise InvalidLimit(f"--max-connections must be an integer in 1..1000000, not {cap!r}")

@@ -621,6 +621,12 @@ static int hl_watch(hl_loop *L, hl_conn *c, int op, uint32_t events) {
     return epoll_ctl(L->epfd, op, c->fd, &ev);
 }
 
+/* Whether a byte from the client waits in the socket (0 too at its end or on an error). */
+static inline int hl_input_waiting(hl_conn *c) {
+    char b;
+    return recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
 /* The last response of a connection is given to the socket: close it. While the client has
  * not received all of it, input that it sends (or sent) would make the kernel of a closed
  * socket answer with a reset, which drops what of the response is still on its way; so then it
@@ -628,11 +634,10 @@ static int hl_watch(hl_loop *L, hl_conn *c, int op, uint32_t events) {
  * response ends with a FIN), the client's input is read and dropped until it closes too,
  * HL_LINGER_NS at most (hl_sweep). */
 static void hl_finish(hl_loop *L, hl_conn *c, int dropped) {
-    char b;
     int unacked = 0;
     c->in_len = 0;
     if (!dropped && ioctl(c->fd, TIOCOUTQ, &unacked) == 0 && unacked == 0
-            && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) <= 0) {
+            && !hl_input_waiting(c)) {
         hl_close(L, c);  /* all of it received, no input waiting (or the client is gone) */
         return;
     }
@@ -1392,6 +1397,14 @@ static void hl_readable(hl_loop *L, hl_conn *c, int again) {
     }
 }
 
+/* Answer buf[0:len], bytes of c that were not just read from its socket (its buffered input, or
+ * what it came with): then read on if a head is partial, or post it if its turn is used up. */
+static void hl_feed_buffered(hl_loop *L, hl_conn *c, char *buf, size_t len) {
+    int r = hl_feed(L, c, buf, len);
+    if (r == HP_MORE) hl_readable(L, c, 1);
+    else if (r == HP_TURN) hl_post(L, c);
+}
+
 static void hl_writable(hl_loop *L, hl_conn *c) {
     while (c->out_off < c->out_len) {
         ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -1410,11 +1423,8 @@ static void hl_writable(hl_loop *L, hl_conn *c) {
     c->phase = HL_IDLE;
     c->deadline = L->now + L->cfg.keepalive_timeout_ns;
     if (hl_watch(L, c, EPOLL_CTL_MOD, EPOLLIN) < 0) { hl_close(L, c); return; }
-    if (c->in_len) {  /* pipelined requests that waited for this response */
-        int r = hl_feed(L, c, c->in, c->in_len);
-        if (r == HP_MORE) hl_readable(L, c, 1);
-        else if (r == HP_TURN) hl_post(L, c);
-    }
+    if (c->in_len)  /* pipelined requests that waited for this response */
+        hl_feed_buffered(L, c, c->in, c->in_len);
 }
 
 /* Connections given to the loop: watched, and fed the bytes they came with. */
@@ -1457,9 +1467,7 @@ static void hl_adopt_queued(hl_loop *L) {
             if (items[i].len) {
                 c->phase = HL_IDLE;  /* a connection given back: its next head has begun */
                 L->turn = HL_TURN;
-                int r = hl_feed(L, c, items[i].data, items[i].len);
-                if (r == HP_MORE) hl_readable(L, c, 1);
-                else if (r == HP_TURN) hl_post(L, c);
+                hl_feed_buffered(L, c, items[i].data, items[i].len);
             }
             free(items[i].data);
         }
@@ -1498,9 +1506,8 @@ static void hl_close_idle(hl_loop *L) {
     hl_conn *c = L->conns.next;
     while (c != &L->conns) {
         hl_conn *next = c->next;
-        char b;
-        if (c->phase != HL_SENDING && c->phase != HL_LINGER && c->in_len == 0 && !c->out_len
-                && recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) <= 0)  /* none, the end, an error */
+        if (c->phase != HL_SENDING && c->phase != HL_LINGER && c->in_len == 0
+                && !hl_input_waiting(c))
             hl_close(L, c);
         c = next;
     }
@@ -1521,9 +1528,7 @@ static void hl_run_posted(hl_loop *L) {
         hl_unpost(c);
         if (c->phase == HL_SENDING || !c->in_len) continue;  /* hl_writable feeds it */
         L->turn = HL_TURN;
-        int r = hl_feed(L, c, c->in, c->in_len);
-        if (r == HP_MORE) hl_readable(L, c, 1);
-        else if (r == HP_TURN) hl_post(L, c);
+        hl_feed_buffered(L, c, c->in, c->in_len);
     }
 }
 
